@@ -1,0 +1,111 @@
+"""Random-weight ModernBERT masked LMs built locally, for tests, demos and benchmarks.
+
+No hub access is needed: the tokenizer is a byte-level BPE trained in a fraction of a second on a
+small built-in Turkish text, with the special ids of mmBERT's tokenizer (pad 0, eos 1, bos 2, unk 3,
+mask 4). Weights are random: such a model produces fluent-looking token soup, not language.
+"""
+
+from __future__ import annotations
+
+import os
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+
+# A small Turkish text with the chat template's markers, so that both tokenize compactly.
+_CORPUS = """\
+[SYS]
+Sen yardımsever bir asistansın.
+[/SYS]
+
+[Question]
+Türkiye'nin başkenti neresidir?
+[/Question]
+
+[Answer]
+Türkiye'nin başkenti Ankara'dır.
+[/Answer]
+
+[Question]
+Bana kısa bir şiir yaz.
+[/Question]
+
+[Answer]
+Deniz mavi, gökyüzü açık; rüzgâr eser, yapraklar düşer.
+[/Answer]
+
+İstanbul, Türkiye'nin en kalabalık şehridir ve iki kıtaya yayılır.
+Bu model, maskeli difüzyon ile metin üretir: her adımda en emin tahminleri yerleştirir.
+Bir dil modeli, kelimelerin olasılıklarını öğrenir ve yeni cümleler kurar.
+Öğrenciler okulda matematik, fizik, kimya ve Türkçe dersleri alırlar.
+Hava bugün güneşli, yarın ise yağmurlu olacak gibi görünüyor.
+Kitap okumak insanın hayal gücünü geliştirir ve yeni dünyalar açar.
+Çay, Türk kültüründe misafirperverliğin simgesidir.
+Bilgisayarlar verileri işler, saklar ve ağlar üzerinden paylaşır.
+Güzel bir gün geçirmeniz dileğiyle, teşekkür ederim.
+Ne zaman geleceksin? Seni bekliyorum. Evet, hayır, belki.
+"""
+
+SIZES = {
+    # the golden tiny model's shape
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                 local_attention=6, max_position_embeddings=512),
+    # a little bigger, still instant on a CPU: the demo model
+    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                  local_attention=16, max_position_embeddings=512),
+}
+
+
+def build_tokenizer(vocab_size: int = 1000):
+    """A byte-level BPE tokenizer with mmBERT's special ids, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,  # ids 0..4 in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", mask_token="<mask>",
+    )
+
+
+def modernbert_config(size: str = "tiny", vocab_size: int = 1000, **overrides):
+    """A ModernBertConfig of a named size with mmBERT's conventions (RoPE theta 160000, no biases)."""
+    from transformers import ModernBertConfig
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
+    kwargs = dict(
+        SIZES[size],
+        vocab_size=vocab_size,
+        global_attn_every_n_layers=3,
+        global_rope_theta=160000.0,
+        local_rope_theta=160000.0,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1,
+        attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0,
+        tie_word_embeddings=True,
+    )
+    kwargs.update(overrides)
+    return ModernBertConfig(**kwargs)
+
+
+def build_random_checkpoint(out_dir: str, size: str = "tiny", seed: int = 0, vocab_size: int = 1000) -> str:
+    """Write a random-weight ModernBertForMaskedLM and its tokenizer to `out_dir`; return the path."""
+    import torch
+    from transformers import ModernBertForMaskedLM
+
+    tokenizer = build_tokenizer(vocab_size)
+    config = modernbert_config(size, vocab_size=len(tokenizer))
+    torch.manual_seed(seed)
+    model = ModernBertForMaskedLM(config).eval()
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

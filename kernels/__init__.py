@@ -1,0 +1,1 @@
+"""Fused Triton kernels of the engine, installed as `diffutron_engine.kernels` (one file per op)."""

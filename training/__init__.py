@@ -1,0 +1,1 @@
+"""Training path (CPT with LoRA, SFT), installed as `diffutron_engine.training`."""
