@@ -110,9 +110,9 @@ def load_model(
     Raises DiffutronError for a missing path, a checkpoint that is not a masked LM, or a tokenizer
     without a mask token.
     """
-    _check_local_path(name_or_path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    _check_local_path(name_or_path)
 
     import transformers
     from transformers import AutoConfig, AutoModelForMaskedLM
@@ -215,12 +215,10 @@ def decode_answer(tokenizer, row, prompt_len: int) -> tuple[str, int]:
         ids = ids[: ids.index(eos)]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     cut = text.find(END_OF_TURN)
-    if cut != -1:
-        text = text[:cut]
-        # Count the tokens that make up the kept text (the cut falls inside the decoded ids).
-        n = len(ids)
-        while n > 0 and END_OF_TURN in tokenizer.decode(ids[:n], skip_special_tokens=True):
-            n -= 1
-        ids = ids[:n]
+    text = (text[:cut] if cut != -1 else text).strip()
+    # Token count: the shortest prefix of the ids that decodes to the kept text.
+    n = 0
+    while n < len(ids) and tokenizer.decode(ids[:n], skip_special_tokens=True).strip() != text:
+        n += 1
     special = set(tokenizer.all_special_ids)
-    return text.strip(), sum(1 for t in ids if t not in special)
+    return text, sum(1 for t in ids[:n] if t not in special)

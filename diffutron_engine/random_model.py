@@ -86,8 +86,11 @@ def modernbert_config(size: str = "tiny", vocab_size: int = 1000, **overrides):
         SIZES[size],
         vocab_size=vocab_size,
         global_attn_every_n_layers=3,
+        # transformers 4.x reads the two thetas, 5.x reads rope_parameters: give both.
         global_rope_theta=160000.0,
         local_rope_theta=160000.0,
+        rope_parameters={t: {"rope_type": "default", "rope_theta": 160000.0}
+                         for t in ("full_attention", "sliding_attention")},
         pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1,
         attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0,
         tie_word_embeddings=True,
@@ -109,3 +112,26 @@ def build_random_checkpoint(out_dir: str, size: str = "tiny", seed: int = 0, voc
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m diffutron_engine.random_model",
+        description="Write a RANDOM-WEIGHT ModernBERT masked LM with a locally trained tokenizer (no network).",
+    )
+    p.add_argument("out", help="output directory")
+    p.add_argument("--size", default="small", choices=sorted(SIZES))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    path = build_random_checkpoint(args.out, size=args.size, seed=args.seed)
+    print(f"wrote a random-weight {args.size} ModernBERT to {path} (untrained: its output is token soup)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,8 +29,8 @@ class SamplerOutput:
     forward_passes: int = 0  # model calls made (a CFG step's doubled batch counts once)
 
 
-# on_step(steps_done, steps_upper_bound): progress callback, called after every step.
-StepCallback = Callable[[int, int], None]
+# on_step(steps_done, steps_upper_bound, tokens_committed_this_step): called after every step.
+StepCallback = Callable[[int, int, int], None]
 
 
 @dataclass
@@ -181,7 +181,7 @@ class ReferenceSampler:
                     histories.append(x.clone())
                 done += 1
                 if self.on_step is not None:
-                    self.on_step(done, upper_bound)
+                    self.on_step(done, upper_bound, int(commit.sum()))
 
         if not cfg.return_dict:
             return x

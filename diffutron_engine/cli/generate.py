@@ -1,0 +1,225 @@
+"""`diffutron-engine generate`: prompts in (arguments, stdin lines or JSONL), answers out (text or JSON).
+
+Everything that can be checked before the model runs is checked first (config, input file, output
+path, context length of every prompt), so a bad request fails fast with exit code 2 and no output.
+The output file is written to a temporary file beside it and renamed only when the run succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from ..config import PRESETS, REMASKING, SamplerConfig
+from ..errors import DiffutronError
+from ..loading import DEFAULT_MODEL, DEVICES, DTYPES
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate answers for prompts",
+        description="Generate answers with the exact reference sampler. Prompts come from the arguments, "
+        "from --input FILE.jsonl ({\"prompt\": ...} or {\"messages\": [...]} per line), or, when neither "
+        "is given, one per non-empty line of standard input.",
+    )
+    p.add_argument("prompts", nargs="*", help="prompt texts (each is one user turn unless --no-chat)")
+    p.add_argument("--input", metavar="FILE.jsonl", help="read prompts from a JSONL file")
+    p.add_argument("--output", metavar="FILE", help="write the results here (only if the whole run succeeds)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of plain text")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default: auto)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published Diffutron setting; flags override it")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--steps", type=int, help="total denoising steps, shared by the blocks")
+    p.add_argument("--block-size", "--block-length", dest="block_size", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--remasking", help=f"one of: {', '.join(REMASKING)}")
+    p.add_argument("--stochastic-transfer", action="store_true", default=None)
+    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--repetition-penalty", type=float, help="1.0 = off")
+    p.add_argument("--stop", action="append", metavar="STRING", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, help="seed of torch's generator (default: random)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together (default: 1)")
+    p.add_argument("--no-chat", action="store_true", help="use the prompt text as is, without the chat template")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Prompt:
+    source: object  # what the user gave: a string or a list of messages
+    ids: list[int] | None = None
+
+
+def sampler_config(args) -> SamplerConfig:
+    """SamplerConfig defaults < --preset < explicit flags."""
+    fields = dict(PRESETS[args.preset]) if args.preset else {}
+    flags = dict(
+        max_new_tokens=args.max_new_tokens, steps=args.steps, block_size=args.block_size,
+        temperature=args.temperature, remasking=args.remasking, stochastic_transfer=args.stochastic_transfer,
+        cfg_scale=args.cfg_scale, repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
+    )
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise DiffutronError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.block_size is not None and args.block_size < 1:
+        raise DiffutronError(f"--block-size must be >= 1, got {args.block_size}")
+    return SamplerConfig(return_dict=True, **fields)
+
+
+def read_prompts(args, stdin=None) -> list[Prompt]:
+    prompts = [Prompt(p) for p in args.prompts]
+    if args.input:
+        prompts += _read_jsonl(args.input)
+    if not prompts:
+        stdin = stdin if stdin is not None else sys.stdin
+        if stdin is None or stdin.isatty():
+            raise DiffutronError("no prompt given: pass prompts as arguments, with --input FILE.jsonl, or on stdin")
+        prompts = [Prompt(line.rstrip("\n")) for line in stdin if line.strip()]
+        if not prompts:
+            raise DiffutronError("empty prompt: standard input holds no text")
+    for i, p in enumerate(prompts):
+        if isinstance(p.source, str) and not p.source.strip():
+            raise DiffutronError(f"empty prompt (prompt {i + 1}): give some text to answer")
+    return prompts
+
+
+def _read_jsonl(path: str) -> list[Prompt]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as exc:
+        raise DiffutronError(f"cannot read --input {path!r}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise DiffutronError(f"--input {path!r} is not UTF-8 text") from exc
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DiffutronError(f"{path}:{n}: malformed JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
+            raise DiffutronError(f'{path}:{n}: expected an object with either "prompt" or "messages"')
+        if "prompt" in obj:
+            if not isinstance(obj["prompt"], str):
+                raise DiffutronError(f'{path}:{n}: "prompt" must be a string')
+            out.append(Prompt(obj["prompt"]))
+        else:
+            msgs = obj["messages"]
+            if not isinstance(msgs, list) or not msgs:
+                raise DiffutronError(f'{path}:{n}: "messages" must be a non-empty list')
+            out.append(Prompt(msgs))
+    if not out:
+        raise DiffutronError(f"--input {path!r} holds no prompts")
+    return out
+
+
+def _check_output_path(path: str | None) -> None:
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise DiffutronError(f"cannot write --output {path!r}: folder {parent!r} does not exist")
+    if os.path.isdir(path):
+        raise DiffutronError(f"--output {path!r} is a folder; give a file name")
+
+
+class _Progress:
+    """Steps done / total and tokens/s on stderr, redrawn in place; only when stderr is a terminal."""
+
+    def __init__(self, n_batches: int):
+        self.enabled = sys.stderr.isatty()
+        self.n_batches, self.batch, self.t0, self.tokens = n_batches, 0, time.perf_counter(), 0
+
+    def start_batch(self, i: int) -> None:
+        self.batch = i
+
+    def __call__(self, done: int, total: int, committed: int) -> None:
+        self.tokens += committed
+        if not self.enabled:
+            return
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        sys.stderr.write(
+            f"\rbatch {self.batch + 1}/{self.n_batches}  step {done}/{total}  {rate:7.1f} tok/s "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def run(args) -> int:
+    if args.batch_size < 1:
+        raise DiffutronError(f"--batch-size must be >= 1, got {args.batch_size}")
+    config = sampler_config(args)
+    prompts = read_prompts(args)
+    _check_output_path(args.output)
+
+    import torch
+
+    from ..loading import decode_answer, encode_prompt, load_model
+    from ..reference import ReferenceSampler
+
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    for p in prompts:
+        p.ids = encode_prompt(lm.tokenizer, p.source, chat=not args.no_chat)
+    longest = max(len(p.ids) for p in prompts)
+    total = longest + config.max_new_tokens
+    if lm.max_context and total > lm.max_context:
+        raise DiffutronError(
+            f"prompt ({longest} tokens) plus --max-new-tokens ({config.max_new_tokens}) is {total} tokens, "
+            f"beyond the model's context of {lm.max_context}; shorten the prompt or lower --max-new-tokens"
+        )
+
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    progress = _Progress(len(batches))
+    sampler = ReferenceSampler(model=lm.model, tokenizer=lm.tokenizer, on_step=progress)
+    results = []
+    try:
+        for bi, batch in enumerate(batches):
+            progress.start_batch(bi)
+            t0 = time.perf_counter()
+            out = sampler.sample([p.ids for p in batch], config)
+            seconds = time.perf_counter() - t0
+            for i, p in enumerate(batch):
+                text, n_new = decode_answer(lm.tokenizer, out.sequences[i].tolist(), len(p.ids))
+                results.append(dict(prompt=p.source, text=text, new_tokens=n_new,
+                                    forward_passes=out.forward_passes, seconds=round(seconds, 4), seed=seed))
+    finally:
+        progress.close()
+
+    if args.json:
+        rendered = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    else:
+        rendered = "\n".join(r["text"] + "\n" for r in results)
+    if args.output:
+        _write_atomically(args.output, rendered)
+    else:
+        sys.stdout.write(rendered)
+        sys.stdout.flush()
+    return 0
+
+
+def _write_atomically(path: str, text: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".diffutron-", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,42 @@
+"""`diffutron-engine` entry point: dispatches to one module per subcommand.
+
+Bad input (DiffutronError) is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import DiffutronError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import env, generate
+
+    parser = argparse.ArgumentParser(
+        prog="diffutron-engine",
+        description="Fast, exact generation with masked diffusion language models of the Diffutron family.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    generate.add_parser(sub)
+    env.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DiffutronError as exc:
+        print(f"diffutron-engine: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffutron-engine: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Shared fixtures: locally built tiny checkpoints (no hub access), the golden model, and hardware
+markers turned into skips in one place (no device probing at import time)."""
+
+import os
+
+import pytest
+
+HERE = os.path.dirname(__file__)
+GOLDEN_MODEL = os.path.join(HERE, "data", "golden", "mdlm-tiny", "model")
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    import torch
+
+    from diffutron_engine.backends import cpp_available
+
+    needs = {
+        "cuda": (torch.cuda.is_available(), "needs a CUDA GPU"),
+        "triton": (importlib.util.find_spec("triton") is not None, "needs triton"),
+        "cext": (cpp_available(), "needs the compiled C++ extension (diffutron_engine._C)"),
+    }
+    for item in items:
+        for marker, (ok, why) in needs.items():
+            if marker in item.keywords and not ok:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random-weight tiny ModernBertForMaskedLM with a BPE tokenizer (mmBERT's special ids)."""
+    from diffutron_engine.random_model import build_random_checkpoint
+
+    return build_random_checkpoint(str(tmp_path_factory.mktemp("tiny") / "model"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_checkpoint):
+    from diffutron_engine.loading import load_model
+
+    return load_model(tiny_checkpoint, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def golden():
+    from diffutron_engine.loading import load_model
+
+    return load_model(GOLDEN_MODEL, dtype="float32", device="cpu")

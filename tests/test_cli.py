@@ -1,0 +1,167 @@
+"""`diffutron-engine generate` and `env`: outputs, flags, and every bad input (exit 2, one line on
+stderr, no traceback, no output file)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffutron_engine.cli.main import main
+
+FAST = ["--max-new-tokens", "8", "--steps", "8", "--block-size", "4", "--seed", "0"]
+
+
+def run_cli(capsys, *argv, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", stdin)
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json(capsys, tiny_checkpoint):
+    code, out, err = run_cli(capsys, "generate", "Merhaba, nasılsın?", "Bir şiir yaz.", "--model", tiny_checkpoint,
+                             "--json", *FAST)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["Merhaba, nasılsın?", "Bir şiir yaz."]
+    for r in rows:
+        assert set(r) >= {"prompt", "text", "new_tokens", "forward_passes", "seconds"}
+        assert isinstance(r["text"], str) and 0 <= r["new_tokens"] <= 8
+        assert r["forward_passes"] == 8 and r["seconds"] > 0
+
+
+def test_plain_text_and_batching_give_the_same_greedy_text(capsys, tiny_checkpoint):
+    prompts = ["Merhaba", "Türkiye'nin başkenti neresidir?", "Kitap"]
+    code, one, _ = run_cli(capsys, "generate", *prompts, "--model", tiny_checkpoint, "--json", *FAST)
+    code2, batched, _ = run_cli(capsys, "generate", *prompts, "--model", tiny_checkpoint, "--json",
+                                "--batch-size", "3", *FAST)
+    assert code == code2 == 0
+    texts = lambda s: [json.loads(line)["text"] for line in s.splitlines()]  # noqa: E731
+    assert texts(one) == texts(batched)
+    code, plain, _ = run_cli(capsys, "generate", *prompts, "--model", tiny_checkpoint, *FAST)
+    assert code == 0 and plain == "\n".join(t + "\n" for t in texts(one))
+
+
+def test_stdin_prompts_one_per_line(capsys, monkeypatch, tiny_checkpoint):
+    code, out, err = run_cli(capsys, "generate", "--model", tiny_checkpoint, "--json", *FAST,
+                             stdin=io.StringIO("ilk soru\n\nikinci soru\n"), monkeypatch=monkeypatch)
+    assert code == 0, err
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["ilk soru", "ikinci soru"]
+
+
+def test_jsonl_input_with_messages_and_output_file(capsys, tmp_path, tiny_checkpoint):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "Merhaba"}) + "\n\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "Kısa cevap ver."}, {"role": "user", "content": "Başkent?"}]}
+    ) + "\n", encoding="utf-8")
+    dst = tmp_path / "out.jsonl"
+    code, out, err = run_cli(capsys, "generate", "--input", str(src), "--output", str(dst), "--json",
+                             "--model", tiny_checkpoint, "--no-chat", *FAST)
+    assert code == 0, err
+    assert out == ""
+    rows = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["prompt"] == "Merhaba" and rows[1]["prompt"][1]["content"] == "Başkent?"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".diffutron-")] == []
+
+
+def test_preset_and_flags(capsys, tiny_checkpoint):
+    from diffutron_engine.cli import generate
+
+    parser = __import__("diffutron_engine.cli.main", fromlist=["build_parser"]).build_parser()
+    args = parser.parse_args(["generate", "x", "--preset", "diffutron-long", "--steps", "16",
+                              "--block-length", "8", "--stop", "</s>", "--stop", "<s>", "--stochastic-transfer"])
+    cfg = generate.sampler_config(args)
+    assert (cfg.steps, cfg.block_size, cfg.temperature, cfg.repetition_penalty) == (16, 8, 0.1, 1.2)
+    assert cfg.stop_strings == ["</s>", "<s>"] and cfg.stochastic_transfer
+    code, out, err = run_cli(capsys, "generate", "Merhaba", "--model", tiny_checkpoint, "--preset",
+                             "diffutron-short", "--max-new-tokens", "6", "--steps", "6", "--json")
+    assert code == 0, err
+    assert json.loads(out)["forward_passes"] == 6
+
+
+def test_env(capsys):
+    code, out, _ = run_cli(capsys, "env")
+    assert code == 0
+    assert "torch" in out and "cpp extension" in out and "active on cpu" in out
+
+
+# ----------------------------------------------------------------------------- bad input
+def _not_masked_lm(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(path)
+    return str(path)
+
+
+def _no_mask_tokenizer(tmp_path, tiny_checkpoint):
+    import shutil
+
+    path = tmp_path / "nomask"
+    shutil.copytree(tiny_checkpoint, path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg.pop("mask_token", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = json.loads((path / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<mask>"]
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    return str(path)
+
+
+BAD = {
+    "empty prompt": (lambda tmp, ck: ["generate", "  ", "--model", ck], "empty prompt"),
+    "beyond context": (lambda tmp, ck: ["generate", "Merhaba", "--model", ck, "--max-new-tokens", "600"],
+                       "beyond the model's context of 512"),
+    "max-new-tokens 0": (lambda tmp, ck: ["generate", "x", "--model", ck, "--max-new-tokens", "0"],
+                         "--max-new-tokens must be >= 1"),
+    "steps 0": (lambda tmp, ck: ["generate", "x", "--model", ck, "--steps", "0"], "steps must be >= 1"),
+    "block-size 0": (lambda tmp, ck: ["generate", "x", "--model", ck, "--block-size", "0"],
+                     "--block-size must be >= 1"),
+    "unknown remasking": (lambda tmp, ck: ["generate", "x", "--model", ck, "--remasking", "best"],
+                          "unknown remasking 'best'"),
+    "missing model": (lambda tmp, ck: ["generate", "x", "--model", str(tmp / "missing")], "does not exist"),
+    "not a masked LM": (lambda tmp, ck: ["generate", "x", "--model", _not_masked_lm(tmp)], "no masked-LM head"),
+    "no mask token": (lambda tmp, ck: ["generate", "x", "--model", _no_mask_tokenizer(tmp, ck)], "no mask token"),
+    "malformed jsonl": (lambda tmp, ck: ["generate", "--input", _bad_jsonl(tmp), "--model", ck], "bad.jsonl:3: malformed JSON"),
+    "jsonl wrong keys": (lambda tmp, ck: ["generate", "--input", _bad_jsonl(tmp, '{"text": "x"}'), "--model", ck],
+                         'bad.jsonl:3: expected an object with either "prompt" or "messages"'),
+    "missing input": (lambda tmp, ck: ["generate", "--input", str(tmp / "none.jsonl"), "--model", ck], "cannot read --input"),
+    "batch-size 0": (lambda tmp, ck: ["generate", "x", "--model", ck, "--batch-size", "0"], "--batch-size must be >= 1"),
+    "output folder missing": (lambda tmp, ck: ["generate", "x", "--model", ck, "--output", str(tmp / "no" / "f")],
+                              "does not exist"),
+}
+
+
+def _bad_jsonl(tmp, third='{"prompt": "x"'):
+    path = tmp / "bad.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n' + third + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_2_with_one_line(case, capsys, tmp_path, tiny_checkpoint):
+    make_argv, message = BAD[case]
+    out_file = tmp_path / "result.jsonl"
+    argv = make_argv(tmp_path, tiny_checkpoint)
+    if "--output" not in argv:
+        argv += ["--output", str(out_file)]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert out == "" and not out_file.exists()
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path, tiny_checkpoint):
+    src = _bad_jsonl(tmp_path)
+    out_file = tmp_path / "out.txt"
+    proc = subprocess.run([sys.executable, "-m", "diffutron_engine", "generate", "--input", src,
+                           "--model", tiny_checkpoint, "--output", str(out_file)],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"diffutron-engine: error: {src}:3: malformed JSON (Expecting ',' delimiter)"
+    assert not out_file.exists()

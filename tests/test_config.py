@@ -1,0 +1,53 @@
+import pytest
+
+from diffutron_engine import PRESETS, DiffutronError, SamplerConfig
+
+
+def test_defaults_are_dllm_mdlm_defaults():
+    c = SamplerConfig()
+    assert (c.max_new_tokens, c.max_length, c.block_size, c.steps, c.temperature) == (128, None, 128, 128, 0.0)
+    assert (c.remasking, c.stochastic_transfer, c.cfg_scale, c.right_shift_logits) == ("low_confidence", False, 0.0, False)
+    assert (c.repetition_penalty, c.stop_strings, c.return_dict) == (1.0, None, False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(steps=0), "steps must be >= 1"),
+        (dict(block_size=0), "block_size must be >= 1"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(max_new_tokens=-3), "max_new_tokens must be >= 0"),
+        (dict(remasking="lowest"), "unknown remasking 'lowest'"),
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number"),
+        (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+        (dict(cfg_scale=-1), "cfg_scale must be >= 0"),
+        (dict(suppress_tokens=[1, -2]), "suppress_tokens must be a list"),
+        (dict(stop_strings=[""]), "stop_strings must be non-empty"),
+        (dict(steps=2.5), "steps must be an integer"),
+    ],
+)
+def test_invalid_values_name_the_problem(kwargs, message):
+    with pytest.raises(DiffutronError, match=message):
+        SamplerConfig(**kwargs)
+
+
+def test_max_length_instead_of_max_new_tokens():
+    c = SamplerConfig(max_new_tokens=None, max_length=64)
+    assert c.max_length == 64
+
+
+def test_override_validates_and_rejects_unknown_names():
+    c = SamplerConfig().override(steps=8, temperature=0.5)
+    assert (c.steps, c.temperature) == (8, 0.5)
+    with pytest.raises(DiffutronError, match="unknown sampler option"):
+        SamplerConfig().override(stepz=8)
+    with pytest.raises(DiffutronError, match="steps must be >= 1"):
+        SamplerConfig().override(steps=0)
+
+
+def test_presets_are_the_published_settings():
+    long = SamplerConfig(**PRESETS["diffutron-long"])
+    assert (long.steps, long.temperature, long.block_size, long.repetition_penalty) == (128, 0.1, 32, 1.2)
+    short = SamplerConfig(**PRESETS["diffutron-short"])
+    assert (short.steps, short.remasking, short.stochastic_transfer, short.cfg_scale) == (64, "low_confidence", False, 0.0)

@@ -1,0 +1,134 @@
+import os
+
+import pytest
+import torch
+
+from diffutron_engine import DiffutronError
+from diffutron_engine.loading import decode_answer, encode_prompt, load_model, prepare_tokenizer, render_chat
+from diffutron_engine.random_model import build_tokenizer, modernbert_config
+
+
+def test_loads_golden_checkpoint_with_its_tokenizer(golden):
+    tok = golden.tokenizer
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    assert type(golden.model).__name__ == "ModernBertForMaskedLM"
+    assert golden.device == "cpu" and golden.model.dtype == torch.float32 and not golden.model.training
+    assert golden.max_context == 512
+
+
+@pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                                            ("auto", torch.float32)])
+def test_dtypes(tiny_checkpoint, dtype, expected):
+    lm = load_model(tiny_checkpoint, dtype=dtype, device="cpu")
+    assert lm.model.dtype == expected
+
+
+def test_tiny_checkpoint_has_mmbert_special_ids(tiny):
+    tok = tiny.tokenizer
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    cfg = tiny.model.config
+    thetas = ({v["rope_theta"] for v in cfg.rope_parameters.values()} if hasattr(cfg, "rope_parameters")
+              else {cfg.global_rope_theta, cfg.local_rope_theta})
+    assert thetas == {160000.0} and cfg.tie_word_embeddings
+
+
+def _save(tmp_path, tokenizer, name="m"):
+    from transformers import ModernBertForMaskedLM
+
+    path = str(tmp_path / name)
+    ModernBertForMaskedLM(modernbert_config("tiny", vocab_size=len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_eos_and_bos_default_to_pad(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    base = build_tokenizer()
+    tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, pad_token="<pad>",
+                                  unk_token="<unk>", mask_token="<mask>")
+    assert tok.eos_token_id is None and tok.bos_token_id is None
+    lm = load_model(_save(tmp_path, tok), device="cpu")
+    assert lm.tokenizer.eos_token_id == lm.tokenizer.bos_token_id == lm.tokenizer.pad_token_id == 0
+
+
+def test_tokenizer_without_mask_token_is_rejected(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    base = build_tokenizer()
+    tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, pad_token="<pad>", eos_token="<eos>")
+    with pytest.raises(DiffutronError, match="no mask token"):
+        prepare_tokenizer(tok)
+    with pytest.raises(DiffutronError, match="no mask token"):
+        load_model(_save(tmp_path, tok), device="cpu")
+
+
+def test_missing_path_and_non_model_directory(tmp_path):
+    with pytest.raises(DiffutronError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(DiffutronError, match="has no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_checkpoint_that_is_not_a_masked_lm(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = str(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(path)
+    with pytest.raises(DiffutronError, match="no masked-LM head"):
+        load_model(path, device="cpu")
+
+
+def test_checkpoint_of_an_encoder_without_mlm_head(tmp_path):
+    from transformers import ModernBertModel
+
+    path = str(tmp_path / "enc")
+    ModernBertModel(modernbert_config("tiny", vocab_size=100)).save_pretrained(path)
+    with pytest.raises(DiffutronError, match="not a masked LM"):
+        load_model(path, device="cpu")
+
+
+def test_unknown_dtype_and_device():
+    with pytest.raises(DiffutronError, match="unknown dtype"):
+        load_model(os.path.dirname(__file__), dtype="float8")
+    with pytest.raises(DiffutronError, match="unknown device"):
+        load_model(os.path.dirname(__file__), device="tpu")
+
+
+# ----------------------------------------------------------------------------- chat template
+def test_chat_template():
+    assert render_chat([{"role": "user", "content": "  Merhaba? \n"}]) == "[Question]\nMerhaba?\n[/Question]\n\n[Answer]\n"
+    text = render_chat([
+        {"role": "system", "content": "Kısa cevap ver."},
+        {"role": "user", "content": "Başkent?"},
+        {"role": "assistant", "content": "Ankara."},
+        {"role": "user", "content": "Nüfusu?"},
+    ])
+    assert text == ("[SYS]\nKısa cevap ver.\n[/SYS]\n\n[Question]\nBaşkent?\n[/Question]\n\n"
+                    "[Answer]\nAnkara.\n[/Answer]\n\n[Question]\nNüfusu?\n[/Question]\n\n[Answer]\n")
+    with pytest.raises(DiffutronError, match="unknown role"):
+        render_chat([{"role": "bot", "content": "x"}])
+    with pytest.raises(DiffutronError, match="system message may only come first"):
+        render_chat([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}])
+
+
+def test_encode_prompt_adds_no_special_tokens_and_rejects_empty():
+    tok = build_tokenizer()
+    ids = encode_prompt(tok, "Merhaba")
+    assert tok.decode(ids) == "[Question]\nMerhaba\n[/Question]\n\n[Answer]\n"
+    assert not set(ids) & set(tok.all_special_ids)
+    assert tok.decode(encode_prompt(tok, "Merhaba", chat=False)) == "Merhaba"
+    with pytest.raises(DiffutronError, match="empty prompt"):
+        encode_prompt(tok, "   ")
+    with pytest.raises(DiffutronError, match="empty prompt"):
+        encode_prompt(tok, [{"role": "user", "content": ""}])
+
+
+def test_decode_answer_cuts_at_eos_and_end_of_turn():
+    tok = build_tokenizer()
+    prompt = encode_prompt(tok, "Soru")
+    answer = tok.encode("Ankara'dır.", add_special_tokens=False)
+    row = prompt + answer + [tok.eos_token_id] + tok.encode("çöp", add_special_tokens=False)
+    assert decode_answer(tok, row, len(prompt)) == ("Ankara'dır.", len(answer))
+    row = prompt + answer + tok.encode("\n[/Answer]\n", add_special_tokens=False) + [0, 0]
+    assert decode_answer(tok, row, len(prompt)) == ("Ankara'dır.", len(answer))
