@@ -28,7 +28,7 @@ $(DEMO_MODEL)/config.json: | $(VENV)/.installed
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/config.json
 	HF_HUB_OFFLINE=1 $(VENV)/bin/diffutron-engine env
-	HF_HUB_OFFLINE=1 $(VENV)/bin/diffutron-engine generate --model $(DEMO_MODEL) --json --seed 0 \
+	HF_HUB_OFFLINE=1 $(VENV)/bin/diffutron-engine generate --model $(DEMO_MODEL) --json --seed 0 --preset diffutron-long \
 		--max-new-tokens 32 --steps 32 --block-size 16 \
 		"Türkiye'nin başkenti neresidir?" "Bana kısa bir şiir yaz."
 

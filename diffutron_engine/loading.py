@@ -117,8 +117,15 @@ def load_model(
     import transformers
     from transformers import AutoConfig, AutoModelForMaskedLM
 
+    # Library chatter (download retries, weight-loading bars) would bury our one-line errors.
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    try:
+        import huggingface_hub
+
+        huggingface_hub.utils.logging.set_verbosity_error()
+    except (ImportError, AttributeError):
+        pass
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:

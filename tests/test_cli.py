@@ -156,6 +156,19 @@ def test_bad_input_exits_2_with_one_line(case, capsys, tmp_path, tiny_checkpoint
     assert out == "" and not out_file.exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "x", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["generate", "x", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    (["generate", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_usage_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path, tiny_checkpoint):
     src = _bad_jsonl(tmp_path)
     out_file = tmp_path / "out.txt"

@@ -153,8 +153,8 @@ class _Progress:
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        if self.enabled:  # erase the progress line: the terminal keeps only the answers
+            sys.stderr.write("\r\033[K")
             sys.stderr.flush()
 
 

@@ -11,14 +11,21 @@ import sys
 from ..errors import DiffutronError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2) like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import env, generate
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="diffutron-engine",
         description="Fast, exact generation with masked diffusion language models of the Diffutron family.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     generate.add_parser(sub)
     env.add_parser(sub)
