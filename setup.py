@@ -71,6 +71,9 @@ setup(
     packages=[
         "diffutron_engine",
         "diffutron_engine.cli",
+        "diffutron_engine.model",
+        "diffutron_engine.engine",
+        "diffutron_engine.integrations",
         "diffutron_engine.kernels",
         "diffutron_engine.training",
     ],

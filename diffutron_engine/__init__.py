@@ -16,10 +16,11 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
 ):
     __path__.append(_root)  # noqa: F821  (package __path__)
 
-from .config import PRESETS, SamplerConfig  # noqa: E402
+from .config import FAST_PRESET, PRESETS, SamplerConfig, SamplingConfig  # noqa: E402
 from .errors import DiffutronError  # noqa: E402
 
-__all__ = ["DiffutronError", "PRESETS", "SamplerConfig", "ReferenceSampler", "load_model", "__version__"]
+__all__ = ["DiffutronError", "Engine", "FAST_PRESET", "PRESETS", "SamplerConfig", "SamplingConfig", "ReferenceSampler",
+           "load_model", "__version__"]
 
 
 def __getattr__(name):
@@ -28,6 +29,10 @@ def __getattr__(name):
         from .reference import ReferenceSampler
 
         return ReferenceSampler
+    if name == "Engine":
+        from .engine import Engine
+
+        return Engine
     if name == "load_model":
         from .loading import load_model
 

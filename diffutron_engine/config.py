@@ -113,3 +113,53 @@ PRESETS: dict[str, dict] = {
         steps=64, remasking="low_confidence", stochastic_transfer=False, cfg_scale=0.0
     ),
 }
+
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass
+class SamplingConfig(SamplerConfig):
+    """The engine's config: the oracle's knobs plus the engine's own.
+
+    Exact mode is `cache="none"` with no threshold/factor: the oracle's tokens (greedy) or its
+    distribution (sampling). The other settings are faster approximations (see the spec's last section).
+
+    - cache: "none" (whole canvas every step), "prefix" (K/V left of the current block computed at the
+      block's first step and reused for its other steps), "dual" (the masked suffix right of the block
+      is cached too: only the block's positions pass through the layers).
+    - threshold: commit every masked position of the block with confidence >= threshold (at least the
+      most confident one) instead of the schedule's count.
+    - factor: commit the n most confident positions for the largest n with (n + 1) * (1 - c_n) < factor,
+      c_n the n-th highest confidence (at least one).
+    - early_stop: a row whose answer has ended takes no more forward passes (its text is unchanged).
+    - seed: request i draws from its own generator seeded with seed + i, so a request's text does not
+      depend on the other requests in its batch.
+    """
+
+    cache: str = "none"
+    threshold: float | None = None
+    factor: float | None = None
+    early_stop: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cache not in CACHE_MODES:
+            raise DiffutronError(f"unknown cache {self.cache!r}; choose one of: {', '.join(CACHE_MODES)}")
+        if self.threshold is not None and self.factor is not None:
+            raise DiffutronError("give either threshold or factor, not both")
+        if self.threshold is not None and not (0.0 < float(self.threshold) <= 1.0):
+            raise DiffutronError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.factor is not None and not float(self.factor) > 0.0:
+            raise DiffutronError(f"factor must be > 0, got {self.factor}")
+        _check_int("seed", self.seed, minimum=0)
+        self.early_stop = bool(self.early_stop)
+
+    @property
+    def exact(self) -> bool:
+        return self.cache == "none" and self.threshold is None and self.factor is None
+
+
+# The engine's fast preset: the best measured combination of the fast knobs (see bench/results).
+FAST_PRESET: dict = dict(cache="dual", threshold=0.9)

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from .config import SamplerConfig
 from .errors import DiffutronError
 from .schedule import block_schedule
-
-STOP_REPLACEMENT = "\n[/Answer]\n"
+from .stopping import StopRule
 
 
 @dataclass
@@ -123,7 +122,7 @@ class ReferenceSampler:
         per_block_steps = math.ceil(cfg.steps / len(windows)) if windows else 0
         upper_bound = per_block_steps * len(windows)
         histories = [x.clone()] if cfg.return_dict else None
-        stop = _StopRule(self.tokenizer, cfg.stop_strings) if cfg.stop_strings else None
+        stop = StopRule(self.tokenizer, cfg.stop_strings) if cfg.stop_strings else None
         forwards, done = 0, 0
 
         for rows in windows:
@@ -248,35 +247,3 @@ def _apply_repetition_penalty(logits, x, penalty: float, mask_id: int, eos_id: i
             continue
         sl = logits[b, :, seen]
         logits[b, :, seen] = torch.where(sl > 0, sl / penalty, sl * penalty)
-
-
-class _StopRule:
-    """Diffutron's stop rule: decode each row (special tokens kept); at the first occurrence of a stop
-    string, write the tokens of "\\n[/Answer]\\n" from that token position and pad the rest."""
-
-    def __init__(self, tokenizer, stop_strings: list[str]):
-        self.tok = tokenizer
-        self.stops = list(stop_strings)
-        self.replacement = tokenizer.encode(STOP_REPLACEMENT, add_special_tokens=False)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def apply(self, x: torch.Tensor) -> None:
-        bos = self.tok.bos_token_id
-        for b in range(x.shape[0]):
-            row = x[b].tolist()
-            text = self.tok.decode(row, skip_special_tokens=False)
-            hits = [i for i in (text.find(s) for s in self.stops) if i != -1]
-            if not hits:
-                continue
-            prefix_ids = self.tok.encode(text[: min(hits)], add_special_tokens=False)
-            pos = len(prefix_ids)
-            # The prefix is encoded without special tokens: a leading BOS on the canvas shifts by one.
-            if bos is not None and row and row[0] == bos and (not prefix_ids or prefix_ids[0] != bos):
-                pos += 1
-            T = x.shape[1]
-            if pos >= T:
-                continue
-            end = min(pos + len(self.replacement), T)
-            x[b, pos:end] = torch.as_tensor(self.replacement[: end - pos], dtype=x.dtype, device=x.device)
-            if end < T:
-                x[b, end:] = self.pad_id

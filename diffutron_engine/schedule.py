@@ -26,12 +26,13 @@ def transfer_prob(j: int, steps: int) -> float:
     return 1.0 - r
 
 
-def row_schedule(masked: int, steps: int, stochastic: bool = False, device=None) -> list[int]:
+def row_schedule(masked: int, steps: int, stochastic: bool = False, device=None, generator=None) -> list[int]:
     """Commit counts of one row for one block, zeros dropped (the block's per-row schedule).
 
     Deterministic: n_j = round-half-even(m_remaining * p_j), capped at m_remaining.
     Stochastic: n_j ~ Binomial(m_remaining, p_j), drawn with torch's global generator on `device`,
     including the draw at j = 0 when the row has no masked position (dllm checks for zero after it).
+    With a `generator` (the engine's per-request streams) the draws come from it instead.
     """
     counts: list[int] = []
     remaining = masked
@@ -41,7 +42,11 @@ def row_schedule(masked: int, steps: int, stochastic: bool = False, device=None)
             import torch
 
             n_t = torch.tensor(remaining, dtype=torch.float64, device=device)
-            n = int(torch.distributions.Binomial(n_t, p).sample().item())
+            if generator is None:
+                n = int(torch.distributions.Binomial(n_t, p).sample().item())
+            else:
+                p_t = torch.tensor(p, dtype=torch.float64, device=device)
+                n = int(torch.binomial(n_t, p_t, generator=generator).item())
         else:
             n = round(remaining * p)  # Python's round is half-to-even on float64, like torch.round
         n = min(n, remaining)

@@ -1,0 +1,174 @@
+"""The engine against the oracle: exact mode gives the oracle's greedy tokens and its distribution;
+early stop, caches, parallel-decoding rules, batching and streaming."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from diffutron_engine import DiffutronError, Engine, SamplingConfig
+from diffutron_engine.reference import ReferenceSampler
+
+HERE = os.path.dirname(__file__)
+CASES = json.load(open(os.path.join(HERE, "data", "golden", "mdlm-tiny", "cases.json")))["cases"]
+GREEDY = [c for c in CASES if not c["config"].get("temperature") and c["config"].get("remasking") != "random"
+          and not c["config"].get("stochastic_transfer")]
+
+
+@pytest.fixture(scope="module")
+def engine(golden):
+    return Engine(golden.model, golden.tokenizer, max_batch=2)  # 2 < 3 prompts: rows join as others finish
+
+
+@pytest.mark.parametrize("case", GREEDY, ids=[c["name"] for c in GREEDY])
+def test_exact_mode_gives_the_oracles_greedy_tokens(engine, case):
+    cfg = SamplingConfig(early_stop=False, **case["config"])
+    run = engine.infill if case.get("kind") == "infill" else engine.generate
+    results = run(case["prompts"], cfg)
+    for r, expected in zip(results, case["expected"]):
+        assert r.tokens == expected[: len(r.tokens)]
+        assert set(expected[len(r.tokens):]) <= {1}  # the oracle's EOS tail of a shorter row
+
+
+@pytest.mark.parametrize("extra", [dict(repetition_penalty=1.3), dict(repetition_penalty=0.8, cfg_scale=0.7),
+                                   dict(stop_strings=["w5 ", "w77"]), dict(block_size=5, steps=7)])
+def test_exact_mode_matches_oracle_with_penalty_and_stops(engine, golden, extra):
+    prompts = [[5, 17, 23, 40, 41, 42], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    cfg = {**dict(max_new_tokens=20, block_size=10, steps=20), **extra}
+    ref = ReferenceSampler(model=golden.model, tokenizer=golden.tokenizer).sample(prompts, **cfg)
+    if "stop_strings" in extra:  # the case must exercise the stop rule: it pads the rest of a row
+        assert (ref == golden.tokenizer.pad_token_id).any()
+    results = engine.generate(prompts, SamplingConfig(early_stop=False, **cfg))
+    for r, row in zip(results, ref.tolist()):
+        assert r.tokens == row[: len(r.tokens)]
+
+
+def test_early_stop_saves_forwards_and_keeps_the_text(golden):
+    # Lean the tiny model towards EOS so that answers end early.
+    model = golden.model
+    bias = model.decoder.bias
+    old = bias.data.clone()
+    bias.data[golden.tokenizer.eos_token_id] += 6.0
+    try:
+        eng = Engine(model, golden.tokenizer, max_batch=4)
+        prompts = [[5, 17, 23, 40, 41, 42], [7, 8], [9, 10, 11, 12, 13]]
+        cfg = dict(max_new_tokens=24, block_size=8, steps=24)
+        full = eng.generate(prompts, SamplingConfig(early_stop=False, **cfg))
+        early = eng.generate(prompts, SamplingConfig(early_stop=True, **cfg))
+    finally:
+        bias.data.copy_(old)
+    assert [r.text for r in early] == [r.text for r in full]
+    assert all(e.forward_passes <= f.forward_passes for e, f in zip(early, full))
+    assert sum(e.forward_passes for e in early) < sum(f.forward_passes for f in full)
+    assert any(r.finish_reason == "answer ended" for r in early)
+
+
+def test_sampling_distribution_matches_softmax(golden):
+    """Temperature > 0: many draws of one position against softmax(logits / tau)."""
+    eng = Engine(golden.model, golden.tokenizer, max_batch=1024)
+    prompt, tau, n = [5, 17, 23, 40, 41, 42], 0.7, 20_000
+    cfg = SamplingConfig(max_new_tokens=1, block_size=1, steps=1, temperature=tau, seed=123)
+    draws = torch.tensor([r.tokens[-1] for r in eng.generate([prompt] * n, cfg)])
+    x = torch.tensor([prompt + [golden.tokenizer.mask_token_id]])
+    with torch.no_grad():
+        p = torch.softmax(golden.model(x).logits[0, -1].double() / tau, -1)
+    counts = torch.bincount(draws, minlength=p.numel()).double()
+    # Pearson chi-square over the bins with enough expected mass, the rest pooled
+    exp = p * n
+    big = exp >= 5
+    obs_b, exp_b = torch.cat([counts[big], counts[~big].sum()[None]]), torch.cat([exp[big], exp[~big].sum()[None]])
+    chi2 = float(((obs_b - exp_b) ** 2 / exp_b).sum())
+    dof = obs_b.numel() - 1
+    # Wilson-Hilferty: P(chi2 > limit) ~ 1e-6 under the null
+    limit = dof * (1 - 2 / (9 * dof) + 4.75 * math.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < limit, (chi2, limit, dof)
+    assert (counts[p < 1e-12] == 0).all()
+
+
+def test_request_draws_do_not_depend_on_the_batch(golden):
+    eng = Engine(golden.model, golden.tokenizer, max_batch=8)
+    prompts = [[5, 17, 23], [7, 8, 9, 10, 11], [12, 13]]
+    cfg = SamplingConfig(max_new_tokens=12, block_size=4, steps=12, temperature=0.9, seed=40, stochastic_transfer=True)
+    together = eng.generate(prompts, cfg)
+    for i, p in enumerate(prompts):
+        alone = eng.generate([p], cfg.override(seed=40 + i))  # request i's seed is seed + i
+        assert alone[0].tokens == together[i].tokens
+    rnd = cfg.override(remasking="random", stochastic_transfer=False)
+    assert eng.generate(prompts, rnd)[2].tokens == eng.generate([prompts[2]], rnd.override(seed=42))[0].tokens
+
+
+# ----------------------------------------------------------------------------- caches and fast rules
+def test_cache_modes_equal_exact_when_each_block_takes_one_step(engine):
+    prompts = [[5, 17, 23, 40, 41, 42], [7, 8]]
+    base = dict(max_new_tokens=24, block_size=8, steps=3, early_stop=False)  # 3 blocks x 1 step
+    exact = engine.generate(prompts, SamplingConfig(**base))
+    for cache in ("prefix", "dual"):
+        assert [r.tokens for r in engine.generate(prompts, SamplingConfig(cache=cache, **base))] == \
+               [r.tokens for r in exact]
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("extra", [{}, dict(cfg_scale=0.5), dict(right_shift_logits=True), dict(threshold=0.5)])
+def test_cache_modes_fill_every_mask(engine, golden, cache, extra):
+    prompts = [[5, 17, 23, 40, 41, 42], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    res = engine.generate(prompts, SamplingConfig(max_new_tokens=20, block_size=8, steps=20, cache=cache,
+                                                  early_stop=False, **extra))
+    for r, p in zip(res, prompts):
+        assert r.tokens[: len(p)] == p and len(r.tokens) == len(p) + 20
+        assert 0 < r.forward_passes <= 20
+
+
+def test_threshold_commits_several_per_step(golden):
+    eng = Engine(golden.model, golden.tokenizer, max_batch=4)
+    prompts = [[5, 17, 23, 40, 41, 42], [7, 8]]
+    fast = eng.generate(prompts, SamplingConfig(max_new_tokens=24, block_size=8, steps=24, threshold=0.05,
+                                                early_stop=False))
+    assert all(r.forward_passes < 24 for r in fast)
+    one = eng.generate(prompts, SamplingConfig(max_new_tokens=24, block_size=8, steps=24, threshold=1.0,
+                                               early_stop=False))
+    assert all(r.forward_passes == 24 for r in one)  # tau = 1: only the forced one per step
+
+
+def test_selection_rules():
+    from diffutron_engine.engine.sampler import select_factor, select_threshold
+
+    conf = torch.tensor([0.2, 0.95, 0.5, 0.91])
+    assert sorted(select_threshold(conf, 0.9).tolist()) == [1, 3]
+    assert select_threshold(conf, 0.99).tolist() == [1]  # at least the most confident
+    # sorted: .95 .91 .5 .2 -> (n+1)(1-c_n): 0.1, 0.27, 2.0, 4.0
+    assert select_factor(conf, 1.0).tolist() == [1, 3]
+    assert select_factor(conf, 0.05).tolist() == [1]
+    assert sorted(select_factor(conf, 5.0).tolist()) == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- streaming and API
+def test_stream_deltas_add_up_to_the_final_text(golden):
+    eng = Engine(golden.model, golden.tokenizer, max_batch=2)
+    prompts = [[5, 17, 23, 40, 41, 42], [7, 8], [9, 10, 11]]
+    cfg = SamplingConfig(max_new_tokens=16, block_size=4, steps=16, early_stop=False)
+    final = [r.text for r in eng.generate(prompts, cfg)]
+    pieces = {i: [] for i in range(3)}
+    done = []
+    for ev in eng.stream(prompts, cfg):
+        pieces[ev.index].append(ev.text)
+        if ev.finished:
+            done.append(ev.index)
+    assert sorted(done) == [0, 1, 2]
+    assert ["".join(pieces[i]) for i in range(3)] == final
+    assert max(len(v) for v in pieces.values()) > 1  # text arrives block by block
+
+
+def test_engine_accepts_text_and_rejects_bad_input(tiny):
+    eng = Engine(tiny.model, tiny.tokenizer)
+    r = eng.generate(["Merhaba"], SamplingConfig(max_new_tokens=4, steps=4, block_size=4))[0]
+    assert r.prompt_ids and r.new_tokens <= 4
+    with pytest.raises(DiffutronError, match="beyond the model's context"):
+        eng.generate([[5] * 10], SamplingConfig(max_new_tokens=600))
+    with pytest.raises(DiffutronError, match="unknown cache"):
+        SamplingConfig(cache="triple")
+    with pytest.raises(DiffutronError, match="either threshold or factor"):
+        SamplingConfig(threshold=0.9, factor=1.0)
+    with pytest.raises(DiffutronError, match="no prompts"):
+        eng.generate([], SamplingConfig())
