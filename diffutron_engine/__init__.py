@@ -9,12 +9,26 @@ __version__ = "0.1.0"
 
 # Running from a source checkout (PYTHONPATH=<repo>, as on machines without pip): the top-level
 # `kernels/` and `training/` folders are this package's `kernels` and `training` subpackages. An
-# installed copy has them inside the package already and skips this.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and _os.path.isfile(
-    _os.path.join(_root, "kernels", "__init__.py")
-):
-    __path__.append(_root)  # noqa: F821  (package __path__)
+# installed copy has them inside the package already and skips this. Only those two are mapped.
+def _map_source_subpackages() -> None:
+    import importlib.util
+    import sys
+
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    root = _os.path.dirname(here)
+    for name in ("kernels", "training"):
+        init = _os.path.join(root, name, "__init__.py")
+        if _os.path.isdir(_os.path.join(here, name)) or not _os.path.isfile(init):
+            continue
+        full = f"{__name__}.{name}"
+        spec = importlib.util.spec_from_file_location(full, init, submodule_search_locations=[_os.path.dirname(init)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+        globals()[name] = module
+
+
+_map_source_subpackages()
 
 from .config import FAST_PRESET, PRESETS, SamplerConfig, SamplingConfig  # noqa: E402
 from .errors import DiffutronError  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass, field
 
 from .errors import DiffutronError
@@ -15,13 +16,18 @@ REMASKING = ("low_confidence", "random")
 DIFFUTRON_STOP_STRINGS = ("|USER|>", "<|USER|>", "<s>", "</s>")
 
 
-def _check_int(name: str, value, *, minimum: int, allow_none: bool = False) -> None:
+def _check_int(name: str, value, *, minimum: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DiffutronError(f"{name} must be an integer, got {value!r}")
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)  # ints, numpy and torch integer scalars
+    except TypeError:
+        raise DiffutronError(f"{name} must be an integer, got {value!r}") from None
     if value < minimum:
         raise DiffutronError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def _check_ids(name: str, value) -> list[int] | None:
@@ -59,12 +65,12 @@ class SamplerConfig:
     stop_strings: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=0, allow_none=True)
-        _check_int("max_length", self.max_length, minimum=1, allow_none=True)
+        self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, minimum=0, allow_none=True)
+        self.max_length = _check_int("max_length", self.max_length, minimum=1, allow_none=True)
         if not self.max_new_tokens and self.max_length is None:
             raise DiffutronError("max_new_tokens must be >= 1 (or give max_length instead)")
-        _check_int("block_size", self.block_size, minimum=1, allow_none=True)
-        _check_int("steps", self.steps, minimum=1)
+        self.block_size = _check_int("block_size", self.block_size, minimum=1, allow_none=True)
+        self.steps = _check_int("steps", self.steps, minimum=1)
         for name in ("temperature", "cfg_scale", "repetition_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -153,7 +159,7 @@ class SamplingConfig(SamplerConfig):
             raise DiffutronError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.factor is not None and not float(self.factor) > 0.0:
             raise DiffutronError(f"factor must be > 0, got {self.factor}")
-        _check_int("seed", self.seed, minimum=0)
+        self.seed = _check_int("seed", self.seed, minimum=0)
         self.early_stop = bool(self.early_stop)
 
     @property

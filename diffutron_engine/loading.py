@@ -31,12 +31,19 @@ class LoadedModel:
 def resolve_device(device: str) -> str:
     import torch
 
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise DiffutronError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffutronError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise DiffutronError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)} (or cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DiffutronError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DiffutronError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -93,7 +100,7 @@ def load_tokenizer(name_or_path: str):
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # missing or corrupt tokenizer files raise library-specific errors
         raise DiffutronError(f"could not load a tokenizer from {name_or_path!r}: {_first_line(exc)}") from exc
     return prepare_tokenizer(tok)
 
@@ -147,7 +154,7 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForMaskedLM.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # corrupt or truncated weights raise library-specific errors
         raise DiffutronError(f"could not load model weights from {name_or_path!r}: {_first_line(exc)}") from exc
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=torch_dtype)

@@ -79,7 +79,7 @@ class ReferenceSampler:
                 hi = min(lo + bs, lens[i] + new, total)
                 rows.append((lo, max(lo, hi), None, lens[i] + (b + 1) * bs))
             windows.append(rows)
-        return self._run(x, attention_mask, windows, cfg, mask_id, eos_id)
+        return self._run(x, attention_mask, windows, cfg, mask_id, eos_id, answer_starts=lens)
 
     @torch.no_grad()
     def infill(self, inputs: Sequence, config: SamplerConfig | None = None, **kwargs):
@@ -109,10 +109,10 @@ class ReferenceSampler:
                 width = max(0, min(lens[i], stop) - start)
                 rows.append((start, start + width, start, start + width))
             windows.append(rows)
-        return self._run(x, attention_mask, windows, cfg, mask_id, eos_id)
+        return self._run(x, attention_mask, windows, cfg, mask_id, eos_id, answer_starts=[0] * B)
 
     # ------------------------------------------------------------------ the loop
-    def _run(self, x, attention_mask, windows, cfg: SamplerConfig, mask_id: int, eos_id: int):
+    def _run(self, x, attention_mask, windows, cfg: SamplerConfig, mask_id: int, eos_id: int, answer_starts):
         B, T = x.shape
         # "Given" positions for CFG, fixed at the start: visible, not a mask, minus cfg_keep_tokens.
         given = (x != mask_id) & attention_mask.bool()
@@ -175,7 +175,7 @@ class ReferenceSampler:
                         commit[i, torch.topk(conf[i], k=k).indices] = True
                 x[commit] = x0[commit]
                 if stop is not None:
-                    stop.apply(x)
+                    stop.apply(x, answer_starts)
                 if histories is not None:
                     histories.append(x.clone())
                 done += 1

@@ -83,6 +83,24 @@ def test_preset_and_flags(capsys, tiny_checkpoint):
     assert json.loads(out)["forward_passes"] == 6
 
 
+def test_diffutron_stops_flag():
+    from diffutron_engine.cli import generate
+    from diffutron_engine.cli.main import build_parser
+    from diffutron_engine.config import DIFFUTRON_STOP_STRINGS
+
+    args = build_parser().parse_args(["generate", "x", "--diffutron-stops", "--stop", "END"])
+    assert generate.sampler_config(args).stop_strings == ["END", *DIFFUTRON_STOP_STRINGS]
+
+
+def test_output_file_gets_the_usual_permissions(capsys, tmp_path, tiny_checkpoint):
+    dst = tmp_path / "o.txt"
+    code, _, err = run_cli(capsys, "generate", "x", "--model", tiny_checkpoint, "--output", str(dst), *FAST)
+    assert code == 0, err
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dst.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_env(capsys):
     code, out, _ = run_cli(capsys, "env")
     assert code == 0
@@ -132,8 +150,32 @@ BAD = {
     "missing input": (lambda tmp, ck: ["generate", "--input", str(tmp / "none.jsonl"), "--model", ck], "cannot read --input"),
     "batch-size 0": (lambda tmp, ck: ["generate", "x", "--model", ck, "--batch-size", "0"], "--batch-size must be >= 1"),
     "output folder missing": (lambda tmp, ck: ["generate", "x", "--model", ck, "--output", str(tmp / "no" / "f")],
-                              "does not exist"),
+                              "is not an existing folder"),
+    "output not writable": (lambda tmp, ck: ["generate", "x", "--model", ck, "--output", "/proc/out.txt"],
+                            "cannot write --output '/proc/out.txt'"),
+    "message content not text": (lambda tmp, ck: ["generate", "--input", _bad_jsonl(
+        tmp, '{"messages": [{"role": "user", "content": 5}]}'), "--model", ck], "bad.jsonl:3: message 0 content must be a string"),
+    "message unknown role": (lambda tmp, ck: ["generate", "--input", _bad_jsonl(
+        tmp, '{"messages": [{"role": "bot", "content": "x"}]}'), "--model", ck], "bad.jsonl:3: message 0 has unknown role 'bot'"),
+    "message without user text": (lambda tmp, ck: ["generate", "--input", _bad_jsonl(
+        tmp, '{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": " "}]}'), "--model", ck],
+        "bad.jsonl:3: empty prompt"),
+    "empty prompt in jsonl": (lambda tmp, ck: ["generate", "--input", _bad_jsonl(tmp, '{"prompt": "  "}'), "--model", ck],
+                              "bad.jsonl:3): give some text"),
+    "corrupt weights": (lambda tmp, ck: ["generate", "x", "--model", _corrupt(tmp, ck)], "could not load model weights"),
+    "cuda missing": (lambda tmp, ck: ["generate", "x", "--model", ck, "--device", "cuda:3"],
+                    "device 'cuda:3' was asked for but no CUDA GPU is available"),
 }
+
+
+def _corrupt(tmp, ck):
+    import shutil
+
+    path = tmp / "corrupt"
+    shutil.copytree(ck, path)
+    w = path / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    return str(path)
 
 
 def _bad_jsonl(tmp, third='{"prompt": "x"'):
@@ -161,6 +203,8 @@ def test_bad_input_exits_2_with_one_line(case, capsys, tmp_path, tiny_checkpoint
     (["generate", "x", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     (["generate", "x", "--bogus"], "unrecognized arguments: --bogus"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["generate", "x", "--seed", "99999999999999999999"], "seed 99999999999999999999 is out of range"),
+    (["generate", "x", "--seed", "-1"], "seed -1 is out of range"),
 ])
 def test_usage_errors_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -251,3 +251,27 @@ def test_stop_strings_end_the_answer_and_skip_remaining_steps():
     # once the stop rule cleared the row, no mask is left: the remaining steps are skipped
     assert out.forward_passes < n and len(out.histories) == 1 + out.forward_passes
     assert decode_answer(tok, row, L)[0] == "iyi günler"
+
+
+def test_stop_rule_ignores_the_prompt_masks_and_maps_non_canonical_tokens():
+    from diffutron_engine.loading import encode_prompt
+    from diffutron_engine.random_model import build_tokenizer
+    from diffutron_engine.stopping import StopRule
+
+    tok = build_tokenizer()
+    rule = StopRule(tok, ["</s>", "<s>"])
+    prompt = encode_prompt(tok, "Bir etiket: </s> nedir?")  # the prompt itself holds a stop string
+    chars = [tok.convert_tokens_to_ids(c) for c in "iyi"]  # "iyi" spelled one character per token
+    stop = tok.encode("</s>", add_special_tokens=False)
+    row = prompt + chars + stop + tok.encode(" sonra", add_special_tokens=False)
+    x = torch.tensor([row])
+    assert rule.find(row, 0) is not None and rule.find(row, len(prompt)) == len(prompt) + 3
+    assert rule.apply(x, [len(prompt)]) == [0]
+    repl = tok.encode("\n[/Answer]\n", add_special_tokens=False)
+    assert x[0, : len(prompt) + 3].tolist() == prompt + chars  # nothing before the stop is touched
+    assert x[0, len(prompt) + 3 : len(prompt) + 3 + len(repl)].tolist() == repl
+    assert set(x[0, len(prompt) + 3 + len(repl):].tolist()) <= {tok.pad_token_id}
+    # a stop string split by a still-masked position is not text yet
+    half = tok.encode("</", add_special_tokens=False), tok.encode("s>", add_special_tokens=False)
+    assert rule.find(prompt + half[0] + [tok.mask_token_id] + half[1], len(prompt)) is None
+    assert rule.find(prompt + half[0] + half[1], len(prompt)) == len(prompt)

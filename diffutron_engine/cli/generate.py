@@ -15,9 +15,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..config import PRESETS, REMASKING, SamplerConfig
+from ..config import DIFFUTRON_STOP_STRINGS, PRESETS, REMASKING, SamplerConfig
 from ..errors import DiffutronError
-from ..loading import DEFAULT_MODEL, DEVICES, DTYPES
+from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat
 
 
 def add_parser(sub) -> None:
@@ -45,15 +45,28 @@ def add_parser(sub) -> None:
     p.add_argument("--cfg-scale", type=float)
     p.add_argument("--repetition-penalty", type=float, help="1.0 = off")
     p.add_argument("--stop", action="append", metavar="STRING", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, help="seed of torch's generator (default: random)")
+    p.add_argument("--diffutron-stops", action="store_true",
+                   help=f"add Diffutron's own stop strings: {' '.join(DIFFUTRON_STOP_STRINGS)}")
+    p.add_argument("--seed", type=_seed, help="seed of torch's generator, 0 .. 2**63-1 (default: random)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together (default: 1)")
     p.add_argument("--no-chat", action="store_true", help="use the prompt text as is, without the chat template")
     p.set_defaults(func=run)
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range: use 0 .. 2**63-1")
+    return value
+
+
 @dataclass
 class Prompt:
     source: object  # what the user gave: a string or a list of messages
+    where: str  # for error messages: "prompt 2" or "FILE:LINE"
     ids: list[int] | None = None
 
 
@@ -63,7 +76,8 @@ def sampler_config(args) -> SamplerConfig:
     flags = dict(
         max_new_tokens=args.max_new_tokens, steps=args.steps, block_size=args.block_size,
         temperature=args.temperature, remasking=args.remasking, stochastic_transfer=args.stochastic_transfer,
-        cfg_scale=args.cfg_scale, repetition_penalty=args.repetition_penalty, stop_strings=args.stop,
+        cfg_scale=args.cfg_scale, repetition_penalty=args.repetition_penalty,
+        stop_strings=(args.stop or []) + (list(DIFFUTRON_STOP_STRINGS) if args.diffutron_stops else []) or None,
     )
     fields.update({k: v for k, v in flags.items() if v is not None})
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -74,19 +88,19 @@ def sampler_config(args) -> SamplerConfig:
 
 
 def read_prompts(args, stdin=None) -> list[Prompt]:
-    prompts = [Prompt(p) for p in args.prompts]
+    prompts = [Prompt(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts)]
     if args.input:
         prompts += _read_jsonl(args.input)
     if not prompts:
         stdin = stdin if stdin is not None else sys.stdin
         if stdin is None or stdin.isatty():
             raise DiffutronError("no prompt given: pass prompts as arguments, with --input FILE.jsonl, or on stdin")
-        prompts = [Prompt(line.rstrip("\n")) for line in stdin if line.strip()]
+        prompts = [Prompt(line.rstrip("\n"), f"stdin line {n}") for n, line in enumerate(stdin, start=1) if line.strip()]
         if not prompts:
             raise DiffutronError("empty prompt: standard input holds no text")
-    for i, p in enumerate(prompts):
+    for p in prompts:
         if isinstance(p.source, str) and not p.source.strip():
-            raise DiffutronError(f"empty prompt (prompt {i + 1}): give some text to answer")
+            raise DiffutronError(f"empty prompt ({p.where}): give some text to answer")
     return prompts
 
 
@@ -108,28 +122,40 @@ def _read_jsonl(path: str) -> list[Prompt]:
             raise DiffutronError(f"{path}:{n}: malformed JSON ({exc.msg})") from exc
         if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
             raise DiffutronError(f'{path}:{n}: expected an object with either "prompt" or "messages"')
+        where = f"{path}:{n}"
         if "prompt" in obj:
             if not isinstance(obj["prompt"], str):
-                raise DiffutronError(f'{path}:{n}: "prompt" must be a string')
-            out.append(Prompt(obj["prompt"]))
+                raise DiffutronError(f'{where}: "prompt" must be a string')
+            out.append(Prompt(obj["prompt"], where))
         else:
             msgs = obj["messages"]
-            if not isinstance(msgs, list) or not msgs:
-                raise DiffutronError(f'{path}:{n}: "messages" must be a non-empty list')
-            out.append(Prompt(msgs))
+            try:  # validate the whole conversation now, before any model is loaded
+                render_chat(msgs)
+                if not any(m["role"] == "user" and m["content"].strip() for m in msgs):
+                    raise DiffutronError("empty prompt: no user message with content")
+            except DiffutronError as exc:
+                raise DiffutronError(f"{where}: {exc}") from None
+            out.append(Prompt(msgs, where))
     if not out:
         raise DiffutronError(f"--input {path!r} holds no prompts")
     return out
 
 
 def _check_output_path(path: str | None) -> None:
+    """Fail before any work if the output cannot be written (a temporary file is made and removed)."""
     if path is None:
         return
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise DiffutronError(f"cannot write --output {path!r}: folder {parent!r} does not exist")
     if os.path.isdir(path):
         raise DiffutronError(f"--output {path!r} is a folder; give a file name")
+    if not os.path.isdir(parent):
+        raise DiffutronError(f"cannot write --output {path!r}: {parent!r} is not an existing folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".diffutron-", suffix=".tmp", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise DiffutronError(f"cannot write --output {path!r}: {exc.strerror or exc}") from None
 
 
 class _Progress:
@@ -205,7 +231,10 @@ def run(args) -> int:
     else:
         rendered = "\n".join(r["text"] + "\n" for r in results)
     if args.output:
-        _write_atomically(args.output, rendered)
+        try:
+            _write_atomically(args.output, rendered)
+        except OSError as exc:
+            raise DiffutronError(f"cannot write --output {args.output!r}: {exc.strerror or exc}") from None
     else:
         sys.stdout.write(rendered)
         sys.stdout.flush()
@@ -218,6 +247,9 @@ def _write_atomically(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

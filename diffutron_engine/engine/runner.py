@@ -130,7 +130,7 @@ class ModelRunner:
                 req.tokens[pos[j]] = x0[sl.start + j]
             if stop is not None:
                 t = torch.tensor([req.tokens])
-                if stop.apply_row(t, 0):
+                if stop.apply_row(t, 0, req.answer_start):
                     req.tokens = t[0].tolist()
             req.step += 1
             req.forward_passes += 1
