@@ -222,3 +222,49 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path, tiny_checkpoint)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"diffutron-engine: error: {src}:3: malformed JSON (Expecting ',' delimiter)"
     assert not out_file.exists()
+
+
+# ----------------------------------------------------------------------------- engine flags
+def test_engine_and_reference_agree_greedy(capsys, tiny_checkpoint):
+    prompts = ["Merhaba", "Türkiye'nin başkenti neresidir?"]
+    code, eng, err = run_cli(capsys, "generate", *prompts, "--model", tiny_checkpoint, "--json",
+                             "--no-early-stop", *FAST)
+    assert code == 0, err
+    code, ref, err = run_cli(capsys, "generate", *prompts, "--model", tiny_checkpoint, "--json", "--reference", *FAST)
+    assert code == 0, err
+    assert [json.loads(x)["text"] for x in eng.splitlines()] == [json.loads(x)["text"] for x in ref.splitlines()]
+
+
+def test_fast_flags(capsys, tiny_checkpoint):
+    from diffutron_engine.cli import generate
+    from diffutron_engine.cli.main import build_parser
+    from diffutron_engine.config import FAST_PRESET
+
+    cfg = generate.sampler_config(build_parser().parse_args(["generate", "x", "--fast"]))
+    assert all(getattr(cfg, k) == v for k, v in FAST_PRESET.items())
+    cfg = generate.sampler_config(build_parser().parse_args(["generate", "x", "--fast", "--factor", "1.5"]))
+    assert cfg.factor == 1.5 and cfg.threshold is None and cfg.cache == FAST_PRESET["cache"]
+    code, out, err = run_cli(capsys, "generate", "Merhaba", "--model", tiny_checkpoint, "--json",
+                             "--cache", "prefix", "--threshold", "0.5", *FAST)
+    assert code == 0, err
+    assert json.loads(out)["forward_passes"] <= 8
+
+
+def test_stream(capsys, tiny_checkpoint):
+    code, out, err = run_cli(capsys, "generate", "Merhaba", "Kitap", "--model", tiny_checkpoint, "--stream",
+                             "--json", "--no-early-stop", *FAST)
+    assert code == 0, err
+    events = [json.loads(x) for x in out.splitlines()]
+    assert {e["index"] for e in events if e["finished"]} == {0, 1}
+    code, plain, _ = run_cli(capsys, "generate", "Merhaba", "Kitap", "--model", tiny_checkpoint, "--json",
+                             "--no-early-stop", *FAST)
+    finals = [json.loads(x)["text"] for x in plain.splitlines()]
+    for i in (0, 1):
+        assert "".join(e["text"] for e in events if e["index"] == i) == finals[i]
+
+
+def test_fast_knobs_need_the_engine(capsys, tiny_checkpoint):
+    code, _, err = run_cli(capsys, "generate", "x", "--model", tiny_checkpoint, "--reference", "--fast")
+    assert code == 2 and "need the engine" in err
+    code, _, err = run_cli(capsys, "generate", "x", "--model", tiny_checkpoint, "--threshold", "1.5")
+    assert code == 2 and "threshold must be in (0, 1]" in err

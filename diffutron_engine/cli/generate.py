@@ -1,5 +1,8 @@
 """`diffutron-engine generate`: prompts in (arguments, stdin lines or JSONL), answers out (text or JSON).
 
+ModernBERT checkpoints run on the engine (exact mode unless a fast knob is given); `--reference`, or a
+masked LM of another architecture, runs the oracle.
+
 Everything that can be checked before the model runs is checked first (config, input file, output
 path, context length of every prompt), so a bad request fails fast with exit code 2 and no output.
 The output file is written to a temporary file beside it and renamed only when the run succeeds.
@@ -15,8 +18,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..config import DIFFUTRON_STOP_STRINGS, PRESETS, REMASKING, SamplerConfig
+from ..config import CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST_PRESET, PRESETS, REMASKING, SamplingConfig
 from ..errors import DiffutronError
+from ..config import SamplerConfig
 from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat
 
 
@@ -50,6 +54,15 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=_seed, help="seed of torch's generator, 0 .. 2**63-1 (default: random)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together (default: 1)")
     p.add_argument("--no-chat", action="store_true", help="use the prompt text as is, without the chat template")
+    eng = p.add_argument_group("engine (fast modes change outputs; exact mode is the default)")
+    eng.add_argument("--fast", action="store_true",
+                     help=f"the best measured fast setting: {', '.join(f'{k}={v}' for k, v in FAST_PRESET.items())}")
+    eng.add_argument("--cache", choices=CACHE_MODES, help="K/V reuse across the steps of a block (default: none)")
+    eng.add_argument("--threshold", type=float, help="commit every position with confidence >= this (0, 1]")
+    eng.add_argument("--factor", type=float, help="factor rule for parallel commits (> 0)")
+    eng.add_argument("--no-early-stop", action="store_true", help="keep stepping rows whose answer has ended")
+    eng.add_argument("--stream", action="store_true", help="print text as blocks complete")
+    eng.add_argument("--reference", action="store_true", help="run the slow exact oracle instead of the engine")
     p.set_defaults(func=run)
 
 
@@ -70,21 +83,29 @@ class Prompt:
     ids: list[int] | None = None
 
 
-def sampler_config(args) -> SamplerConfig:
-    """SamplerConfig defaults < --preset < explicit flags."""
+def sampler_config(args) -> SamplingConfig:
+    """Config defaults < --preset < --fast < explicit flags."""
     fields = dict(PRESETS[args.preset]) if args.preset else {}
+    if getattr(args, "fast", False):
+        fields.update(FAST_PRESET)
     flags = dict(
         max_new_tokens=args.max_new_tokens, steps=args.steps, block_size=args.block_size,
         temperature=args.temperature, remasking=args.remasking, stochastic_transfer=args.stochastic_transfer,
         cfg_scale=args.cfg_scale, repetition_penalty=args.repetition_penalty,
         stop_strings=(args.stop or []) + (list(DIFFUTRON_STOP_STRINGS) if args.diffutron_stops else []) or None,
+        cache=getattr(args, "cache", None), threshold=getattr(args, "threshold", None),
+        factor=getattr(args, "factor", None),
     )
+    if getattr(args, "threshold", None) is not None or getattr(args, "factor", None) is not None:
+        fields.pop("threshold", None)  # an explicit rule replaces the preset's
+        fields.pop("factor", None)
     fields.update({k: v for k, v in flags.items() if v is not None})
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise DiffutronError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.block_size is not None and args.block_size < 1:
         raise DiffutronError(f"--block-size must be >= 1, got {args.block_size}")
-    return SamplerConfig(return_dict=True, **fields)
+    fields["early_stop"] = not getattr(args, "no_early_stop", False)
+    return SamplingConfig(**fields)
 
 
 def read_prompts(args, stdin=None) -> list[Prompt]:
@@ -191,10 +212,7 @@ def run(args) -> int:
     prompts = read_prompts(args)
     _check_output_path(args.output)
 
-    import torch
-
-    from ..loading import decode_answer, encode_prompt, load_model
-    from ..reference import ReferenceSampler
+    from ..loading import encode_prompt, load_model
 
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     for p in prompts:
@@ -208,24 +226,16 @@ def run(args) -> int:
         )
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    progress = _Progress(len(batches))
-    sampler = ReferenceSampler(model=lm.model, tokenizer=lm.tokenizer, on_step=progress)
-    results = []
-    try:
-        for bi, batch in enumerate(batches):
-            progress.start_batch(bi)
-            t0 = time.perf_counter()
-            out = sampler.sample([p.ids for p in batch], config)
-            seconds = time.perf_counter() - t0
-            for i, p in enumerate(batch):
-                text, n_new = decode_answer(lm.tokenizer, out.sequences[i].tolist(), len(p.ids))
-                results.append(dict(prompt=p.source, text=text, new_tokens=n_new,
-                                    forward_passes=out.forward_passes, seconds=round(seconds, 4), seed=seed))
-    finally:
-        progress.close()
+    use_reference = args.reference or lm.model.config.model_type != "modernbert"
+    if use_reference and not config.exact:
+        raise DiffutronError("--cache/--threshold/--factor/--fast need the engine (a ModernBERT model, no --reference)")
+    if use_reference and args.stream:
+        raise DiffutronError("--stream needs the engine (a ModernBERT model, no --reference)")
+    runner = _run_reference if use_reference else _run_engine
+    results = runner(lm, prompts, config.override(seed=seed), args)
 
+    if args.stream:
+        return 0
     if args.json:
         rendered = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     else:
@@ -239,6 +249,73 @@ def run(args) -> int:
         sys.stdout.write(rendered)
         sys.stdout.flush()
     return 0
+
+
+def _run_reference(lm, prompts, config, args) -> list[dict]:
+    """The oracle, batch by batch; the seed goes to torch's global generator as dllm expects."""
+    import torch
+
+    from ..loading import decode_answer
+    from ..reference import ReferenceSampler
+
+    torch.manual_seed(config.seed)
+    oracle_cfg = SamplerConfig(**{f: getattr(config, f) for f in SamplerConfig.__dataclass_fields__}).override(
+        return_dict=True)
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    progress = _Progress(len(batches))
+    sampler = ReferenceSampler(model=lm.model, tokenizer=lm.tokenizer, on_step=progress)
+    results = []
+    try:
+        for bi, batch in enumerate(batches):
+            progress.start_batch(bi)
+            t0 = time.perf_counter()
+            out = sampler.sample([p.ids for p in batch], oracle_cfg)
+            seconds = time.perf_counter() - t0
+            for i, p in enumerate(batch):
+                text, n_new = decode_answer(lm.tokenizer, out.sequences[i].tolist(), len(p.ids))
+                results.append(dict(prompt=p.source, text=text, new_tokens=n_new,
+                                    forward_passes=out.forward_passes, seconds=round(seconds, 4), seed=config.seed))
+    finally:
+        progress.close()
+    return results
+
+
+def _run_engine(lm, prompts, config, args) -> list[dict]:
+    """The engine: continuous batching over --batch-size rows; request i draws from seed + i."""
+    from ..engine import Engine
+
+    engine = Engine(lm.model, lm.tokenizer, max_batch=args.batch_size)
+    reqs = [engine.make_request(p.ids, config, i) for i, p in enumerate(prompts)]
+    if args.stream:
+        # stream: plain deltas for one prompt; with several, JSON events (--json) or "[i] text" lines
+        for ev in engine.stream([p.ids for p in prompts], config):
+            if args.json:
+                print(json.dumps({"index": ev.index, "text": ev.text, "finished": ev.finished}, ensure_ascii=False),
+                      flush=True)
+            elif len(prompts) == 1:
+                print(ev.text, end="\n" if ev.finished else "", flush=True)
+            elif ev.text or ev.finished:
+                print(f"[{ev.index}] {ev.text}" + (" <end>" if ev.finished else ""), flush=True)
+        return []
+    progress = _Progress(1)
+    total = sum(r.length - r.answer_start for r in reqs)
+    for r in reqs:
+        engine.scheduler.add(r)
+    steps = 0
+    try:
+        while engine.scheduler.has_work():
+            before = sum(r.tokens.count(engine.mask_id) for r in reqs)
+            engine.step()
+            steps += 1
+            progress(steps, total, before - sum(r.tokens.count(engine.mask_id) for r in reqs))
+    finally:
+        progress.close()
+    out = []
+    for p, r in zip(prompts, reqs):
+        res = engine.result(r)
+        out.append(dict(prompt=p.source, text=res.text, new_tokens=res.new_tokens, forward_passes=res.forward_passes,
+                        seconds=round(r.seconds, 4), seed=r.seed))
+    return out
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -19,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import env, generate
+    from . import bench, env, generate
 
     parser = _Parser(
         prog="diffutron-engine",
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     generate.add_parser(sub)
+    bench.add_parser(sub)
     env.add_parser(sub)
     return parser
 

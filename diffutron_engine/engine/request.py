@@ -34,7 +34,16 @@ class Request:
     finish_reason: str | None = None
     streamed_chars: int = 0
     arrival: int = 0
+    started_at: float | None = None  # perf_counter when admitted to the running batch
+    finished_at: float | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time from admission to retirement."""
+        if self.started_at is None or self.finished_at is None:
+            return 0.0
+        return self.finished_at - self.started_at
 
     @property
     def window(self) -> tuple[int, int]:

@@ -8,6 +8,7 @@ disturbs the blocks that other rows are in the middle of.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from typing import Callable
@@ -47,14 +48,15 @@ class Scheduler:
         """The rows to run this step: every running request, after admitting waiting ones."""
         free = self.max_batch - len(self.running)
         if free > 0 and self.waiting:
-            # Prefer the running batch's length bucket (or the oldest waiting request's), then FIFO.
+            # Nearest length bucket first (the running batch's, or the oldest waiting request's), then
+            # arrival order: rows of similar length waste little padding in a batch.
             target = self._bucket(self.running[0]) if self.running else self._bucket(self.waiting[0])
-            same = [r for r in self.waiting if self._bucket(r) == target]
-            others = [r for r in self.waiting if self._bucket(r) != target]
-            picked = (same + others)[:free] if not self.running else same[:free] or others[:free]
+            order = {id(r): n for n, r in enumerate(self.waiting)}
+            picked = sorted(self.waiting, key=lambda r: (abs(self._bucket(r) - target), order[id(r)]))[:free]
+            now = time.perf_counter()
             for r in picked:
                 self.waiting.remove(r)
-                r.status = Status.RUNNING
+                r.status, r.started_at = Status.RUNNING, now
                 self.running.append(r)
         return list(self.running)
 
@@ -69,7 +71,7 @@ class Scheduler:
             elif req.config.early_stop and self.is_final(req):
                 reason = "answer ended"
             if reason:
-                req.status, req.finish_reason = Status.FINISHED, reason
+                req.status, req.finish_reason, req.finished_at = Status.FINISHED, reason, time.perf_counter()
                 done.append(req)
         if done:
             self.running = [r for r in self.running if r.status is Status.RUNNING]

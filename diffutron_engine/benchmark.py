@@ -1,0 +1,205 @@
+"""End-to-end throughput harness behind `diffutron-engine bench`.
+
+Builds the real mmBERT-base architecture with random weights (seconds), runs the oracle and each engine
+mode on the same prompts, and reports per mode: generated tokens/s, forward passes per generated
+token, peak working memory above the loaded weights, and token agreement with the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .config import FAST_PRESET, SamplingConfig
+
+# mode name -> engine knobs ("reference" is the oracle)
+MODES: dict[str, dict] = {
+    "reference": {},
+    "exact": dict(cache="none"),
+    "prefix": dict(cache="prefix"),
+    "dual": dict(cache="dual"),
+    "threshold": dict(cache="none", threshold=0.9),
+    "prefix+threshold": dict(cache="prefix", threshold=0.9),
+    "fast": dict(FAST_PRESET),
+}
+DEFAULT_MODES = ("reference", "exact", "prefix", "dual", "fast")
+
+
+@dataclass
+class BenchConfig:
+    batch_size: int = 1
+    prompt_len: int = 64
+    new_tokens: int = 128
+    block_size: int = 32
+    steps: int = 128
+    temperature: float = 0.0
+    dtype: str = "float32"
+    device: str = "cpu"
+    layers: int = 22
+    modes: tuple = DEFAULT_MODES
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self):
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+        for name in ("batch_size", "prompt_len", "new_tokens", "block_size", "steps", "layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass
+class ModeResult:
+    tokens_per_s: float
+    forwards_per_token: float
+    peak_mem_mb: float | None
+    agreement: float | None
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+class _PeakMemory:
+    """Peak working memory of a region: CUDA allocator peak, or on Linux the process's resident-set
+    high-water mark (VmHWM, reset through /proc/self/clear_refs) above the RSS at the start."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.base = self._status("VmRSS")
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            hwm = self._status("VmHWM")
+            self.peak = None if self.base is None or hwm is None else max(hwm - self.base, 0) / 2**20
+
+
+def machine_info(device: str) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(), "cpu": _cpu_name()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run(cfg: BenchConfig, log=print) -> dict:
+    from .engine import Engine
+    from .random_model import build_tokenizer, random_mmbert
+    from .reference import ReferenceSampler
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dtype = getattr(torch, cfg.dtype)
+    t0 = time.perf_counter()
+    model = random_mmbert(layers=cfg.layers, dtype=dtype, device=cfg.device, seed=cfg.seed)
+    tok = build_tokenizer()
+    log(f"built mmBERT-base ({cfg.layers} layers, random weights, {cfg.dtype}) in {time.perf_counter() - t0:.1f} s")
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompts = [torch.randint(5, len(tok), (cfg.prompt_len,), generator=g).tolist() for _ in range(cfg.batch_size)]
+    knobs = dict(max_new_tokens=cfg.new_tokens, block_size=cfg.block_size, steps=cfg.steps, temperature=cfg.temperature)
+    n_tokens = cfg.batch_size * cfg.new_tokens
+    results: dict[str, ModeResult] = {}
+    oracle_rows = None
+    for mode in cfg.modes:
+        torch.manual_seed(cfg.seed)
+        if mode == "reference":
+            sampler = ReferenceSampler(model=model, tokenizer=tok)
+            with _PeakMemory(cfg.device) as mem:
+                t = time.perf_counter()
+                out = sampler.sample(prompts, SamplingConfig(return_dict=True, **knobs).override())
+                _sync(cfg.device)
+                seconds = time.perf_counter() - t
+            rows = [out.sequences[i, len(p): len(p) + cfg.new_tokens].tolist() for i, p in enumerate(prompts)]
+            oracle_rows = rows
+            fwd = out.forward_passes * cfg.batch_size * (2 if knobs.get("cfg_scale") else 1) / n_tokens
+        else:
+            engine = Engine(model, tok, max_batch=cfg.batch_size)
+            scfg = SamplingConfig(early_stop=False, seed=cfg.seed, **knobs, **MODES[mode])
+            engine.generate(prompts[:1], scfg.override(max_new_tokens=cfg.block_size, steps=2))  # warm-up
+            with _PeakMemory(cfg.device) as mem:
+                t = time.perf_counter()
+                res = engine.generate(prompts, scfg)
+                _sync(cfg.device)
+                seconds = time.perf_counter() - t
+            rows = [r.tokens[len(p):] for r, p in zip(res, prompts)]
+            fwd = sum(r.forward_passes for r in res) / n_tokens
+        agree = None
+        if oracle_rows is not None:
+            same = sum(a == b for ra, rb in zip(rows, oracle_rows) for a, b in zip(ra, rb))
+            agree = 100.0 * same / n_tokens
+        results[mode] = ModeResult(tokens_per_s=n_tokens / seconds, forwards_per_token=fwd,
+                                   peak_mem_mb=None if mem.peak is None else round(mem.peak, 1),
+                                   agreement=agree, seconds=seconds)
+        log(f"  {mode:<18} {seconds:8.2f} s")
+    return {"config": asdict(cfg), "machine": machine_info(cfg.device),
+            "modes": {k: {kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in asdict(v).items()}
+                      for k, v in results.items()}}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def format_table(report: dict) -> str:
+    modes = report["modes"]
+    ref = modes.get("reference")
+    lines = [f"{'mode':<18} {'tok/s':>9} {'x oracle':>9} {'fwd/tok':>8} {'peak MB':>9} {'agree %':>8}"]
+    for name, m in modes.items():
+        ratio = m["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
+        peak = "n/a" if m["peak_mem_mb"] is None else f"{m['peak_mem_mb']:.0f}"
+        agree = "n/a" if m["agreement"] is None else f"{m['agreement']:.1f}"
+        lines.append(f"{name:<18} {m['tokens_per_s']:9.2f} {ratio:9.2f} {m['forwards_per_token']:8.3f} {peak:>9} {agree:>8}")
+    return "\n".join(lines)
+
+
+def save(report: dict, folder: str, tag: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{time.strftime('%Y-%m-%d')}-{tag}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+    return path

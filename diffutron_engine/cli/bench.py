@@ -1,0 +1,53 @@
+"""`diffutron-engine bench`: end-to-end throughput of the oracle and each engine mode (see
+diffutron_engine.benchmark). A readable table, then the last line is one JSON document."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import DiffutronError
+
+
+def add_parser(sub) -> None:
+    from ..benchmark import DEFAULT_MODES, MODES
+
+    p = sub.add_parser("bench", help="end-to-end throughput: oracle vs engine modes (random mmBERT weights)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--layers", type=int, default=22, help="fewer layers for quick runs (real model: 22)")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, from: {', '.join(MODES)}")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
+    p.add_argument("--tag", default=None, help="file name tag for --save (default: derived from the config)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..benchmark import BenchConfig, format_table, run as run_bench, save
+
+    try:
+        cfg = BenchConfig(batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                          block_size=args.block_size, steps=args.steps, temperature=args.temperature,
+                          dtype=args.dtype, device=args.device, layers=args.layers,
+                          modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), threads=args.threads)
+    except ValueError as exc:
+        raise DiffutronError(str(exc)) from None
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DiffutronError("--device cuda was asked for but no CUDA GPU is available")
+    report = run_bench(cfg, log=lambda s: print(s, file=sys.stderr))
+    print(format_table(report))
+    if args.save:
+        tag = args.tag or (f"bench-{cfg.device}-b{cfg.batch_size}-t{cfg.temperature:g}-L{cfg.layers}-{cfg.dtype}")
+        print(f"saved {save(report, args.save, tag)}", file=sys.stderr)
+    print(json.dumps(report))
+    return 0
