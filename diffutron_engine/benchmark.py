@@ -44,6 +44,11 @@ class BenchConfig:
     modes: tuple = DEFAULT_MODES
     seed: int = 0
     threads: int | None = None
+    # Weight init std. 0.02 (transformers' default) makes near-uniform next-token distributions
+    # (confidence ~1/V), on which threshold/factor rules never commit more than one token per step; a
+    # larger value gives peaked, trained-model-like confidences to measure the parallel rules on.
+    init_std: float = 0.02
+    vocab_size: int | None = None  # None: mmBERT's 256,000 (smaller only for quick checks)
 
     def __post_init__(self):
         unknown = [m for m in self.modes if m not in MODES]
@@ -133,9 +138,11 @@ def run(cfg: BenchConfig, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
     t0 = time.perf_counter()
-    model = random_mmbert(layers=cfg.layers, dtype=dtype, device=cfg.device, seed=cfg.seed)
+    model = random_mmbert(layers=cfg.layers, dtype=dtype, device=cfg.device, seed=cfg.seed, init_std=cfg.init_std,
+                          vocab_size=cfg.vocab_size)
     tok = build_tokenizer()
-    log(f"built mmBERT-base ({cfg.layers} layers, random weights, {cfg.dtype}) in {time.perf_counter() - t0:.1f} s")
+    log(f"built mmBERT-base ({cfg.layers} layers, random weights std {cfg.init_std}, {cfg.dtype}) "
+        f"in {time.perf_counter() - t0:.1f} s")
     g = torch.Generator().manual_seed(cfg.seed)
     prompts = [torch.randint(5, len(tok), (cfg.prompt_len,), generator=g).tolist() for _ in range(cfg.batch_size)]
     knobs = dict(max_new_tokens=cfg.new_tokens, block_size=cfg.block_size, steps=cfg.steps, temperature=cfg.temperature)

@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", type=int, default=22, help="fewer layers for quick runs (real model: 22)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, from: {', '.join(MODES)}")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--init-std", type=float, default=0.02,
+                   help="random weight std; 0.02 gives flat next-token distributions, larger gives peaked ones")
+    p.add_argument("--vocab-size", type=int, help="smaller vocabulary for quick checks (default: mmBERT's 256,000)")
     p.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
     p.add_argument("--tag", default=None, help="file name tag for --save (default: derived from the config)")
     p.set_defaults(func=run)
@@ -36,7 +39,8 @@ def run(args) -> int:
         cfg = BenchConfig(batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                           block_size=args.block_size, steps=args.steps, temperature=args.temperature,
                           dtype=args.dtype, device=args.device, layers=args.layers,
-                          modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), threads=args.threads)
+                          modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), threads=args.threads,
+                          init_std=args.init_std, vocab_size=args.vocab_size)
     except ValueError as exc:
         raise DiffutronError(str(exc)) from None
     if cfg.device.startswith("cuda"):

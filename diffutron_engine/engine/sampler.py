@@ -23,30 +23,37 @@ def apply_repetition_penalty(logits: torch.Tensor, row_ids: list[torch.Tensor], 
         logits[sl, ids] = torch.where(block > 0, block / penalty, block * penalty)
 
 
+# Rows per chunk in `choose`: the softmax and the float64 Gumbel noise exist for this many rows at a
+# time (4 x 256k floats = 4 MB), never for all N candidate rows at once.
+CHUNK = 4
+
+
 def choose(logits: torch.Tensor, temperature: float, generators: list[torch.Generator], row_slices: list[slice],
            begin_suppress: list[int] | None, remasking: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token choice and confidence for each candidate row. Random draws of request r come from
-    generators[r] only, so a request's draws do not depend on its batch."""
-    if temperature == 0:
-        x0 = logits.argmax(dim=-1)
-    else:
-        # Gumbel-max in float64, as the oracle: argmax(l - tau * log(-log U)) is the oracle's
-        # argmax(exp(l) / (-log U)^tau) without the overflow-prone exp.
-        x0 = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        for g, sl in zip(generators, row_slices):
-            if sl.stop == sl.start:
-                continue
-            u = torch.rand((sl.stop - sl.start, logits.shape[1]), dtype=torch.float64, device=logits.device, generator=g)
-            x0[sl] = (logits[sl].double() - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
-    if begin_suppress:
-        logits[:, begin_suppress] = -torch.inf
-    if remasking == "low_confidence":
-        conf = torch.softmax(logits, dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    else:
-        conf = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for g, sl in zip(generators, row_slices):
-            if sl.stop > sl.start:
-                conf[sl] = torch.rand(sl.stop - sl.start, device=logits.device, generator=g)
+    generators[r] only, so a request's draws do not depend on its batch. Works through the rows in
+    small chunks (softmax is per row, so the values are those of one big softmax)."""
+    n = logits.shape[0]
+    x0 = torch.empty(n, dtype=torch.long, device=logits.device)
+    conf = torch.empty(n, dtype=logits.dtype if remasking == "low_confidence" else torch.float32, device=logits.device)
+    for g, sl in zip(generators, row_slices):
+        for a in range(sl.start, sl.stop, CHUNK):
+            b = min(a + CHUNK, sl.stop)
+            rows = logits[a:b].contiguous()
+            if temperature == 0:
+                x0[a:b] = rows.argmax(dim=-1)
+            else:
+                # Gumbel-max in float64, as the oracle: argmax(l - tau * log(-log U)) is the oracle's
+                # argmax(exp(l) / (-log U)^tau) without the overflow-prone exp.
+                u = torch.rand(rows.shape, dtype=torch.float64, device=rows.device, generator=g)
+                x0[a:b] = (rows.double() - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
+                del u
+            if begin_suppress:
+                rows[:, begin_suppress] = -torch.inf
+            if remasking == "low_confidence":
+                conf[a:b] = torch.softmax(rows, dim=-1).gather(-1, x0[a:b].unsqueeze(-1)).squeeze(-1)
+            else:
+                conf[a:b] = torch.rand(b - a, device=rows.device, generator=g)
     return x0, conf
 
 
