@@ -140,14 +140,14 @@ class SamplingConfig(SamplerConfig):
       c_n the n-th highest confidence (at least one).
     - early_stop: a row whose answer has ended takes no more forward passes (its text is unchanged).
     - seed: request i draws from its own generator seeded with seed + i, so a request's text does not
-      depend on the other requests in its batch.
+      depend on the other requests in its batch; None draws the seed from torch's global generator.
     """
 
     cache: str = "none"
     threshold: float | None = None
     factor: float | None = None
     early_stop: bool = True
-    seed: int = 0
+    seed: int | None = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -159,7 +159,7 @@ class SamplingConfig(SamplerConfig):
             raise DiffutronError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.factor is not None and not float(self.factor) > 0.0:
             raise DiffutronError(f"factor must be > 0, got {self.factor}")
-        self.seed = _check_int("seed", self.seed, minimum=0)
+        self.seed = _check_int("seed", self.seed, minimum=0, allow_none=True)
         self.early_stop = bool(self.early_stop)
 
     @property

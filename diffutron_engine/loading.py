@@ -160,6 +160,16 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=torch_dtype)
 
 
+def check_context(model_config, total: int) -> None:
+    """Raise if a canvas of `total` tokens exceeds the model's context (max_position_embeddings)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and total > limit:
+        raise DiffutronError(
+            f"prompt plus new tokens is {total} tokens, beyond the model's context of {limit}; "
+            "shorten the prompt or lower max_new_tokens"
+        )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import SamplerConfig
 from .errors import DiffutronError
+from .loading import check_context
 from .schedule import block_schedule
 from .stopping import StopRule
 
@@ -57,7 +58,7 @@ class ReferenceSampler:
                 raise DiffutronError(
                     f"max_length {cfg.max_length} leaves no room after the longest prompt ({max(lens)} tokens)"
                 )
-        self._check_context(total)
+        check_context(self.model.config, total)
 
         B, dev = len(ids), self._device
         x = torch.full((B, total), eos_id, dtype=torch.long, device=dev)
@@ -90,7 +91,7 @@ class ReferenceSampler:
         total = max(lens)
         if total == 0:
             raise DiffutronError("infill needs at least one non-empty sequence")
-        self._check_context(total)
+        check_context(self.model.config, total)
 
         B, dev = len(ids), self._device
         x = torch.full((B, total), eos_id, dtype=torch.long, device=dev)
@@ -227,14 +228,6 @@ class ReferenceSampler:
             if bad:
                 raise DiffutronError(f"{name} has ids outside the vocabulary [0, {vocab}): {bad}")
         return ids, bos_id, eos_id, mask_id
-
-    def _check_context(self, total: int) -> None:
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit and total > limit:
-            raise DiffutronError(
-                f"prompt plus new tokens is {total} tokens, beyond the model's context of {limit}; "
-                "shorten the prompt or lower max_new_tokens"
-            )
 
 
 def _apply_repetition_penalty(logits, x, penalty: float, mask_id: int, eos_id: int) -> None:

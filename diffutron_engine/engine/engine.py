@@ -11,7 +11,8 @@ from typing import Iterator, Sequence
 
 from ..config import SamplingConfig
 from ..errors import DiffutronError
-from ..loading import DEFAULT_MODEL, END_OF_TURN, decode_answer, encode_prompt, load_model, prepare_tokenizer
+from ..loading import (DEFAULT_MODEL, END_OF_TURN, check_context, decode_answer, encode_prompt, load_model,
+                       prepare_tokenizer)
 from ..stopping import answer_is_final
 from .request import Request, Status
 from .runner import ModelRunner
@@ -83,14 +84,6 @@ class Engine:
             raise DiffutronError(f"prompt has token ids outside the vocabulary [0, {vocab})")
         return ids
 
-    def _check_context(self, total: int) -> None:
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit and total > limit:
-            raise DiffutronError(
-                f"prompt plus new tokens is {total} tokens, beyond the model's context of {limit}; "
-                "shorten the prompt or lower max_new_tokens"
-            )
-
     def make_request(self, prompt, config: SamplingConfig, index: int) -> Request:
         """A generation request: the prompt, then max_new_tokens masks in blocks of block_size."""
         ids = self._ids_of(prompt)
@@ -101,7 +94,7 @@ class Engine:
             raise DiffutronError(f"max_length {config.max_length} leaves no room after a {len(ids)}-token prompt")
         if config.block_size is None:
             raise DiffutronError("block_size must be >= 1 for generation")
-        self._check_context(len(ids) + n)
+        check_context(self.model.config, len(ids) + n)
         L, bs = len(ids), config.block_size
         windows = [(L + b * bs, min(L + (b + 1) * bs, L + n)) for b in range(math.ceil(n / bs))]
         return self._request(ids, ids + [self.mask_id] * n, windows, L, config, index)
@@ -111,7 +104,7 @@ class Engine:
         ids = self._ids_of(seq)
         if config.right_shift_logits and not ids:
             ids = [self.tokenizer.bos_token_id]
-        self._check_context(len(ids))
+        check_context(self.model.config, len(ids))
         bs = config.block_size or max(len(ids), 1)
         windows = [(lo, min(lo + bs, len(ids))) for lo in range(0, len(ids), bs)]
         return self._request(ids, list(ids), windows, 0, config, index)
@@ -126,12 +119,12 @@ class Engine:
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: Sequence, config: SamplingConfig | None = None, **kwargs) -> list[Result]:
         """Answer every prompt (a string, chat messages, or token ids); results in prompt order."""
-        config = _config(config, kwargs)
+        config = resolve_config(config, kwargs)
         reqs = [self.make_request(p, config, i) for i, p in enumerate(prompts)]
         return self.run(reqs)
 
     def infill(self, sequences: Sequence, config: SamplingConfig | None = None, **kwargs) -> list[Result]:
-        config = _config(config, kwargs)
+        config = resolve_config(config, kwargs)
         reqs = [self.make_infill_request(s, config, i) for i, s in enumerate(sequences)]
         return self.run(reqs)
 
@@ -146,7 +139,7 @@ class Engine:
 
     def stream(self, prompts: Sequence, config: SamplingConfig | None = None, **kwargs) -> Iterator[StreamEvent]:
         """Yield each request's newly committed text as its blocks complete, then a final event."""
-        config = _config(config, kwargs)
+        config = resolve_config(config, kwargs)
         reqs = [self.make_request(p, config, i) for i, p in enumerate(prompts)]
         if not reqs:
             raise DiffutronError("no prompts given")
@@ -183,10 +176,15 @@ class Engine:
                       new_tokens=n, forward_passes=req.forward_passes, finish_reason=req.finish_reason or "")
 
 
-def _config(config: SamplingConfig | None, kwargs: dict) -> SamplingConfig:
+def resolve_config(config: SamplingConfig | None, kwargs: dict) -> SamplingConfig:
     config = config or SamplingConfig()
     if not isinstance(config, SamplingConfig):  # an oracle SamplerConfig: keep its knobs
         from dataclasses import asdict
 
         config = SamplingConfig(**asdict(config))
-    return config.override(**kwargs) if kwargs else config
+    config = config.override(**kwargs) if kwargs else config
+    if config.seed is None:  # drawn from torch's global generator, so torch.manual_seed applies
+        import torch
+
+        config = config.override(seed=int(torch.randint(0, 2**62, (1,)).item()))
+    return config

@@ -14,7 +14,6 @@ and config; nothing here requires dllm.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,45 +36,18 @@ def _dllm_bases():
 _SamplerBase, _ConfigBase = _dllm_bases()
 
 
-@dataclass
-class DiffutronSamplerConfig(_ConfigBase):
-    """dllm's MDLM fields (same names and defaults) plus the engine's own; defaults = exact mode."""
+_CONFIG_BASES = (SamplingConfig,) if _ConfigBase is object else (SamplingConfig, _ConfigBase)
 
-    max_new_tokens: int = 128
-    max_length: int | None = None
-    block_size: int = 128
-    steps: int = 128
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
-    stochastic_transfer: bool = False
-    cfg_scale: float = 0.0
-    cfg_keep_tokens: list[int] | None = None
-    suppress_tokens: list[int] | None = None
-    begin_suppress_tokens: list[int] | None = None
-    right_shift_logits: bool = False
-    return_dict: bool = False
-    repetition_penalty: float = 1.0
-    stop_strings: list[str] | None = None
-    # the engine's knobs
-    cache: str = "none"
-    threshold: float | None = None
-    factor: float | None = None
+
+@dataclass
+class DiffutronSamplerConfig(*_CONFIG_BASES):
+    """dllm's MDLM fields (same names and defaults, from SamplingConfig) plus the engine's own
+    (cache, threshold, factor, early_stop, seed); the defaults are exact mode."""
+
     # Off by default: early stop leaves the masks after an ended answer in the canvas, and a drop-in
     # must return the same canvas as the sampler it replaces.
     early_stop: bool = False
     seed: int | None = None  # None: drawn from torch's global generator (torch.manual_seed applies)
-
-    def to_sampling_config(self, **overrides) -> SamplingConfig:
-        names = {f.name for f in dataclasses.fields(SamplingConfig)}
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise DiffutronError(f"unknown sampler option(s): {', '.join(unknown)}")
-        values.update(overrides)
-        if values.get("seed") is None:
-            values["seed"] = int(torch.randint(0, 2**62, (1,)).item())
-        values["return_dict"] = False
-        return SamplingConfig(**values)
 
 
 @dataclass
@@ -109,12 +81,14 @@ class DiffutronSampler(_SamplerBase):
 
     def _run(self, inputs, config, kwargs, infill: bool):
         config = config or DiffutronSamplerConfig()
-        return_dict = kwargs.pop("return_dict", config.return_dict)
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 1:
             inputs = [inputs]
         if inputs is None or len(inputs) == 0:
             raise DiffutronError("no inputs: give at least one token-id sequence")
-        scfg = config.to_sampling_config(**kwargs)
+        from ..engine.engine import resolve_config
+
+        scfg = resolve_config(config, kwargs)
+        return_dict = scfg.return_dict
         engine = self._get_engine(len(inputs))
         make = engine.make_infill_request if infill else engine.make_request
         reqs = [make(p if not isinstance(p, torch.Tensor) else p.tolist(), scfg, i) for i, p in enumerate(inputs)]
