@@ -69,12 +69,28 @@ class ModeResult:
     extra: dict = field(default_factory=dict)
 
 
+def _return_freed_memory_to_the_os() -> None:
+    """glibc raises its mmap threshold after large frees and then keeps freed buffers resident, so a
+    later region's resident-set peak would undercount; pinning the threshold (which also disables the
+    dynamic adjustment) makes every large buffer an mmap that is returned on free."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class _PeakMemory:
     """Peak working memory of a region: CUDA allocator peak, or on Linux the process's resident-set
     high-water mark (VmHWM, reset through /proc/self/clear_refs) above the RSS at the start."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
+        if not self.cuda:
+            _return_freed_memory_to_the_os()
 
     @staticmethod
     def _status(key: str) -> int | None:

@@ -111,10 +111,10 @@ class ModelRunner:
         stop = self._stop_rule(cfg)
         for i, req in enumerate(batch):
             sl, pos = slices[i], cands[i]
-            if not pos:
-                continue
             c = conf[sl]
-            if cfg.threshold is not None:
+            if not pos:  # nothing to commit (cannot happen for a scheduled row; never stall on it)
+                chosen = []
+            elif cfg.threshold is not None:
                 chosen = sampler.select_threshold(c, cfg.threshold).tolist()
             elif cfg.factor is not None:
                 chosen = sampler.select_factor(c, cfg.factor).tolist()
