@@ -61,10 +61,11 @@ class Engine:
         return cls(lm.model, lm.tokenizer, max_batch=max_batch)
 
     # ------------------------------------------------------------------ the loop
-    def step(self) -> list[Request]:
+    def step(self) -> tuple[list[Request], list[Request]]:
+        """One denoising step of the running batch; returns (the batch, the requests it finished)."""
         batch = self.scheduler.schedule()
         self.runner.step(batch)
-        return self._retire(self.scheduler.postprocess(batch))
+        return batch, self._retire(self.scheduler.postprocess(batch))
 
     def _retire(self, finished: list[Request]) -> list[Request]:
         for req in finished:
@@ -150,9 +151,8 @@ class Engine:
             if r.status is Status.FINISHED:
                 yield StreamEvent(r.extra["index"], self.result(r).text, True)
         while self.scheduler.has_work():
-            batch = self.scheduler.schedule()
-            self.runner.step(batch)
-            finished = set(id(r) for r in self._retire(self.scheduler.postprocess(batch)))
+            batch, done_now = self.step()
+            finished = set(id(r) for r in done_now)
             for r in batch:
                 done = id(r) in finished
                 text = self.result(r).text if done else self._committed_text(r)
@@ -166,7 +166,7 @@ class Engine:
         row = req.tokens[req.answer_start :]
         upto = row.index(self.mask_id) if self.mask_id in row else len(row)
         text, _ = decode_answer(self.tokenizer, req.tokens[: req.answer_start + upto], req.answer_start)
-        if END_OF_TURN[:1] and text.endswith(tuple(END_OF_TURN[:k] for k in range(1, len(END_OF_TURN)))):
+        if text.endswith(tuple(END_OF_TURN[:k] for k in range(1, len(END_OF_TURN)))):
             text = text[: text.rfind("[")]  # a possibly incomplete end-of-turn marker
         return text.rstrip("\ufffd").rstrip()
 
