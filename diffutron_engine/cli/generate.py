@@ -180,10 +180,12 @@ def _check_output_path(path: str | None) -> None:
 
 
 class _Progress:
-    """Steps done / total and tokens/s on stderr, redrawn in place; only when stderr is a terminal."""
+    """Progress (steps or tokens done / total) and tokens/s on stderr, redrawn in place; only when
+    stderr is a terminal."""
 
-    def __init__(self, n_batches: int):
+    def __init__(self, n_batches: int, unit: str = "step"):
         self.enabled = sys.stderr.isatty()
+        self.unit = unit
         self.n_batches, self.batch, self.t0, self.tokens = n_batches, 0, time.perf_counter(), 0
 
     def start_batch(self, i: int) -> None:
@@ -195,7 +197,7 @@ class _Progress:
             return
         rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
         sys.stderr.write(
-            f"\rbatch {self.batch + 1}/{self.n_batches}  step {done}/{total}  {rate:7.1f} tok/s "
+            f"\rbatch {self.batch + 1}/{self.n_batches}  {self.unit} {done}/{total}  {rate:7.1f} tok/s "
         )
         sys.stderr.flush()
 
@@ -297,17 +299,17 @@ def _run_engine(lm, prompts, config, args) -> list[dict]:
             elif ev.text or ev.finished:
                 print(f"[{ev.index}] {ev.text}" + (" <end>" if ev.finished else ""), flush=True)
         return []
-    progress = _Progress(1)
+    progress = _Progress(1, unit="tokens")
     total = sum(r.length - r.answer_start for r in reqs)
     for r in reqs:
         engine.scheduler.add(r)
-    steps = 0
+    masked = total
     try:
         while engine.scheduler.has_work():
-            before = sum(r.tokens.count(engine.mask_id) for r in reqs)
             engine.step()
-            steps += 1
-            progress(steps, total, before - sum(r.tokens.count(engine.mask_id) for r in reqs))
+            now = sum(r.tokens.count(engine.mask_id) for r in reqs)
+            progress(total - now, total, masked - now)
+            masked = now
     finally:
         progress.close()
     out = []
