@@ -10,7 +10,7 @@ MASK = 4
 def req(i, length, cfg=SamplingConfig(max_new_tokens=4, block_size=2, steps=4)):
     tokens = [5] * length + [MASK] * 4
     return Request(id=i, prompt_ids=tokens[:length], config=cfg, seed=i, tokens=tokens,
-                   windows=[(length, length + 2), (length + 2, length + 4)], answer_start=length, arrival=i)
+                   windows=[(length, length + 2), (length + 2, length + 4)], answer_start=length)
 
 
 def test_admission_respects_max_batch_and_prefers_the_running_bucket():

@@ -77,7 +77,7 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def _ids_of(self, prompt) -> list[int]:
-        if isinstance(prompt, (str, list)) and (isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict))):
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
             return encode_prompt(self.tokenizer, prompt)
         ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
         vocab = self.runner.model.vocab_size
@@ -114,7 +114,7 @@ class Engine:
         keep = set(config.cfg_keep_tokens or ())
         given = [p for p, t in enumerate(tokens) if t != self.mask_id and t not in keep]
         return Request(id=next(self._ids), prompt_ids=prompt_ids, config=config, seed=config.seed + index,
-                       tokens=tokens, windows=windows, answer_start=answer_start, arrival=index,
+                       tokens=tokens, windows=windows, answer_start=answer_start,
                        extra={"given": given, "index": index})
 
     # ------------------------------------------------------------------ public API

@@ -32,8 +32,6 @@ class Request:
     schedule: list[int] | None = None  # commit counts of the current block (fixed-count rule)
     forward_passes: int = 0
     finish_reason: str | None = None
-    streamed_chars: int = 0
-    arrival: int = 0
     started_at: float | None = None  # perf_counter when admitted to the running batch
     finished_at: float | None = None
     extra: dict = field(default_factory=dict)

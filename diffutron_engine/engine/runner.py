@@ -52,9 +52,6 @@ class ModelRunner:
                         a[:, :, : pool.positions] = b[:, :, : pool.positions]
                 self.pools[name] = new
 
-    def pool_bytes(self) -> int:
-        return sum(p.nbytes() for p in self.pools.values())
-
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def step(self, batch: list[Request]) -> None:

@@ -60,13 +60,6 @@ class KVPool:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.positions = positions
 
-    @property
-    def slots(self) -> int:
-        return self.k[0].shape[0]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
 
 class ModernBertRunner:
     """Runs a loaded HF ModernBertForMaskedLM's weights with row selection and K/V reuse."""
