@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -151,6 +152,131 @@ void argmax_confidence_row(const float* row, int64_t vocab, int64_t* out_id, flo
     *out_conf = best == neg_inf ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(1.0 / sum);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Philox-4x32-10, first output word: the counter-based generator of the Triton kernels
+// (kernels/sampling.py), so the CPU and GPU paths draw the same numbers for the same
+// (seed, vocabulary id, position, step, stream).
+inline uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+    for (int round = 0; round < 10; ++round) {
+        const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+        const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+        const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+        const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+        c0 = hi1 ^ c1 ^ k0;
+        c1 = lo1;
+        c2 = hi0 ^ c3 ^ k1;
+        c3 = lo0;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    return c0;
+}
+
+// Standard Gumbel draw from 32 bits, the same float32 formula as the kernels: w in (0, 1),
+// E = -log(1 - w) (its series below 0.01, where 1 - w would drop w's low bits), g = -log(E).
+inline float gumbel_from_bits(uint32_t bits) {
+    float w = (static_cast<float>(bits) + 0.5f) * 2.3283064365386963e-10f;
+    w = w < 0.99999994f ? w : 0.99999994f;
+    const float e = w < 0.01f ? w * (1.0f + w * (0.5f + w * 0.333333333333333f)) : -std::log(1.0f - w);
+    return -std::log(e);
+}
+
+// Largest value gumbel_from_bits can return (bits = 0), plus a margin: an id whose logit is more than
+// temperature * (this - its own draw) below the running best cannot win, so its draw is skipped.
+const float kGumbelMax = gumbel_from_bits(0u) + 1e-3f;
+
+struct SampleArgs {
+    const float* logits;
+    int64_t vocab, row_stride, col_stride;
+    float temperature, penalty;
+    const int64_t *seeds, *positions, *steps, *streams, *row_req;
+    const int32_t *seen_bits, *suppress_bits, *begin_bits;
+    int64_t seen_words;
+};
+
+// Calls f(id) for every id whose bit is set in the bitmap of `words` int32 words.
+template <class F>
+inline void for_each_id(const int32_t* bits, int64_t words, int64_t vocab, F f) {
+    for (int64_t w = 0; w < words; ++w) {
+        uint32_t word = static_cast<uint32_t>(bits[w]);
+        while (word) {
+            const int b = __builtin_ctz(word);
+            const int64_t id = w * 32 + b;
+            if (id < vocab) f(id);
+            word &= word - 1;
+        }
+    }
+}
+
+// One row of the sampler contract (see kernels/sampling.py): penalty, suppression, argmax or Gumbel-max,
+// confidence under begin-suppression. Edits a private copy of the row; the ids of the penalty and the
+// suppression lists are visited through their bitmaps (a few hundred ids, not 256k tests).
+void fused_sample_row(const SampleArgs& a, int64_t r, std::vector<float>& buf, int64_t* out_id, float* out_conf) {
+    const int64_t V = a.vocab, words = (V + 31) / 32;
+    const float* src = a.logits + r * a.row_stride;
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    const bool edits = a.penalty != 1.0f || a.suppress_bits;
+    if (!edits && a.temperature == 0.0f && !a.begin_bits && a.col_stride == 1) {
+        argmax_confidence_row(src, V, out_id, out_conf);
+        return;
+    }
+    float* x = buf.data();
+    if (a.col_stride == 1) {
+        std::memcpy(x, src, V * sizeof(float));
+    } else {  // a transposed view ([V, N] storage, as the CPU LM head returns it): gather the row
+        for (int64_t v = 0; v < V; ++v) x[v] = src[v * a.col_stride];
+    }
+    if (!edits && a.temperature == 0.0f && !a.begin_bits) {
+        argmax_confidence_row(x, V, out_id, out_conf);
+        return;
+    }
+    if (a.penalty != 1.0f) {
+        const int32_t* seen = a.seen_bits + a.row_req[r] * a.seen_words;
+        const float p = a.penalty;
+        for_each_id(seen, words, V, [&](int64_t id) { x[id] = x[id] > 0 ? x[id] / p : x[id] * p; });
+    }
+    if (a.suppress_bits) for_each_id(a.suppress_bits, words, V, [&](int64_t id) { x[id] = neg_inf; });
+
+    int64_t choice;
+    if (a.temperature == 0.0f) {
+        float best = neg_inf;
+        choice = 0;
+        for (int64_t v = 0; v < V; ++v)
+            if (x[v] > best) best = x[v], choice = v;
+    } else {
+        const uint32_t k0 = static_cast<uint32_t>(a.seeds[r]), k1 = static_cast<uint32_t>(a.seeds[r] >> 32);
+        const uint32_t c1 = static_cast<uint32_t>(a.positions[r]), c2 = static_cast<uint32_t>(a.steps[r]);
+        const uint32_t c3 = static_cast<uint32_t>(a.streams[r]);
+        const float t = a.temperature;
+        auto score = [&](int64_t v) {
+            return x[v] + t * gumbel_from_bits(philox_first_word(static_cast<uint32_t>(v), c1, c2, c3, k0, k1));
+        };
+        // A lower bound of the winning score from the largest logit's own draw; ids that cannot reach
+        // it even with the largest possible draw are skipped (exact: they could not win or tie).
+        int64_t top = 0;
+        for (int64_t v = 1; v < V; ++v)
+            if (x[v] > x[top]) top = v;
+        const float cut = score(top) - t * kGumbelMax;
+        float best = neg_inf;
+        choice = 0;
+        for (int64_t v = 0; v < V; ++v) {
+            if (x[v] < cut) continue;
+            const float s = score(v);
+            if (s > best) best = s, choice = v;
+        }
+    }
+    if (a.begin_bits) for_each_id(a.begin_bits, words, V, [&](int64_t id) { x[id] = neg_inf; });
+    const float m = max_or_nan(x, V);
+    *out_id = choice;
+    if (m == neg_inf || m != m) {
+        *out_conf = std::numeric_limits<float>::quiet_NaN();
+        return;
+    }
+    double sum = 0.0;
+    for (int64_t t0 = 0; t0 < V; t0 += kTile) sum += exp_sum(x + t0, (t0 + kTile < V ? t0 + kTile : V) - t0, m);
+    *out_conf = static_cast<float>(std::exp(static_cast<double>(x[choice]) - m) / sum);
+}
+
 void argmax_confidence(std::uintptr_t logits, int64_t rows, int64_t vocab, int64_t row_stride,
                        std::uintptr_t out_ids, std::uintptr_t out_conf) {
     const float* l = reinterpret_cast<const float*>(logits);
@@ -163,6 +289,34 @@ void argmax_confidence(std::uintptr_t logits, int64_t rows, int64_t vocab, int64
     }
 }
 
+
+void fused_sample(std::uintptr_t logits, int64_t rows, int64_t vocab, int64_t row_stride, int64_t col_stride,
+                  float temperature,
+                  float penalty, std::uintptr_t seeds, std::uintptr_t positions, std::uintptr_t steps,
+                  std::uintptr_t streams, std::uintptr_t row_req, std::uintptr_t seen_bits, int64_t seen_words,
+                  std::uintptr_t suppress_bits, std::uintptr_t begin_bits, std::uintptr_t out_ids,
+                  std::uintptr_t out_conf) {
+    SampleArgs a{reinterpret_cast<const float*>(logits), vocab, row_stride, col_stride, temperature, penalty,
+                 reinterpret_cast<const int64_t*>(seeds), reinterpret_cast<const int64_t*>(positions),
+                 reinterpret_cast<const int64_t*>(steps), reinterpret_cast<const int64_t*>(streams),
+                 reinterpret_cast<const int64_t*>(row_req), reinterpret_cast<const int32_t*>(seen_bits),
+                 reinterpret_cast<const int32_t*>(suppress_bits), reinterpret_cast<const int32_t*>(begin_bits),
+                 seen_words};
+    int64_t* ids = reinterpret_cast<int64_t*>(out_ids);
+    float* conf = reinterpret_cast<float*>(out_conf);
+    py::gil_scoped_release release;
+#pragma omp parallel
+    {
+        std::vector<float> buf(static_cast<size_t>(vocab));  // one private row copy per thread
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < rows; ++r) fused_sample_row(a, r, buf, ids + r, conf + r);
+    }
+}
+
+uint32_t philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t seed) {
+    return philox_first_word(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -170,4 +324,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("argmax_confidence", &argmax_confidence, py::arg("logits"), py::arg("rows"), py::arg("vocab"),
           py::arg("row_stride"), py::arg("out_ids"), py::arg("out_conf"),
           "Per row of float32 logits: argmax id and its softmax probability, in one sweep.");
+    m.def("fused_sample", &fused_sample, py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("row_stride"),
+          py::arg("col_stride"), py::arg("temperature"), py::arg("penalty"), py::arg("seeds"), py::arg("positions"), py::arg("steps"),
+          py::arg("streams"), py::arg("row_req"), py::arg("seen_bits"), py::arg("seen_words"),
+          py::arg("suppress_bits"), py::arg("begin_bits"), py::arg("out_ids"), py::arg("out_conf"),
+          "The sampler contract of kernels/sampling.py on float32 rows (addresses; 0 = absent).");
+    m.def("philox", &philox, "First word of Philox-4x32-10 (the kernels' generator), for tests.");
 }

@@ -97,6 +97,82 @@ def argmax_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return argmax_confidence_cpp(logits) if backend == "cpp" else argmax_confidence_torch(logits)
 
 
+# --------------------------------------------------------------------------- the fused sampler
+def sample_cpp(logits: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler contract (kernels/sampling.py) on float32 CPU logits, through the C++ extension."""
+    from .kernels.sampling import random_confidence
+
+    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype != torch.float32:
+        raise ValueError(f"the C++ sampler needs float32 CPU logits [N, V], got {logits.dtype} "
+                         f"{tuple(logits.shape)} on {logits.device}")
+    n, v = logits.shape
+    ids = torch.empty(n, dtype=torch.long)
+    conf = torch.empty(n, dtype=torch.float32)
+    if n == 0:
+        return ids, conf
+    seeds, positions, steps, streams = p.counters(n, "cpu")
+    maps = p.bitmaps(v, "cpu")
+    req = torch.as_tensor(p.row_request, dtype=torch.long).contiguous() if p.has_penalty else None
+    if req is not None and req.shape != (n,):
+        raise ValueError(f"row_request must have shape [{n}], got {tuple(req.shape)}")
+    seen = maps.get("seen")
+
+    def addr(t):
+        return 0 if t is None else t.data_ptr()
+
+    cpp_extension().fused_sample(
+        logits.data_ptr(), n, v, logits.stride(0), logits.stride(1), float(p.temperature), float(p.penalty),
+        seeds.data_ptr(), positions.data_ptr(), steps.data_ptr(), streams.data_ptr(), addr(req),
+        addr(seen), seen.shape[1] if seen is not None else 0, addr(maps.get("suppress")), addr(maps.get("begin")),
+        ids.data_ptr(), conf.data_ptr())
+    if p.random_confidence:
+        conf = random_confidence(seeds, positions, steps, streams)
+    return ids, conf
+
+
+def sample(logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token choice and confidence per row of logits [N, V] (params: kernels.sampling.SampleParams) on
+    the best available backend: triton on CUDA, C++ for float32 on CPU, torch otherwise."""
+    from .kernels import sampling
+
+    cpu_f32 = logits.device.type == "cpu" and logits.dtype == torch.float32
+    backend = pick(logits.device, {"triton": _triton_usable(logits), "cpp": cpu_f32 and cpp_available(),
+                                   "torch": True})
+    if backend == "triton":
+        return sampling.sample_triton(logits if logits.stride(1) == 1 else logits.contiguous(), params)
+    if backend == "cpp":
+        return sample_cpp(logits, params)
+    return sampling.sample_torch(logits, params)
+
+
+def _triton_usable(t: torch.Tensor) -> bool:
+    """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_installed() and (t.device.type == "cuda" or (interp and t.device.type == "cpu"))
+
+
+# --------------------------------------------------------------------------- commit (unmask)
+def unmask(conf, tokens, k, block_start, canvas, rule: str = "topk", value: float | None = None) -> torch.Tensor:
+    """Commit each row's chosen block positions into canvas [B, T] (kernels/unmask.py); returns the
+    chosen mask [B, L]. Triton on CUDA, torch elsewhere (a few hundred numbers: nothing for C++ to win)."""
+    from .kernels import unmask as um
+
+    backend = pick(conf.device, {"triton": _triton_usable(conf), "torch": True})
+    fn = um.unmask_triton if backend == "triton" else um.unmask_torch
+    return fn(conf, tokens, k, block_start, canvas, rule, value)
+
+
+# --------------------------------------------------------------------------- attention
+def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """'triton' (kernels/attention.py) for half precision on CUDA, else 'torch' (SDPA with an explicit
+    mask). float32 on CUDA stays on SDPA: the kernel's exact float32 dot products are slower than
+    cuBLAS/TF32 there. A forced triton backend also runs float32 (the interpreter tests do)."""
+    probe = torch.empty(0, device=device)
+    available = {"triton": _triton_usable(probe) and (dtype != torch.float32 or forced_backend() == "triton"),
+                 "torch": True}
+    return pick(device, available)
+
+
 def describe() -> dict[str, str]:
     """Backend status, for `diffutron-engine env`."""
     cuda = torch.cuda.is_available()

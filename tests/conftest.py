@@ -4,6 +4,12 @@ markers turned into skips in one place (no device probing at import time)."""
 import os
 
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors in the interpreter when there is no GPU. The variable must be set
+# before anything imports triton, so it is set here, once, for the whole session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HERE = os.path.dirname(__file__)
 GOLDEN_MODEL = os.path.join(HERE, "data", "golden", "mdlm-tiny", "model")
@@ -11,8 +17,6 @@ GOLDEN_MODEL = os.path.join(HERE, "data", "golden", "mdlm-tiny", "model")
 
 def pytest_collection_modifyitems(config, items):
     import importlib.util
-
-    import torch
 
     from diffutron_engine.backends import cpp_available
 

@@ -131,18 +131,6 @@ def test_threshold_commits_several_per_step(golden):
     assert all(r.forward_passes == 24 for r in one)  # tau = 1: only the forced one per step
 
 
-def test_selection_rules():
-    from diffutron_engine.engine.sampler import select_factor, select_threshold
-
-    conf = torch.tensor([0.2, 0.95, 0.5, 0.91])
-    assert sorted(select_threshold(conf, 0.9).tolist()) == [1, 3]
-    assert select_threshold(conf, 0.99).tolist() == [1]  # at least the most confident
-    # sorted: .95 .91 .5 .2 -> (n+1)(1-c_n): 0.1, 0.27, 2.0, 4.0
-    assert select_factor(conf, 1.0).tolist() == [1, 3]
-    assert select_factor(conf, 0.05).tolist() == [1]
-    assert sorted(select_factor(conf, 5.0).tolist()) == [0, 1, 2, 3]
-
-
 # ----------------------------------------------------------------------------- streaming and API
 def test_stream_deltas_add_up_to_the_final_text(golden):
     eng = Engine(golden.model, golden.tokenizer, max_batch=2)

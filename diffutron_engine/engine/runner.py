@@ -12,7 +12,8 @@ import torch
 from ..model import KVPool, ModernBertRunner
 from ..schedule import row_schedule
 from ..stopping import StopRule
-from . import sampler
+from .. import backends
+from ..kernels.sampling import SampleParams
 from .request import Request
 
 
@@ -89,48 +90,62 @@ class ModelRunner:
             un = self._candidate_logits(batch, cands, un_x, am, "uncond")
             logits = un + (cfg.cfg_scale + 1) * (logits - un)
 
-        slices, start = [], 0
-        for c in cands:
-            slices.append(slice(start, start + len(c)))
-            start += len(c)
-        if cfg.repetition_penalty != 1.0:
-            seen = []
-            for req in batch:
-                ids = sorted(set(req.tokens) - {self.mask_id, self.eos_id})
-                seen.append(torch.tensor(ids, dtype=torch.long, device=self.device))
-            sampler.apply_repetition_penalty(logits, seen, slices, cfg.repetition_penalty)
-        if cfg.suppress_tokens:
-            logits[:, cfg.suppress_tokens] = -torch.inf
-        gens = [self.generators[r.id] for r in batch]
-        x0, conf = sampler.choose(logits, cfg.temperature, gens, slices, cfg.begin_suppress_tokens, cfg.remasking)
-        x0, conf = x0.tolist(), conf.float().cpu()
+        x0, conf = backends.sample(logits, self._sample_params(batch, cands, cfg))
+        chosen = self._commit(batch, cands, x0, conf, x, cfg)
 
         stop = self._stop_rule(cfg)
+        rows = x.cpu()
         for i, req in enumerate(batch):
-            sl, pos = slices[i], cands[i]
-            c = conf[sl]
-            if not pos:  # nothing to commit (cannot happen for a scheduled row; never stall on it)
-                chosen = []
-            elif cfg.threshold is not None:
-                chosen = sampler.select_threshold(c, cfg.threshold).tolist()
-            elif cfg.factor is not None:
-                chosen = sampler.select_factor(c, cfg.factor).tolist()
-            else:
-                k = min(req.schedule[req.step] if req.step < len(req.schedule) else 0, len(pos))
-                # top-k over a full row of confidences (-inf off the candidates), as the oracle ranks
-                row = torch.full((req.length,), -torch.inf)
-                row[pos] = c
-                top = torch.topk(row, k).indices.tolist() if k > 0 else []
-                index = {p: j for j, p in enumerate(pos)}
-                chosen = [index[p] for p in top]
-            for j in chosen:
-                req.tokens[pos[j]] = x0[sl.start + j]
+            if chosen[i]:
+                req.tokens = rows[i, : req.length].tolist()
             if stop is not None:
                 t = torch.tensor([req.tokens])
                 if stop.apply_row(t, 0, req.answer_start):
                     req.tokens = t[0].tolist()
             req.step += 1
             req.forward_passes += 1
+
+    def _sample_params(self, batch, cands, cfg) -> SampleParams:
+        """Per candidate row: the request's seed, the position, the request's step (the counters of the
+        sampler's random numbers: a draw does not depend on the batch), and the penalty's seen ids."""
+        row_req = [i for i, c in enumerate(cands) for _ in c]
+        seen = None
+        if cfg.repetition_penalty != 1.0:
+            seen = [torch.tensor(sorted(set(r.tokens) - {self.mask_id, self.eos_id}), dtype=torch.long) for r in batch]
+        return SampleParams(
+            temperature=cfg.temperature, penalty=cfg.repetition_penalty,
+            seeds=torch.tensor([batch[i].seed for i in row_req], dtype=torch.long),
+            positions=torch.tensor([p for c in cands for p in c], dtype=torch.long),
+            steps=torch.tensor([batch[i].step for i in row_req], dtype=torch.long),
+            seen=seen, row_request=torch.tensor(row_req, dtype=torch.long),
+            suppress=tuple(cfg.suppress_tokens or ()), begin_suppress=tuple(cfg.begin_suppress_tokens or ()),
+            random_confidence=cfg.remasking == "random",
+        )
+
+    def _commit(self, batch, cands, x0, conf, x, cfg) -> list[int]:
+        """Choose each row's positions to commit (schedule top-k, threshold or factor rule) and write
+        them into the canvas x in one batched op; returns how many each row committed."""
+        B = len(batch)
+        lo = [r.window[0] for r in batch]
+        L = max(r.window[1] - r.window[0] for r in batch)
+        rows = [i for i, c in enumerate(cands) for _ in c]
+        cols = [p - lo[i] for i, c in enumerate(cands) for p in c]
+        conf_blk = torch.full((B, L), -torch.inf, dtype=torch.float32, device=self.device)
+        tok_blk = torch.zeros((B, L), dtype=torch.long, device=self.device)
+        if rows:
+            r, c = torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
+            conf_blk[r, c] = conf.to(self.device, torch.float32)
+            tok_blk[r, c] = x0.to(self.device)
+        if cfg.threshold is not None:
+            rule, value, k = "threshold", cfg.threshold, None
+        elif cfg.factor is not None:
+            rule, value, k = "factor", cfg.factor, None
+        else:
+            counts = [min(r.schedule[r.step] if r.step < len(r.schedule) else 0, len(c)) for r, c in zip(batch, cands)]
+            rule, value, k = "topk", None, torch.tensor(counts, dtype=torch.long, device=self.device)
+        start = torch.tensor(lo, dtype=torch.long, device=self.device)
+        chosen = backends.unmask(conf_blk, tok_blk, k, start, x, rule, value)
+        return chosen.sum(dim=1).tolist()
 
     def _candidate_logits(self, batch, cands, x, am, pool_name: str) -> torch.Tensor:
         """Final hidden states of the candidate positions (or of the position before, with right shift),

@@ -136,6 +136,28 @@ class ModernBertRunner:
             m = m & near[:, None, :, :]
         return m
 
+    def _attend(self, layer: _Layer, q, k_store, v_store, slots, q_pos, key_valid, masks: dict):
+        """Attention of queries q [B, H, Q, D] at positions q_pos [B, Q] over keys 0..T-1 (T =
+        key_valid.shape[1]) held in k_store/v_store: per row ([B, H, T, D], slots None) or in the pool's
+        slots [S, H, P, D]. The Triton kernel reads the pool in place; SDPA needs the rows gathered and
+        an explicit mask (built once per layer kind and forward, in `masks`)."""
+        from ..backends import attention_backend
+
+        T = key_valid.shape[1]
+        window = None if layer.is_global else self.half_window
+        if attention_backend(q.device, q.dtype) == "triton":
+            from ..kernels.attention import flash_attention
+
+            if slots is None:
+                slots = torch.arange(q.shape[0], device=q.device)
+            return flash_attention(q, k_store, v_store, slots, q_pos, key_valid, window, self.head_dim**-0.5)
+        if slots is not None:
+            k_store, v_store = k_store[slots, :, :T], v_store[slots, :, :T]
+        if layer.is_global not in masks:
+            masks[layer.is_global] = self._mask(layer, q_pos, torch.arange(T, device=q.device), key_valid)
+        return F.scaled_dot_product_attention(q, k_store, v_store, attn_mask=masks[layer.is_global],
+                                              scale=self.head_dim**-0.5)
+
     def _finish_layer(self, layer: _Layer, h, attn):
         B, Q, _ = h.shape
         h = h + layer.wo(attn.transpose(1, 2).reshape(B, Q, self.hidden))
@@ -162,9 +184,7 @@ class ModernBertRunner:
             if pool is not None:
                 pool.k[i][slots, :, :T] = k
                 pool.v[i][slots, :, :T] = v
-            if layer.is_global not in masks:
-                masks[layer.is_global] = self._mask(layer, positions[None].expand(B, T), positions, key_valid)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[layer.is_global], scale=self.head_dim**-0.5)
+            attn = self._attend(layer, q, k, v, None, pos_b, key_valid, masks)
             h = self._finish_layer(layer, h, attn)
         return self.final_norm(h)
 
@@ -178,8 +198,6 @@ class ModernBertRunner:
         Returns hidden states [B, Q, H] of the recomputed positions; their fresh keys/values are
         written to the pool."""
         B, Q = ids_q.shape
-        T = key_valid.shape[1]
-        k_pos = torch.arange(T, device=ids_q.device)
         h = self.embed_norm(self.embed(ids_q))
         rows = slots[:, None, None].expand(B, self.heads, Q)
         heads = torch.arange(self.heads, device=ids_q.device)[None, :, None].expand(B, self.heads, Q)
@@ -190,11 +208,7 @@ class ModernBertRunner:
             q, k, v = self._qkv(layer, h, rope)
             pool.k[i][rows, heads, cols] = k
             pool.v[i][rows, heads, cols] = v
-            keys, values = pool.k[i][slots, :, :T], pool.v[i][slots, :, :T]
-            if layer.is_global not in masks:
-                masks[layer.is_global] = self._mask(layer, pos_q, k_pos, key_valid)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[layer.is_global],
-                                                  scale=self.head_dim**-0.5)
+            attn = self._attend(layer, q, pool.k[i], pool.v[i], slots, pos_q, key_valid, masks)
             h = self._finish_layer(layer, h, attn)
         return self.final_norm(h)
 

@@ -1,0 +1,210 @@
+"""The fused sampler (kernels/sampling.py, csrc/sampler.cpp) on every backend against its float64
+reference: edge cases, precision by the flash-attention rule, statistics of the draws, hard checks."""
+
+import math
+
+import pytest
+import torch
+
+from diffutron_engine.backends import cpp_extension, sample_cpp
+from diffutron_engine.kernels import sampling as S
+
+BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("cpp", id="cpp", marks=pytest.mark.cext),
+    pytest.param("triton", id="triton", marks=pytest.mark.triton),
+    pytest.param("triton-head", id="triton-head", marks=pytest.mark.triton),
+]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(backend, logits, p, head=None, **kw):
+    """ids, conf of `backend`; `head` = (hidden, weight, bias) whose product is `logits` (fused head)."""
+    if backend == "torch":
+        return S.sample_torch(logits, p, chunk=kw.get("chunk", 4))
+    if backend == "cpp":
+        return sample_cpp(logits.cpu(), p)
+    if backend == "triton":
+        return S.sample_triton(logits.to(DEV), p, block_v=kw.get("block_v", 256), block_m=kw.get("block_m", 1))
+    h, w, b = head
+    return S.sample_head_triton(h.to(DEV), w.to(DEV), None if b is None else b.to(DEV), p, block_v=128, block_k=16)
+
+
+def problem(n=5, v=1000, h=16, seed=0, dtype=torch.float32):
+    """Logits from a small LM head (so the fused-head variant sees the same numbers)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.6
+    bias = torch.randn(v, generator=g, dtype=torch.float64)
+    hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+    logits = (hidden.double() @ weight.double().T + bias.double()).to(dtype)
+    return logits, (hidden, weight, bias)
+
+
+def params(n, logits, **kw):
+    base = dict(seeds=torch.arange(n) * 7919 + 2**33, positions=torch.arange(n) + 3, steps=torch.full((n,), 2))
+    base.update(kw)
+    return S.SampleParams(**base)
+
+
+def _penalty_setup(logits):
+    """Seen ids whose logits are positive (one is the row's argmax: the penalty must move the choice)
+    and negative."""
+    top = logits[0].argmax().item()
+    neg = logits[0].argmin().item()
+    return [torch.tensor([top, neg, 3]), torch.tensor([logits[1].argmax().item(), 11])]
+
+
+CASES = {
+    "greedy": dict(),
+    "penalty": dict(penalty=1.7),
+    "suppress": dict(suppress=(0, 5, 999)),
+    "begin-suppress": dict(begin_suppress=(1, 2)),
+    "everything": dict(penalty=0.8, suppress=(7,), begin_suppress=(8, 9)),
+    "temperature": dict(temperature=0.8),
+    "temperature+penalty": dict(temperature=1.3, penalty=1.4, suppress=(4,), begin_suppress=(6,)),
+    "random-conf": dict(temperature=0.5, random_confidence=True),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_reference(backend, case):
+    logits, head = problem(n=7, v=1000)  # V = 1000: not a multiple of the 256 / 128 tiles
+    kw = dict(CASES[case])
+    if kw.get("penalty"):
+        kw["seen"] = _penalty_setup(logits)
+        kw["row_request"] = torch.tensor([0, 1, 0, 1, 1, 0, 0])
+    if "begin_suppress" in kw:  # make one row's choice a begin-suppressed id: its confidence is 0
+        kw["begin_suppress"] = kw["begin_suppress"] + (int(logits[3].argmax()),)
+    p = params(7, logits, **kw)
+    ids, conf = run(backend, logits, p, head)
+    ref_ids, ref_conf = S.sample_reference(logits, p)
+    assert torch.equal(ids.cpu(), ref_ids)
+    # flash-attention rule: error vs float64 at most ~2x that of the torch float32 chain (for the fused
+    # head, the chain starts at the float32 product, whose rounding the kernel's own product shares)
+    torch_logits = logits if backend != "triton-head" else torch.addmm(head[2], head[0], head[1].T)
+    _, conf32 = S.sample_torch(torch_logits, p)
+    err = (conf.cpu().double() - ref_conf).abs().max().item()
+    err_torch = (conf32.double() - ref_conf).abs().max().item()
+    assert err <= 2 * err_torch + 1e-7, (err, err_torch)
+    if kw.get("suppress"):
+        assert not set(ids.tolist()) & set(kw["suppress"])
+    if kw.get("begin_suppress") and not kw.get("random_confidence"):
+        assert conf[3].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] in ("torch", "triton")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_logits(backend, dtype):
+    logits, _ = problem(n=6, v=777, dtype=dtype)
+    p = params(6, logits, penalty=1.3, seen=[torch.tensor([1, 2, 3])], row_request=torch.zeros(6, dtype=torch.long),
+               begin_suppress=(5,))
+    ids, conf = run(backend, logits, p)
+    ref_ids, ref_conf = S.sample_reference(logits, p)
+    assert torch.equal(ids.cpu(), ref_ids)
+    assert conf.dtype == dtype
+    # the output is rounded to the logits' dtype: half an ulp of it on top of the rule's bound
+    _, conf_t = S.sample_torch(logits, p)
+    bound = 2 * (conf_t.double() - ref_conf).abs().max().item() + torch.finfo(dtype).eps * ref_conf.max().item()
+    assert (conf.cpu().double() - ref_conf).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edges(backend):
+    """One column; a row whose every id is suppressed but one; the maximum in the last, partial tile;
+    ties (the first maximum wins)."""
+    if backend == "triton-head":
+        pytest.skip("the edge values are planted into logits, which the fused head never sees")
+    logits, _ = problem(n=4, v=300)
+    logits[0] = 0.0  # all ties: id 0
+    logits[1, 299] = 40.0  # the maximum in the partial last tile
+    ids, _ = run(backend, logits, params(4, logits))
+    assert ids[0].item() == 0 and ids[1].item() == 299
+    one = torch.randn(3, 1)
+    ids, conf = run(backend, one, params(3, one))
+    assert ids.tolist() == [0, 0, 0] and torch.allclose(conf.cpu().float(), torch.ones(3))
+    only = torch.randn(2, 300)
+    ids, _ = run(backend, only, params(2, only, temperature=2.0, suppress=tuple(range(300))[:-1]))
+    assert ids.tolist() == [299, 299]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_draws_do_not_depend_on_the_batch(backend):
+    logits, (h, w, b) = problem(n=6, v=1000)
+    p = params(6, logits, temperature=1.0)
+    ids, _ = run(backend, logits, p, (h, w, b))
+    for r in (0, 4):
+        alone = S.SampleParams(temperature=1.0, seeds=p.seeds[r:r + 1], positions=p.positions[r:r + 1],
+                               steps=p.steps[r:r + 1])
+        one, _ = run(backend, logits[r:r + 1], alone, (h[r:r + 1], w, b))
+        assert one.item() == ids[r].item()
+
+
+def _chi2_limit(dof: int) -> float:
+    """Wilson-Hilferty: the chi-square value exceeded with probability ~1e-6 under the null."""
+    return dof * (1 - 2 / (9 * dof) + 4.75 * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton-head"])
+def test_draw_statistics(backend):
+    """100,000 draws of one row (distinct positions, so independent counters) against
+    softmax(x / tau), x the penalized and suppressed logits; suppressed ids are never drawn."""
+    n, v, tau = 100_000, 37, 0.7
+    g = torch.Generator().manual_seed(1)
+    row = torch.randn(v, generator=g) * 2
+    row[3], row[4] = 2.5, -1.5  # seen ids, positive and negative
+    logits = row.expand(n, v).contiguous()
+    p = S.SampleParams(temperature=tau, penalty=1.5, seeds=torch.full((n,), 99), positions=torch.arange(n),
+                       steps=torch.zeros(n, dtype=torch.long), seen=[torch.tensor([3, 4])],
+                       row_request=torch.zeros(n, dtype=torch.long), suppress=(0, 17))
+    ids, _ = run(backend, logits, p, block_m=1024, block_v=64, chunk=4096)
+    x = row.double().clone()
+    x[3], x[4] = row[3] / 1.5, row[4] * 1.5
+    x[[0, 17]] = -torch.inf
+    prob = torch.softmax(x / tau, -1)
+    counts = torch.bincount(ids.cpu(), minlength=v).double()
+    assert counts[0] == 0 and counts[17] == 0
+    keep = prob > 0
+    exp = prob[keep] * n
+    chi2 = float(((counts[keep] - exp) ** 2 / exp).sum())
+    assert chi2 < _chi2_limit(int(keep.sum()) - 1), chi2
+
+
+def test_philox_known_answers():
+    """Philox-4x32-10 first words against the generator's published known-answer vectors."""
+    cases = [((0, 0, 0, 0), (0, 0), 0x6627E8D5),
+             ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), 0x408F276D),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), 0xD16CFE09)]
+    for c, k, want in cases:
+        got = S.philox_first_word(*(torch.tensor(x) for x in c + k))
+        assert int(got) == want
+        ext = cpp_extension()
+        if ext is not None:
+            assert ext.philox(*c, k[0] | (k[1] << 32)) == want
+
+
+def test_random_confidences_are_uniform():
+    n = 100_000
+    u = S.random_confidence(torch.full((n,), 5), torch.arange(n), torch.zeros(n, dtype=torch.long),
+                            torch.zeros(n, dtype=torch.long))
+    assert 0 < u.min() and u.max() < 1
+    counts = torch.histc(u, bins=20, min=0, max=1).double()
+    chi2 = float(((counts - n / 20) ** 2 / (n / 20)).sum())
+    assert chi2 < _chi2_limit(19)
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 10)
+    with pytest.raises(ValueError, match=r"\[N, V\]"):
+        S.sample_torch(torch.randn(2, 3, 4), S.SampleParams())
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        S.sample_torch(x.long(), S.SampleParams())
+    with pytest.raises(ValueError, match="per-row seeds"):
+        S.SampleParams(temperature=0.5)
+    with pytest.raises(ValueError, match="needs `seen`"):
+        S.SampleParams(penalty=1.2)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 10\)"):
+        S.id_bitmap([10], 10)
+    with pytest.raises(ValueError, match="shape"):
+        S.sample_torch(x, S.SampleParams(temperature=1.0, seeds=torch.zeros(3, dtype=torch.long)))

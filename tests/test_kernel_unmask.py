@@ -1,0 +1,87 @@
+"""The batched commit step (kernels/unmask.py): rule semantics, edges, and triton == torch."""
+
+import pytest
+import torch
+
+from diffutron_engine.kernels import unmask as U
+
+IMPLS = [pytest.param(U.unmask_torch, id="torch"),
+         pytest.param(U.unmask_triton, id="triton", marks=pytest.mark.triton)]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+NEG = -torch.inf
+
+
+def commit(fn, conf, rule="topk", value=None, k=None, start=None, width=None):
+    conf = torch.as_tensor(conf, dtype=torch.float32).to(DEV)
+    B, L = conf.shape
+    tokens = (torch.arange(B * L).view(B, L) + 100).to(DEV)
+    start = torch.zeros(B, dtype=torch.long) if start is None else torch.as_tensor(start)
+    canvas = torch.full((B, width or L + int(start.max())), -1, dtype=torch.long, device=DEV)
+    k = None if k is None else torch.as_tensor(k).to(DEV)
+    chosen = fn(conf, tokens, k, start.to(DEV), canvas, rule, value)
+    return chosen.cpu(), canvas.cpu(), tokens.cpu()
+
+
+@pytest.mark.parametrize("fn", IMPLS)
+def test_rules_on_one_row(fn):
+    conf = [[0.2, 0.95, 0.5, 0.91]]
+    chosen, _, _ = commit(fn, conf, "threshold", 0.9)
+    assert chosen[0].nonzero().flatten().tolist() == [1, 3]
+    chosen, _, _ = commit(fn, conf, "threshold", 0.99)
+    assert chosen[0].nonzero().flatten().tolist() == [1]  # at least the most confident
+    # sorted .95 .91 .5 .2 -> (n + 1)(1 - c_n) = 0.1, 0.27, 2.0, 4.0
+    assert commit(fn, conf, "factor", 1.0)[0][0].nonzero().flatten().tolist() == [1, 3]
+    assert commit(fn, conf, "factor", 0.05)[0][0].nonzero().flatten().tolist() == [1]
+    assert commit(fn, conf, "factor", 5.0)[0][0].all()
+    assert commit(fn, conf, "topk", k=[2])[0][0].nonzero().flatten().tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("fn", IMPLS)
+def test_batch_edges(fn):
+    """Non-candidates (-inf) are never chosen; a row without candidates commits nothing; k larger than
+    the candidates takes them all; ties go to the lower position; tokens land at block_start + i."""
+    conf = [[0.5, NEG, 0.5, 0.7, NEG],  # tie between 0 and 2: k=2 takes 3 and 0
+            [NEG, NEG, NEG, NEG, NEG],  # nothing to commit
+            [0.1, 0.2, 0.3, NEG, NEG],  # k = 9 > 3 candidates
+            [0.9, 0.8, 0.7, 0.6, 0.5]]
+    chosen, canvas, tokens = commit(fn, conf, "topk", k=[2, 1, 9, 0], start=[0, 2, 4, 1], width=12)
+    assert chosen.tolist() == [[True, False, False, True, False], [False] * 5,
+                               [True, True, True, False, False], [False] * 5]
+    assert canvas[0, [0, 3]].tolist() == tokens[0, [0, 3]].tolist()
+    assert canvas[2, 4:7].tolist() == tokens[2, :3].tolist()
+    written = torch.zeros_like(canvas, dtype=torch.bool)
+    written[0, [0, 3]] = True
+    written[2, 4:7] = True
+    assert (canvas[~written] == -1).all()  # nothing else touched
+    for rule, value in (("threshold", 0.95), ("factor", 0.01)):
+        chosen, _, _ = commit(fn, conf, rule, value)
+        assert chosen.sum(1).tolist() == [1, 0, 1, 1]  # at least one where there is a candidate
+        assert not chosen[torch.tensor(conf) == NEG].any()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("rule,value", [("topk", None), ("threshold", 0.6), ("factor", 1.5)])
+def test_triton_equals_torch_on_random_batches(rule, value):
+    g = torch.Generator().manual_seed(3)
+    for L in (1, 7, 32, 33):
+        conf = torch.rand(6, L, generator=g)
+        conf[torch.rand(6, L, generator=g) < 0.3] = NEG
+        conf[1, : L // 2] = conf[1, 0]  # ties
+        k = torch.randint(0, L + 2, (6,), generator=g)
+        start = torch.randint(0, 5, (6,), generator=g)
+        a = commit(U.unmask_triton, conf, rule, value, k, start)
+        b = commit(U.unmask_torch, conf, rule, value, k, start)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_bad_input():
+    conf, tok = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long)
+    canvas, start = torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        U.unmask_torch(conf, tok, None, start, canvas, "best")
+    with pytest.raises(ValueError, match="k for top-k"):
+        U.unmask_torch(conf, tok, None, start, canvas, "topk")
+    with pytest.raises(ValueError, match="needs its value"):
+        U.unmask_torch(conf, tok, None, start, canvas, "threshold")
+    with pytest.raises(ValueError, match=r"\[B, L\]"):
+        U.unmask_torch(conf, tok[:, :2], None, start, canvas, "factor", 1.0)
