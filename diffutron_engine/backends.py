@@ -59,8 +59,11 @@ def force_backend(name: str | None):
 
 def pick(device: torch.device, available: dict[str, bool]) -> str:
     """The backend for an op on `device`: the forced one (error if unavailable), else triton on CUDA,
-    C++ on CPU, torch as the fallback."""
+    C++ on CPU, torch as the fallback. `available` names the backends the op has; forcing C++ on an op
+    that has no C++ implementation (a few hundred numbers, nothing to win) runs its torch version."""
     forced = forced_backend()
+    if forced == "cpp" and "cpp" not in available:
+        forced = "torch"
     if forced is not None:
         if not available.get(forced, False):
             raise RuntimeError(f"backend {forced!r} was forced but is not available for this op on {device}")
@@ -174,13 +177,25 @@ def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def describe() -> dict[str, str]:
-    """Backend status, for `diffutron-engine env`."""
+    """Backend status and the backend each op runs on, for `diffutron-engine env`."""
     cuda = torch.cuda.is_available()
-    return {
+    out = {
         "cpp extension": "built" if cpp_available() else "not built (torch fallback on CPU)",
-        "triton": ("installed" + ("" if cuda else " (no CUDA device: interpreter only)"))
+        "triton kernels": ("available" + ("" if cuda else " (no CUDA device: interpreter only)"))
         if triton_installed() else "not installed",
         "forced backend": forced_backend() or "none (automatic)",
-        "active on cpu": pick(torch.device("cpu"), {"cpp": cpp_available(), "torch": True}),
-        "active on cuda": ("triton" if triton_installed() else "torch") if cuda else "no CUDA device",
     }
+    devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if cuda else [])
+    for dev, dtype in devices:
+        d = torch.device(dev)
+        probe = torch.empty(0, device=d)
+        try:
+            out[f"sampler on {dev}"] = pick(d, {"triton": _triton_usable(probe),
+                                                "cpp": dev == "cpu" and cpp_available(), "torch": True})
+            out[f"unmask on {dev}"] = pick(d, {"triton": _triton_usable(probe), "torch": True})
+            out[f"attention on {dev} ({str(dtype).split('.')[-1]})"] = attention_backend(d, dtype)
+        except RuntimeError as exc:  # a forced backend this device cannot run
+            out[f"ops on {dev}"] = str(exc)
+    if not cuda:
+        out["on cuda"] = "no CUDA device"
+    return out

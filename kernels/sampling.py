@@ -340,12 +340,12 @@ def _launch(x, weight, bias, vocab: int, p: SampleParams, block_m: int, block_v:
     return ids, conf
 
 
-def _check_logits(logits: torch.Tensor) -> None:
+def _check_logits(logits: torch.Tensor, contiguous_rows: bool = False) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    if logits.shape[0] and logits.stride(1) != 1:
+    if contiguous_rows and logits.shape[0] and logits.stride(1) != 1:
         raise ValueError("logits rows must be contiguous (stride 1 along the vocabulary)")
 
 
@@ -353,7 +353,7 @@ def sample_triton(logits: torch.Tensor, p: SampleParams, block_v: int | None = N
     """Token choice and confidence for each row of logits [N, V] (any V), one launch plus a merge.
     One row per program by default (the vocabulary split keeps the GPU busy); block_m > 1 packs rows,
     which suits many short rows (the interpreter's statistical tests)."""
-    _check_logits(logits)
+    _check_logits(logits, contiguous_rows=True)
     block_v = block_v or 2048
     return _launch(logits, None, None, logits.shape[1], p, block_m, block_v, 16, logits.dtype)
 

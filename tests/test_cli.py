@@ -104,7 +104,7 @@ def test_output_file_gets_the_usual_permissions(capsys, tmp_path, tiny_checkpoin
 def test_env(capsys):
     code, out, _ = run_cli(capsys, "env")
     assert code == 0
-    assert "torch" in out and "cpp extension" in out and "active on cpu" in out
+    assert "torch" in out and "cpp extension" in out and "sampler on cpu" in out and "attention on cpu" in out
 
 
 # ----------------------------------------------------------------------------- bad input
