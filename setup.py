@@ -76,6 +76,7 @@ setup(
         "diffutron_engine.integrations",
         "diffutron_engine.kernels",
         "diffutron_engine.training",
+        "diffutron_engine.training.data",
     ],
     package_dir={
         "diffutron_engine": "diffutron_engine",

@@ -1,6 +1,7 @@
-// Fused greedy sampler for the CPU path: per row of float32 logits, in one sweep over the vocabulary
-// tiles, the argmax token and its softmax probability (the "confidence" of the reference sampler),
-// without materializing a probability tensor. Built against pybind11 only: tensors cross the boundary
+// Fused sampler for the CPU path (the contract of kernels/sampling.py): per row of float32 logits,
+// repetition penalty, suppression, argmax or Gumbel-max with counter-based (Philox) draws, and the
+// chosen token's softmax probability (the "confidence" of the reference sampler), without
+// materializing a probability tensor. Built against pybind11 only: tensors cross the boundary
 // as raw addresses with explicit shapes and strides, checked by the Python wrapper
 // (diffutron_engine/backends.py), so installing never compiles against or pulls a torch build.
 
@@ -277,19 +278,6 @@ void fused_sample_row(const SampleArgs& a, int64_t r, std::vector<float>& buf, i
     *out_conf = static_cast<float>(std::exp(static_cast<double>(x[choice]) - m) / sum);
 }
 
-void argmax_confidence(std::uintptr_t logits, int64_t rows, int64_t vocab, int64_t row_stride,
-                       std::uintptr_t out_ids, std::uintptr_t out_conf) {
-    const float* l = reinterpret_cast<const float*>(logits);
-    int64_t* ids = reinterpret_cast<int64_t*>(out_ids);
-    float* conf = reinterpret_cast<float*>(out_conf);
-    py::gil_scoped_release release;
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        argmax_confidence_row(l + r * row_stride, vocab, ids + r, conf + r);
-    }
-}
-
-
 void fused_sample(std::uintptr_t logits, int64_t rows, int64_t vocab, int64_t row_stride, int64_t col_stride,
                   float temperature,
                   float penalty, std::uintptr_t seeds, std::uintptr_t positions, std::uintptr_t steps,
@@ -321,9 +309,6 @@ uint32_t philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t see
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "diffutron-engine CPU kernels (pybind11 + OpenMP)";
-    m.def("argmax_confidence", &argmax_confidence, py::arg("logits"), py::arg("rows"), py::arg("vocab"),
-          py::arg("row_stride"), py::arg("out_ids"), py::arg("out_conf"),
-          "Per row of float32 logits: argmax id and its softmax probability, in one sweep.");
     m.def("fused_sample", &fused_sample, py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("row_stride"),
           py::arg("col_stride"), py::arg("temperature"), py::arg("penalty"), py::arg("seeds"), py::arg("positions"), py::arg("steps"),
           py::arg("streams"), py::arg("row_req"), py::arg("seen_bits"), py::arg("seen_words"),

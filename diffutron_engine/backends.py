@@ -72,34 +72,6 @@ def pick(device: torch.device, available: dict[str, bool]) -> str:
     return next(b for b in order if available.get(b, False))
 
 
-# --------------------------------------------------------------------------- argmax + confidence
-def argmax_confidence_torch(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: argmax id of each row and its softmax probability (logits [N, V])."""
-    ids = logits.argmax(dim=-1)
-    conf = torch.softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return ids, conf
-
-
-def argmax_confidence_cpp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype != torch.float32:
-        raise ValueError("argmax_confidence_cpp needs float32 CPU logits of shape [N, V]")
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    n, v = logits.shape
-    ids = torch.empty(n, dtype=torch.long)
-    conf = torch.empty(n, dtype=torch.float32)
-    if n:
-        cpp_extension().argmax_confidence(logits.data_ptr(), n, v, logits.stride(0), ids.data_ptr(), conf.data_ptr())
-    return ids, conf
-
-
-def argmax_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy choice and confidence per row, on the best available backend."""
-    cpu_f32 = logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
-    backend = pick(logits.device, {"cpp": cpu_f32 and cpp_available(), "torch": True})
-    return argmax_confidence_cpp(logits) if backend == "cpp" else argmax_confidence_torch(logits)
-
-
 # --------------------------------------------------------------------------- the fused sampler
 def sample_cpp(logits: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler contract (kernels/sampling.py) on float32 CPU logits, through the C++ extension."""

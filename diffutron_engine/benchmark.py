@@ -49,6 +49,7 @@ class BenchConfig:
     # larger value gives peaked, trained-model-like confidences to measure the parallel rules on.
     init_std: float = 0.02
     vocab_size: int | None = None  # None: mmBERT's 256,000 (smaller only for quick checks)
+    cuda_graphs: bool = False  # engine modes replay their forwards from CUDA graphs (CUDA only)
 
     def __post_init__(self):
         unknown = [m for m in self.modes if m not in MODES]
@@ -177,8 +178,9 @@ def run(cfg: BenchConfig, log=print) -> dict:
             rows = [out.sequences[i, len(p): len(p) + cfg.new_tokens].tolist() for i, p in enumerate(prompts)]
             oracle_rows = rows
             fwd = out.forward_passes * cfg.batch_size * (2 if knobs.get("cfg_scale") else 1) / n_tokens
+            batch_steps = out.forward_passes
         else:
-            engine = Engine(model, tok, max_batch=cfg.batch_size)
+            engine = Engine(model, tok, max_batch=cfg.batch_size, cuda_graphs=cfg.cuda_graphs)
             scfg = SamplingConfig(early_stop=False, seed=cfg.seed, **knobs, **MODES[mode])
             engine.generate(prompts[:1], scfg.override(max_new_tokens=cfg.block_size, steps=2))  # warm-up
             with _PeakMemory(cfg.device) as mem:
@@ -188,13 +190,15 @@ def run(cfg: BenchConfig, log=print) -> dict:
                 seconds = time.perf_counter() - t
             rows = [r.tokens[len(p):] for r, p in zip(res, prompts)]
             fwd = sum(r.forward_passes for r in res) / n_tokens
+            batch_steps = max(r.forward_passes for r in res)  # all rows start together: one step each
         agree = None
         if oracle_rows is not None:
             same = sum(a == b for ra, rb in zip(rows, oracle_rows) for a, b in zip(ra, rb))
             agree = 100.0 * same / n_tokens
         results[mode] = ModeResult(tokens_per_s=n_tokens / seconds, forwards_per_token=fwd,
                                    peak_mem_mb=None if mem.peak is None else round(mem.peak, 1),
-                                   agreement=agree, seconds=seconds)
+                                   agreement=agree, seconds=seconds,
+                                   extra={"ms_per_step": round(1000 * seconds / max(batch_steps, 1), 3)})
         log(f"  {mode:<18} {seconds:8.2f} s")
     return {"config": asdict(cfg), "machine": machine_info(cfg.device),
             "modes": {k: {kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in asdict(v).items()}
@@ -209,12 +213,14 @@ def _sync(device: str) -> None:
 def format_table(report: dict) -> str:
     modes = report["modes"]
     ref = modes.get("reference")
-    lines = [f"{'mode':<18} {'tok/s':>9} {'x oracle':>9} {'fwd/tok':>8} {'peak MB':>9} {'agree %':>8}"]
+    lines = [f"{'mode':<18} {'tok/s':>9} {'x oracle':>9} {'fwd/tok':>8} {'ms/step':>8} {'peak MB':>9} {'agree %':>8}"]
     for name, m in modes.items():
         ratio = m["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
         peak = "n/a" if m["peak_mem_mb"] is None else f"{m['peak_mem_mb']:.0f}"
         agree = "n/a" if m["agreement"] is None else f"{m['agreement']:.1f}"
-        lines.append(f"{name:<18} {m['tokens_per_s']:9.2f} {ratio:9.2f} {m['forwards_per_token']:8.3f} {peak:>9} {agree:>8}")
+        step = m.get("extra", {}).get("ms_per_step", float("nan"))
+        lines.append(f"{name:<18} {m['tokens_per_s']:9.2f} {ratio:9.2f} {m['forwards_per_token']:8.3f} {step:8.2f} "
+                     f"{peak:>9} {agree:>8}")
     return "\n".join(lines)
 
 

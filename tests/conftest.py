@@ -51,3 +51,11 @@ def golden():
     from diffutron_engine.loading import load_model
 
     return load_model(GOLDEN_MODEL, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def golden_triton():
+    """The golden model where Triton runs: on the GPU when there is one, else on CPU (interpreter)."""
+    from diffutron_engine.loading import load_model
+
+    return load_model(GOLDEN_MODEL, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu")

@@ -61,12 +61,13 @@ BACKEND_CASES = list({c["name"]: c for c in filter(None, [
 
 @pytest.mark.parametrize("backend", [pytest.param("torch"), pytest.param("cpp", marks=pytest.mark.cext),
                                      pytest.param("triton", marks=pytest.mark.triton)])
-def test_exact_mode_on_every_backend(golden, backend):
-    """Sampler, commit and attention forced onto one backend (Triton in the interpreter on CPU): the
-    oracle's greedy tokens, with and without the repetition penalty."""
+def test_exact_mode_on_every_backend(request, golden, backend):
+    """Sampler, commit and attention forced onto one backend (Triton on the GPU, or in the interpreter
+    on CPU): the oracle's greedy tokens, with and without the repetition penalty."""
     from diffutron_engine.backends import force_backend
 
-    eng = Engine(golden.model, golden.tokenizer, max_batch=2)
+    lm = request.getfixturevalue("golden_triton") if backend == "triton" else golden
+    eng = Engine(lm.model, lm.tokenizer, max_batch=2)
     with force_backend(backend):
         for case in BACKEND_CASES:
             cfg = SamplingConfig(early_stop=False, **case["config"])
@@ -81,12 +82,12 @@ def test_exact_mode_on_every_backend(golden, backend):
 
 
 @pytest.mark.triton
-def test_triton_backend_matches_torch_with_caches_and_sampling(golden):
+def test_triton_backend_matches_torch_with_caches_and_sampling(golden_triton):
     """Dual cache (attention reads the pool in place), threshold rule and temperature: the same tokens
     on the Triton and torch backends (same Philox draws, same ranking rule)."""
     from diffutron_engine.backends import force_backend
 
-    eng = Engine(golden.model, golden.tokenizer, max_batch=2)
+    eng = Engine(golden_triton.model, golden_triton.tokenizer, max_batch=2)
     cfg = SamplingConfig(max_new_tokens=12, block_size=6, steps=12, cache="dual", threshold=0.2, temperature=0.8,
                          seed=5, early_stop=False)
     prompts = [[5, 17, 23, 40, 41, 42], [7, 8, 9]]

@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--init-std", type=float, default=0.02,
                    help="random weight std; 0.02 gives flat next-token distributions, larger gives peaked ones")
     p.add_argument("--vocab-size", type=int, help="smaller vocabulary for quick checks (default: mmBERT's 256,000)")
+    p.add_argument("--cuda-graphs", action="store_true", help="engine modes replay forwards from CUDA graphs")
     p.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
     p.add_argument("--tag", default=None, help="file name tag for --save (default: derived from the config)")
     p.set_defaults(func=run)
@@ -40,7 +41,7 @@ def run(args) -> int:
                           block_size=args.block_size, steps=args.steps, temperature=args.temperature,
                           dtype=args.dtype, device=args.device, layers=args.layers,
                           modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), threads=args.threads,
-                          init_std=args.init_std, vocab_size=args.vocab_size)
+                          init_std=args.init_std, vocab_size=args.vocab_size, cuda_graphs=args.cuda_graphs)
     except ValueError as exc:
         raise DiffutronError(str(exc)) from None
     if cfg.device.startswith("cuda"):

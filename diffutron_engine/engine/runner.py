@@ -14,11 +14,12 @@ from ..schedule import row_schedule
 from ..stopping import StopRule
 from .. import backends
 from ..kernels.sampling import SampleParams
+from .graphs import GraphCache
 from .request import Request
 
 
 class ModelRunner:
-    def __init__(self, model, tokenizer, max_batch: int):
+    def __init__(self, model, tokenizer, max_batch: int, cuda_graphs: bool = False):
         self.model = ModernBertRunner(model)
         self.tok = tokenizer
         self.mask_id, self.eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
@@ -28,6 +29,8 @@ class ModelRunner:
         self.pools: dict[str, KVPool] = {}
         self.slots: dict[int, int] = {}
         self._stop_rules: dict[tuple, StopRule] = {}
+        # forwards replayed from CUDA graphs, one per input shape (CUDA only)
+        self.graphs = GraphCache() if cuda_graphs and self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------ request lifecycle
     def add(self, req: Request) -> None:
@@ -52,6 +55,8 @@ class ModelRunner:
                     for a, b in zip(new.k + new.v, pool.k + pool.v):
                         a[:, :, : pool.positions] = b[:, :, : pool.positions]
                 self.pools[name] = new
+                if self.graphs is not None:  # captured graphs write into the old pool
+                    self.graphs.clear()
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -154,7 +159,7 @@ class ModelRunner:
         shift = cfg.right_shift_logits
         src = [[max(p - 1, 0) if shift else p for p in c] for c in cands]
         if cfg.cache == "none":
-            hidden = self.model.forward(x, am)
+            hidden = self._forward(("full", pool_name), lambda a, b: self.model.forward(a, b), (x, am))
             bi = [i for i, s in enumerate(src) for _ in s]
             pi = [p for s in src for p in s]
             return self.model.lm_head(hidden[bi, pi])
@@ -167,7 +172,8 @@ class ModelRunner:
         if refresh:
             idx = torch.tensor(refresh, device=self.device)
             slots = torch.tensor([self.slots[batch[i].id] for i in refresh], device=self.device)
-            hidden = self.model.forward(x[idx], am[idx], pool, slots)
+            hidden = self._forward(("refresh", pool_name), lambda a, b, c: self.model.forward(a, b, pool, c),
+                                   (x[idx], am[idx], slots))
             for j, i in enumerate(refresh):
                 rows[i] = hidden[j, src[i]]
         if partial:
@@ -185,11 +191,20 @@ class ModelRunner:
             idx = torch.tensor(partial, device=self.device)
             ids_q = torch.gather(x[idx], 1, pos_q.clamp(max=x.shape[1] - 1))
             slots = torch.tensor([self.slots[batch[i].id] for i in partial], device=self.device)
-            hidden = self.model.forward_partial(ids_q, pos_q, am[idx].bool(), pool, slots)
+            hidden = self._forward(("partial", pool_name),
+                                   lambda a, b, c, d: self.model.forward_partial(a, b, c, pool, d),
+                                   (ids_q, pos_q, am[idx].bool(), slots))
             for j, i in enumerate(partial):
                 lo = spans[j][0]
                 rows[i] = hidden[j, [p - lo for p in src[i]]]
         return self.model.lm_head(torch.cat([rows[i] for i in range(len(batch))], dim=0))
+
+    def _forward(self, name: tuple, fn, inputs: tuple):
+        """fn(*inputs), replayed from a CUDA graph per (name, input shapes) when graphs are on."""
+        if self.graphs is None:
+            return fn(*inputs)
+        key = name + tuple((tuple(t.shape), t.dtype) for t in inputs)
+        return self.graphs.run(key, fn, inputs)
 
     def _stop_rule(self, cfg) -> StopRule | None:
         if not cfg.stop_strings:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 PACKAGE = "libreoffice-help-tr"
 LANG = "tr"
+# Where `apt-get download` leaves the .deb, so it can be reused with --deb.
 DEFAULT_WORK_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffutron-engine" / "prepare_tr"
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,24 +75,33 @@ def _open_member_tar(members: dict[str, bytes], stem: str) -> tarfile.TarFile:
     name = next((n for n in members if n == stem or n.startswith(stem + ".")), None)
     if name is None:
         raise ValueError(f"the .deb has no {stem}.* member (members: {sorted(members)})")
-    if name.endswith(".zst"):  # tarfile cannot read zstd before Python 3.14
-        raise ValueError(f"{name} is zstd-compressed; install dpkg-deb to unpack this package")
+    if name.endswith(".zst") and sys.version_info < (3, 14):  # Ubuntu's .debs; tarfile reads zstd from 3.14
+        raise ValueError(f"{name} is zstd-compressed; unpacking it needs dpkg-deb or Python >= 3.14")
     return tarfile.open(fileobj=io.BytesIO(members[name]), mode="r:*")
 
 
-def deb_control(deb: Path) -> dict[str, str]:
-    """The package's control fields (Package, Version, ...), read without dpkg."""
-    with _open_member_tar(ar_members(deb), "control.tar") as tar:
-        member = next(m for m in tar.getmembers() if m.name.lstrip("./") == "control")
-        text = tar.extractfile(member).read().decode("utf-8")
+def parse_control(text: str) -> dict[str, str]:
+    """RFC-822-style control fields; continuation lines are appended to the previous field."""
     fields, key = {}, None
     for line in text.splitlines():
-        if line[:1] in (" ", "\t") and key:  # continuation line
+        if line[:1] in (" ", "\t") and key:
             fields[key] += "\n" + line.strip()
         elif ":" in line:
             key, value = line.split(":", 1)
             fields[key] = value.strip()
     return fields
+
+
+def deb_control(deb: Path) -> dict[str, str]:
+    """The package's control fields (Package, Version, ...): dpkg-deb when present, else Python."""
+    if shutil.which("dpkg-deb"):
+        proc = subprocess.run(["dpkg-deb", "--field", str(deb)], capture_output=True, text=True, check=True)
+        return parse_control(proc.stdout)
+    with _open_member_tar(ar_members(deb), "control.tar") as tar:
+        member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "control"), None)
+        if member is None:
+            raise ValueError(f"{deb} has no control file")
+        return parse_control(tar.extractfile(member).read().decode("utf-8"))
 
 
 def extract_deb(deb: Path, dest: Path) -> None:
@@ -297,6 +307,7 @@ def write_atomic(out_dir: Path, files: dict[str, str]) -> None:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary data files
         for name, tmp in temps.items():
             os.replace(tmp, out_dir / name)
     finally:
@@ -369,15 +380,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="prepare_tr",
         description=f"Build Turkish train/held-out text from Debian's {PACKAGE} package (LibreOffice help, "
         "MPL-2.0): extract the help pages' text, keep Turkish lines, dedup, split by line hash.",
+        epilog="example: python -m diffutron_engine.training.data.prepare_tr --out training/data/tr",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output directory for train.txt, heldout.txt, stats.json")
-    parser.add_argument("--deb", type=Path, help=f"use this {PACKAGE} .deb instead of downloading it (offline runs)")
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
-                        help="where `apt-get download` puts the .deb (default: %(default)s)")
-    parser.add_argument("--heldout-fraction", type=_fraction, default=0.02,
-                        help="share of the unique lines held out, chosen by hash of the line (default: %(default)s)")
-    parser.add_argument("--min-letters", type=int, default=12, help="drop lines with fewer letters (default: %(default)s)")
-    parser.add_argument("--min-words", type=int, default=3, help="drop lines with fewer words (default: %(default)s)")
+    add = parser.add_argument
+    add("--out", type=Path, required=True, metavar="DIR", help="output directory for train.txt, heldout.txt, stats.json")
+    add("--deb", type=Path, metavar="PATH", help=f"use this {PACKAGE} .deb instead of downloading it (offline runs)")
+    add("--work-dir", type=Path, default=DEFAULT_WORK_DIR, metavar="DIR",
+        help="where `apt-get download` puts the .deb, kept for reuse with --deb (default: %(default)s)")
+    add("--heldout-fraction", type=_fraction, default=0.02, metavar="F",
+        help="share of the unique lines held out, chosen by a hash of each line (default: %(default)s)")
+    add("--min-letters", type=int, default=12, metavar="N", help="drop lines with fewer letters (default: %(default)s)")
+    add("--min-words", type=int, default=3, metavar="N", help="drop lines with fewer words (default: %(default)s)")
     args = parser.parse_args(argv)
 
     deb = args.deb

@@ -1,0 +1,181 @@
+"""Kernel benchmarks for the GPU suite: each compares our kernel with the torch path it replaces, in the
+same run, and reports derived figures (GB/s against the card's measured copy bandwidth, TFLOP/s, peak
+memory). On CUDA the timer is triton.testing.do_bench (median); on CPU (the suite's self-test, tiny
+shapes, Triton interpreter) a median of perf_counter rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def timeit(fn, device: str, rounds: int = 5) -> float:
+    """Median seconds of fn()."""
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    fn()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_bytes(fn, device: str) -> int | None:
+    """Peak CUDA memory allocated while fn() runs, above what was allocated before (None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+# ------------------------------------------------------------------------------------------ copy
+def copy_bandwidth(device: str, mbytes: int = 1024) -> dict:
+    """Device-to-device copy, bytes read + written per second: the roofline the sampler is held to."""
+    n = mbytes * 2**20 // 4
+    a = torch.empty(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    s = timeit(lambda: b.copy_(a), device)
+    return {"bytes": 2 * a.numel() * 4, "seconds": s, "GB/s": 2 * a.numel() * 4 / s / 1e9}
+
+
+# ------------------------------------------------------------------------------------------ sampler
+def torch_sampler_chain(logits, temperature: float, penalty: float, seen, suppress, gen=None):
+    """The reference sampler's per-step chain on [N, V] logits (penalty, suppression, float64 Gumbel
+    noise, argmax, softmax, gather), as the engine would run it without the fused kernel."""
+    x = logits.clone()
+    if penalty != 1.0:
+        v = x.gather(1, seen)
+        x.scatter_(1, seen, torch.where(v > 0, v / penalty, v * penalty))
+    if suppress:
+        x[:, list(suppress)] = -torch.inf
+    if temperature > 0:
+        noise = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=gen)
+        ids = (x.double() - temperature * torch.log(-torch.log(noise))).argmax(-1)
+    else:
+        ids = x.argmax(-1)
+    return ids, torch.softmax(x.float(), -1).gather(-1, ids[:, None]).squeeze(-1)
+
+
+def sampler(device: str, n: int = 64, vocab: int = 256_000, dtype=torch.bfloat16, copy_gbs: float | None = None,
+            hidden: int = 768) -> list[dict]:
+    from diffutron_engine.kernels.sampling import SampleParams, sample_head_triton, sample_triton
+
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(n, vocab, device=device, generator=g) * 3).to(dtype)
+    seen = torch.randint(0, vocab, (n, 64), device=device, generator=g)
+    rows = []
+    for mode, kw in (("greedy", {}), ("penalty+suppress", dict(penalty=1.2, suppress=(0, 1, 2, 3))),
+                     ("temperature 0.7", dict(temperature=0.7))):
+        p = SampleParams(seeds=torch.arange(n), positions=torch.arange(n), steps=torch.zeros(n, dtype=torch.long),
+                         seen=[seen[i] for i in range(n)] if "penalty" in kw else None,
+                         row_request=torch.arange(n) if "penalty" in kw else None, **kw)
+        p.bitmaps(vocab, torch.device(device))  # built once per step in the engine, not per kernel call
+        t_kernel = timeit(lambda: sample_triton(logits, p), device)
+        t_torch = timeit(lambda: torch_sampler_chain(logits, kw.get("temperature", 0.0), kw.get("penalty", 1.0),
+                                                     seen, kw.get("suppress", ())), device)
+        ids, _ = sample_triton(logits, p)
+        if not p.sample:
+            ref, _ = torch_sampler_chain(logits, 0.0, kw.get("penalty", 1.0), seen, kw.get("suppress", ()))
+            assert torch.equal(ids, ref), f"sampler {mode}: kernel and torch chain chose different tokens"
+        gbs = logits.numel() * logits.element_size() / t_kernel / 1e9
+        rows.append({"kernel": "sampler", "case": f"{mode} N={n} V={vocab} {str(dtype).split('.')[-1]}",
+                     "ours_ms": t_kernel * 1e3, "torch_ms": t_torch * 1e3, "speedup": t_torch / t_kernel,
+                     "GB/s": gbs, "pct_copy_bw": None if not copy_gbs else 100 * gbs / copy_gbs})
+    # the fused LM head: logits never stored, against cuBLAS linear + the fused sampler
+    h = torch.randn(n, hidden, device=device, generator=g).to(dtype)
+    w = (torch.randn(vocab, hidden, device=device, generator=g) * 0.05).to(dtype)
+    b = torch.zeros(vocab, device=device, dtype=dtype)
+    p = SampleParams()
+    t_fused = timeit(lambda: sample_head_triton(h, w, b, p), device)
+    t_split = timeit(lambda: sample_triton(F.linear(h, w, b), p), device)
+    t_torch = timeit(lambda: torch_sampler_chain(F.linear(h, w, b), 0.0, 1.0, None, ()), device)
+    rows.append({"kernel": "sampler+head", "case": f"greedy N={n} V={vocab} H={hidden}", "ours_ms": t_fused * 1e3,
+                 "torch_ms": t_torch * 1e3, "speedup": t_torch / t_fused, "linear+kernel_ms": t_split * 1e3,
+                 "TFLOP/s": 2 * n * vocab * hidden / t_fused / 1e12})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ attention
+def attention(device: str, dtype=torch.bfloat16, shapes=None) -> list[dict]:
+    """The runner's shapes: full forwards of canvases (Q = T) and the dual cache's block recompute
+    (Q = 32 against T keys in the pool), global and sliding (+-64) layers."""
+    from diffutron_engine.kernels.attention import flash_attention
+
+    shapes = shapes or [(1, 192, 192), (64, 192, 192), (1, 32, 192), (64, 32, 192), (8, 32, 1024)]
+    heads, dim = 12, 64
+    rows = []
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        flash_attn_func = None
+    for B, Q, T in shapes:
+        for window in (None, 64):
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(B, heads, Q, dim, device=device, generator=g).to(dtype)
+            k = torch.randn(B, heads, T, dim, device=device, generator=g).to(dtype)
+            v = torch.randn(B, heads, T, dim, device=device, generator=g).to(dtype)
+            slots = torch.arange(B, device=device)
+            q_pos = (torch.arange(Q, device=device) + (T - Q) // 2).expand(B, Q).contiguous()
+            valid = torch.ones(B, T, dtype=torch.bool, device=device)
+            kpos = torch.arange(T, device=device)
+            mask = valid[:, None, None, :]
+            if window:
+                mask = mask & ((q_pos[:, :, None] - kpos[None, None, :]).abs() <= window)[:, None]
+            t_ours = timeit(lambda: flash_attention(q, k, v, slots, q_pos, valid, window), device)
+            t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), device)
+            out = flash_attention(q, k, v, slots, q_pos, valid, window)
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+            err = (out.float() - ref).abs().max().item()
+            keys = T if not window else min(T, 2 * window + 1)
+            flops = 4 * B * heads * Q * keys * dim  # QK^T and PV over the attended keys
+            row = {"kernel": "attention", "case": f"B={B} Q={Q} T={T} {'sliding' if window else 'global'}",
+                   "ours_ms": t_ours * 1e3, "torch_ms": t_sdpa * 1e3, "speedup": t_sdpa / t_ours,
+                   "TFLOP/s": flops / t_ours / 1e12, "max_err_vs_fp32": err}
+            if flash_attn_func is not None and window is None and Q == T:
+                qf, kf, vf = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+                row["flash_attn_ms"] = timeit(lambda: flash_attn_func(qf, kf, vf), device) * 1e3
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ cross-entropy
+def cross_entropy(device: str, n: int = 8192, vocab: int = 256_000, hidden: int = 768, dtype=torch.bfloat16) -> list[dict]:
+    """Loss + gradients (hidden, weight, bias): fused linear cross-entropy vs linear + F.cross_entropy."""
+    from diffutron_engine.kernels.cross_entropy import fused_linear_cross_entropy
+
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n, hidden, device=device, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
+    b = torch.zeros(vocab, device=device, dtype=dtype, requires_grad=True)
+    target = torch.randint(0, vocab, (n,), device=device, generator=g)
+
+    def fused():
+        fused_linear_cross_entropy(h, w, target, bias=b, reduction="mean").backward()
+
+    def plain():
+        F.cross_entropy(F.linear(h, w, b).float(), target).backward()
+
+    rows = []
+    for name, fn in (("fused", fused), ("torch", plain)):
+        rows.append({"impl": name, "seconds": timeit(fn, device, rounds=3), "peak_bytes": peak_bytes(fn, device)})
+        h.grad = w.grad = b.grad = None
+    fused_row, torch_row = rows
+    out = {"kernel": "cross_entropy", "case": f"fwd+bwd N={n} V={vocab} H={hidden} {str(dtype).split('.')[-1]}",
+           "ours_ms": fused_row["seconds"] * 1e3, "torch_ms": torch_row["seconds"] * 1e3,
+           "time_ratio": fused_row["seconds"] / torch_row["seconds"]}
+    if fused_row["peak_bytes"] is not None:
+        out.update(ours_peak_mb=fused_row["peak_bytes"] / 2**20, torch_peak_mb=torch_row["peak_bytes"] / 2**20,
+                   memory_ratio=torch_row["peak_bytes"] / max(fused_row["peak_bytes"], 1))
+    return [out]
