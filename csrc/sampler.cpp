@@ -209,6 +209,14 @@ inline void for_each_id(const int32_t* bits, int64_t words, int64_t vocab, F f) 
     }
 }
 
+// First index of the maximum (torch.argmax's tie rule): a vectorized max, then a scan for it.
+inline int64_t first_max(const float* x, int64_t n) {
+    const float m = max_or_nan(x, n);
+    for (int64_t v = 0; v < n; ++v)
+        if (x[v] == m || x[v] != x[v]) return v;  // NaN wins, as in torch
+    return 0;  // all -inf
+}
+
 // One row of the sampler contract (see kernels/sampling.py): penalty, suppression, argmax or Gumbel-max,
 // confidence under begin-suppression. Edits a private copy of the row; the ids of the penalty and the
 // suppression lists are visited through their bitmaps (a few hundred ids, not 256k tests).
@@ -238,12 +246,13 @@ void fused_sample_row(const SampleArgs& a, int64_t r, std::vector<float>& buf, i
     }
     if (a.suppress_bits) for_each_id(a.suppress_bits, words, V, [&](int64_t id) { x[id] = neg_inf; });
 
+    if (a.temperature == 0.0f && !a.begin_bits) {  // the edited row through the vectorized greedy sweep
+        argmax_confidence_row(x, V, out_id, out_conf);
+        return;
+    }
     int64_t choice;
     if (a.temperature == 0.0f) {
-        float best = neg_inf;
-        choice = 0;
-        for (int64_t v = 0; v < V; ++v)
-            if (x[v] > best) best = x[v], choice = v;
+        choice = first_max(x, V);
     } else {
         const uint32_t k0 = static_cast<uint32_t>(a.seeds[r]), k1 = static_cast<uint32_t>(a.seeds[r] >> 32);
         const uint32_t c1 = static_cast<uint32_t>(a.positions[r]), c2 = static_cast<uint32_t>(a.steps[r]);
@@ -254,9 +263,7 @@ void fused_sample_row(const SampleArgs& a, int64_t r, std::vector<float>& buf, i
         };
         // A lower bound of the winning score from the largest logit's own draw; ids that cannot reach
         // it even with the largest possible draw are skipped (exact: they could not win or tie).
-        int64_t top = 0;
-        for (int64_t v = 1; v < V; ++v)
-            if (x[v] > x[top]) top = v;
+        const int64_t top = first_max(x, V);
         const float cut = score(top) - t * kGumbelMax;
         float best = neg_inf;
         choice = 0;

@@ -379,13 +379,12 @@ def sample_head_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 # ----------------------------------------------------------------------------------------------- torch
 def _mul_hi_lo(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32-bit words of m * x for uint32 values held in int64 (no 64-bit overflow: the
-    product is formed from 16-bit halves of x)."""
-    x_hi, x_lo = x >> 16, x & 0xFFFF
-    lo_part = m * x_lo
-    hi = (m * x_hi + (lo_part >> 16)) >> 16
-    lo = (m * x) & 0xFFFFFFFF  # wraps modulo 2^64, whose low 32 bits are exact
-    return hi, lo
+    """High and low 32-bit words of m * x for uint32 values held in int64. The 64-bit product wraps
+    around in int64, which keeps every bit: the low word is its low 32 bits, the high word bits 32..63
+    (masked, since the arithmetic shift of a negative int64 fills with ones). The known-answer tests in
+    tests/test_kernel_sampling.py check this against the published Philox vectors."""
+    prod = x * m
+    return (prod >> 32) & 0xFFFFFFFF, prod & 0xFFFFFFFF
 
 
 def philox_first_word(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS) -> torch.Tensor:
