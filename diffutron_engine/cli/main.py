@@ -19,7 +19,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, env, generate
+    from . import bench, env, generate, train
+    from . import eval as eval_cmd
 
     parser = _Parser(
         prog="diffutron-engine",
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     generate.add_parser(sub)
     bench.add_parser(sub)
+    train.add_parser(sub)
+    eval_cmd.add_parser(sub)
     env.add_parser(sub)
     return parser
 

@@ -1,0 +1,424 @@
+"""The training loop: CPT and SFT of ModernBERT masked LMs, LoRA or full, one process or torchrun (DDP).
+
+The loss never materializes [N, V] logits: the encoder runs on the rows, the MLM head transform only on
+the masked positions, and the fused linear cross-entropy (kernels/cross_entropy.py) takes those hidden
+states and the decoder weight (tied to the embeddings) straight to the loss and its gradients.
+
+Reproducibility: the examples of optimizer step s, their masks and the loss normalization depend only
+on (seed, s), not on the number of processes or on interruptions, so `--resume` continues the loss
+curve of an uninterrupted run and `torchrun --nproc_per_node N` gives the curve of one process with
+the same global batch (global batch = batch_size x grad_accum x processes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DiffutronError
+from .config import TrainConfig
+from .dataset import collate, cpt_examples, epoch_order, read_records, sft_examples
+from .objectives import mask_batch
+
+
+class TrainingDiverged(DiffutronError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- model
+class MaskedLMLoss(torch.nn.Module):
+    """forward(ids, attention_mask, masked, targets, weights, denominator) -> loss, through the fused
+    linear cross-entropy on the masked positions only. A module of its own so that DDP wraps it and its
+    forward (the one DDP sees) is the whole loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        # the MaskedLM under a peft wrapper (same modules, kept out of the module tree)
+        object.__setattr__(self, "mlm", model.get_base_model() if hasattr(model, "get_base_model") else model)
+        if getattr(self.mlm.config, "model_type", None) != "modernbert":
+            raise DiffutronError(f"training supports ModernBERT masked LMs, got {self.mlm.config.model_type!r}")
+
+    def forward(self, ids, attention_mask, masked, targets, weights, denominator):
+        from ..kernels.cross_entropy import fused_linear_cross_entropy
+
+        hidden = self.mlm.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+        h = self.mlm.head(hidden[masked])
+        w = self.mlm.decoder.weight
+        b = self.mlm.decoder.bias
+        w = w.to(h.dtype)  # bfloat16 under autocast; the gradient flows back to the float32 master
+        b = None if b is None else b.to(h.dtype)
+        loss = fused_linear_cross_entropy(h, w, targets, bias=b, row_weight=weights, reduction="sum")
+        return loss / denominator
+
+
+def load_for_training(cfg: TrainConfig, device: torch.device):
+    from transformers import AutoModelForMaskedLM
+
+    from ..loading import load_tokenizer, prepare_tokenizer
+
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(cfg.model, dtype=torch.float32)
+    except OSError as exc:
+        raise DiffutronError(f"cannot load model {cfg.model!r}: {str(exc).splitlines()[0]}") from None
+    tokenizer = prepare_tokenizer(load_tokenizer(cfg.model))
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+    return model.to(device), tokenizer
+
+
+def apply_lora(model, cfg: TrainConfig):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise DiffutronError("LoRA needs peft: pip install 'diffutron-engine[train]'") from None
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), bias="none")
+    return get_peft_model(model, lcfg)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; tied tensors counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _world() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _device(cfg_precision: str, local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _optimizer(cfg: TrainConfig, params, device):
+    if cfg.optimizer == "paged_adamw_8bit" and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        except ImportError:
+            print("note: bitsandbytes is not installed; using torch AdamW", file=sys.stderr)
+    elif cfg.optimizer == "paged_adamw_8bit":
+        print("note: Paged AdamW 8-bit needs CUDA; using torch AdamW on CPU", file=sys.stderr)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def cosine_with_warmup(total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
+             and os.path.isfile(os.path.join(output_dir, n, "trainer_state.pt"))]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[11:]))]
+
+
+def _write_atomically(final: str, write) -> None:
+    """write(tmp_dir) into a temporary directory beside `final`, then rename it into place."""
+    tmp = os.path.join(os.path.dirname(final), f".tmp-{os.path.basename(final)}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg = cfg
+        self.log = log
+        self.rank, self.world, local = _world()
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = _device(cfg.precision, local)
+        torch.manual_seed(cfg.seed)
+        self.model, self.tok = load_for_training(cfg, self.device)
+        if self.tok.mask_token_id is None:
+            raise DiffutronError("the tokenizer has no mask token")
+        records = read_records(cfg.train_files, cfg.dataset, cfg.dataset_split)
+        if cfg.task == "cpt":
+            self.examples = cpt_examples(records, self.tok, cfg.max_length, cfg.pack, cfg.text_field)
+        else:
+            self.examples, skipped = sft_examples(records, self.tok, cfg.max_length)
+            if skipped:
+                self.log(f"note: {skipped} SFT rows skipped: their prompt alone exceeds max_length={cfg.max_length}")
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
+        if len(self.examples) < self.global_batch:
+            raise DiffutronError(f"{len(self.examples)} examples are fewer than one global batch "
+                                 f"({self.global_batch}); lower batch_size or grad_accum")
+        self.steps_per_epoch = len(self.examples) // self.global_batch  # the ragged tail is dropped
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.loss_module = MaskedLMLoss(self.model)
+        self.ddp = self.loss_module
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.loss_module, device_ids=[local] if self.device.type == "cuda" else None)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = _optimizer(cfg, self.params, self.device)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cosine_with_warmup(self.total_steps, max(warmup, 1)))
+        self.step = 0
+        self.autocast = (self.device.type == "cuda" and cfg.precision in ("auto", "bfloat16")) or \
+            (cfg.precision == "bfloat16")
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+
+    # ------------------------------------------------------------------ batches
+    def _step_indices(self, step: int) -> tuple[int, list[int]]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.examples), self.cfg.seed, epoch)
+        return epoch, order[pos * self.global_batch:(pos + 1) * self.global_batch]
+
+    def _micro_batches(self, step: int):
+        """This process's micro-batches of optimizer step `step`, and the step's global denominator."""
+        cfg = self.cfg
+        epoch, idx = self._step_indices(step)
+        denominator = float(sum(int(self.examples[i].maskable.sum()) for i in idx))
+        per = cfg.batch_size
+        for m in range(cfg.grad_accum):
+            lo = m * per * self.world + self.rank * per
+            chunk = idx[lo: lo + per]
+            ids, att, maskable = collate([self.examples[i] for i in chunk], self.tok.pad_token_id)
+            inputs, masked, weights = mask_batch(ids, maskable, chunk, epoch, cfg.seed, cfg.objective,
+                                                 self.tok.mask_token_id, cfg.mlm_probability, cfg.t_min)
+            row_w = weights[:, None].expand_as(masked)[masked]
+            yield (inputs, att, masked, ids[masked], row_w, int(att.sum())), denominator
+
+    # ------------------------------------------------------------------ loop
+    def train(self, stop_after: int | None = None) -> dict:
+        """Run to the last step (or stop after `stop_after` steps, as an interrupted run would)."""
+        cfg = self.cfg
+        if cfg.resume:
+            self._resume(cfg.resume)
+        elif self.rank == 0 and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)
+        trainable, total = count_parameters(self.model)
+        self.log(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
+                 f"{len(self.examples):,} examples, global batch {self.global_batch}, {self.total_steps} steps, "
+                 f"{self.world} process(es) on {self.device}")
+        self.model.train()
+        t_start, tokens_seen, last = time.perf_counter(), 0, {}
+        while self.step < self.total_steps and (stop_after is None or self.step < stop_after):
+            loss_sum, tokens = 0.0, 0
+            for (inputs, att, masked, targets, row_w, ntok), denom in self._micro_batches(self.step):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss = self.ddp(inputs.to(self.device), att.to(self.device), masked.to(self.device),
+                                    targets.to(self.device), row_w.to(self.device), denom)
+                # DDP averages gradients over processes: scale so the step's gradient is the global sum
+                (loss * self.world).backward()
+                loss_sum += float(loss.detach())
+                tokens += ntok
+            stats = torch.tensor([loss_sum, tokens], dtype=torch.float64)
+            if self.world > 1:
+                dist.all_reduce(stats)
+            loss_value, tokens = float(stats[0]), int(stats[1])
+            if not math.isfinite(loss_value):
+                ckpts = _checkpoints(cfg.output_dir)
+                raise TrainingDiverged(
+                    f"the loss became {loss_value} at step {self.step + 1}; stopped without saving. Last good "
+                    f"checkpoint: {ckpts[-1] if ckpts else 'none yet'}. Lower the learning rate or check the data.")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            tokens_seen += tokens
+            elapsed = time.perf_counter() - t_start
+            last = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "loss": loss_value,
+                    "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2)}
+            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            self._progress(last, elapsed)
+            if cfg.eval_files and cfg.eval_every and self.step % cfg.eval_every == 0:
+                self._evaluate()
+            if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+        if self.rank == 0 and sys.stderr.isatty():
+            print(file=sys.stderr)
+        result = {"steps": self.step, "final_loss": last.get("loss"), "output_dir": cfg.output_dir}
+        if self.step == self.total_steps:
+            result["final_model"] = self.save_final()
+            if cfg.eval_files:
+                result["eval"] = self._evaluate()
+            if self.rank == 0:
+                result["loss_curve"] = plot_loss_curve(self.metrics_path, os.path.join(cfg.output_dir, "loss.png"))
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+    def _progress(self, m: dict, elapsed: float) -> None:
+        if self.rank != 0:
+            return
+        eta = elapsed / self.step * (self.total_steps - self.step)
+        line = (f"step {self.step}/{self.total_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  "
+                f"{m['tokens_per_s']:,.0f} tok/s  ETA {eta / 60:.1f} min")
+        if sys.stderr.isatty():
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            print(line, file=sys.stderr, flush=True)
+
+    def _evaluate(self) -> dict | None:
+        if self.rank != 0:
+            return None
+        from .evaluate import masked_lm_perplexity
+
+        texts = []
+        for r in read_records(self.cfg.eval_files):
+            texts.append(r if isinstance(r, str) else r.get(self.cfg.text_field, ""))
+        self.model.eval()
+        res = masked_lm_perplexity(self.model, self.tok, texts, max_length=self.cfg.max_length, seed=self.cfg.seed)
+        self.model.train()
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": self.step, "eval": res}) + "\n")
+        self.log(f"eval at step {self.step}: perplexity {res['perplexity']:.3f}, accuracy {res['accuracy']:.4f}")
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> str | None:
+        path = os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}")
+        if self.rank == 0:
+            state = {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                     "rng": torch.get_rng_state(), "config": self.cfg.to_dict()}
+
+            def write(tmp):
+                self.model.save_pretrained(tmp)
+                self.tok.save_pretrained(tmp)
+                torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+
+            _write_atomically(path, write)
+            for old in _checkpoints(self.cfg.output_dir)[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def _resume(self, where: str) -> None:
+        path = where
+        if where == "latest":
+            ckpts = _checkpoints(self.cfg.output_dir)
+            if not ckpts:
+                raise DiffutronError(f"--resume latest: no checkpoint in {self.cfg.output_dir}")
+            path = ckpts[-1]
+        state_file = os.path.join(path, "trainer_state.pt")
+        if not os.path.isfile(state_file):
+            raise DiffutronError(f"not a training checkpoint (no trainer_state.pt): {path}")
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        self._load_weights(path)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step = state["step"]
+        if self.rank == 0 and os.path.exists(self.metrics_path):  # drop what the lost steps logged
+            with open(self.metrics_path) as f:
+                keep = [l for l in f if json.loads(l).get("step", 0) <= self.step]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(keep)
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def _load_weights(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        if self.cfg.lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_file(os.path.join(path, "adapter_model.safetensors")))
+        else:
+            sd = load_file(os.path.join(path, "model.safetensors"))
+            missing, unexpected = self.model.load_state_dict(sd, strict=False)
+            # the decoder weight is tied to the embeddings and saved once
+            if unexpected or [m for m in missing if not m.startswith("decoder.")]:
+                raise DiffutronError(f"checkpoint {path} does not match the model ({missing[:3]}, {unexpected[:3]})")
+
+    def save_final(self) -> str | None:
+        """The trained model as the engine loads it: a plain checkpoint (full training) or the LoRA
+        adapter (merge it with `diffutron-engine train merge`)."""
+        path = os.path.join(self.cfg.output_dir, "final")
+        if self.rank == 0:
+            def write(tmp):
+                self.model.save_pretrained(tmp)
+                self.tok.save_pretrained(tmp)
+
+            _write_atomically(path, write)
+        return path
+
+
+def plot_loss_curve(metrics_path: str, png: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps, losses = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                steps.append(row["step"])
+                losses.append(row["loss"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(png + ".tmp.png", png)
+    return png
+
+
+def merge_lora(adapter: str, out: str, base: str | None = None) -> str:
+    """A plain checkpoint (base weights + the LoRA update folded in) that the engine loads."""
+    try:
+        from peft import PeftConfig, PeftModel
+    except ImportError:
+        raise DiffutronError("merging needs peft: pip install 'diffutron-engine[train]'") from None
+    from transformers import AutoModelForMaskedLM
+
+    from ..loading import load_tokenizer
+
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise DiffutronError(f"{adapter} is not a LoRA adapter (no adapter_config.json)")
+    base = base or PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    model = AutoModelForMaskedLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tok = load_tokenizer(adapter if os.path.isfile(os.path.join(adapter, "tokenizer.json")) else base)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    _write_atomically(os.path.abspath(out), lambda tmp: (merged.save_pretrained(tmp), tok.save_pretrained(tmp)))
+    return out
