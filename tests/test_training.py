@@ -189,3 +189,26 @@ def test_torchrun_two_processes_match_one_process(tiny_checkpoint, tmp_path):
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_cpt_reads_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffutron_engine.training.dataset import read_records
+
+    (tmp_path / "a.jsonl").write_text('{"text": "Bir"}\n\n{"text": "İki"}\n')
+    pq.write_table(pa.table({"text": ["Üç", "Dört"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.txt").write_text("Beş\n\nAltı\n")
+    recs = read_records([str(tmp_path / n) for n in ("a.jsonl", "b.parquet", "c.txt")])
+    assert [r if isinstance(r, str) else r["text"] for r in recs] == ["Bir", "İki", "Üç", "Dört", "Beş", "Altı"]
+    (tmp_path / "bad.jsonl").write_text("{nope\n")
+    with pytest.raises(DiffutronError, match="bad.jsonl:1"):
+        read_records([str(tmp_path / "bad.jsonl")])
+    with pytest.raises(DiffutronError, match="unknown data format"):
+        read_records([str(_touch(tmp_path / "d.csv"))])
+
+
+def _touch(path):
+    path.write_text("x")
+    return path
