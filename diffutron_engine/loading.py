@@ -15,6 +15,10 @@ DEVICES = ("auto", "cpu", "cuda")
 # End of an assistant turn in the chat template; generated text is cut there.
 END_OF_TURN = "[/Answer]"
 
+# Models shipped inside the package, by short name. They are resolved before the local/hub logic, so
+# a bare "tiny-tr" never goes to the hub (a local folder of that name stays reachable as "./tiny-tr").
+BUNDLED_MODELS = {"tiny-tr": os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "tiny-tr")}
+
 
 @dataclass
 class LoadedModel:
@@ -80,6 +84,19 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+def _resolve_bundled(name_or_path: str) -> str:
+    """The directory of a bundled model's short name; any other name is returned unchanged."""
+    path = BUNDLED_MODELS.get(name_or_path)
+    if path is None:
+        return name_or_path
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise DiffutronError(
+            f"the bundled model {name_or_path!r} is not installed (no checkpoint at {path}); "
+            "give a hub id or a local model directory instead"
+        )
+    return path
+
+
 def _check_local_path(name_or_path: str) -> None:
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(
         name_or_path
@@ -98,6 +115,7 @@ def _check_local_path(name_or_path: str) -> None:
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
+    name_or_path = _resolve_bundled(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as exc:  # missing or corrupt tokenizer files raise library-specific errors
@@ -119,6 +137,7 @@ def load_model(
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    name_or_path = _resolve_bundled(name_or_path)
     _check_local_path(name_or_path)
 
     import transformers
