@@ -83,6 +83,8 @@ setup(
         "diffutron_engine.kernels": "kernels",
         "diffutron_engine.training": "training",
     },
+    # the bundled demo model (trained by `make tiny-tr`, committed: ~16 MB)
+    package_data={"diffutron_engine": ["models/tiny-tr/*"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
 )

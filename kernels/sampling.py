@@ -144,11 +144,12 @@ if triton is not None:
             if HAS_SUPPRESS:
                 x = tl.where(_bit_set(sup_ptr, cols, col_ok)[None, :], float("-inf"), x)
             if SAMPLE:
-                shape: tl.constexpr = (BLOCK_M, BLOCK_V)
-                bits = _philox_first_word(tl.broadcast_to(cols.to(tl.uint32)[None, :], shape),
-                                          tl.broadcast_to(c1, shape), tl.broadcast_to(c2, shape),
-                                          tl.broadcast_to(c3, shape), tl.broadcast_to(k0, shape),
-                                          tl.broadcast_to(k1, shape), ROUNDS)
+                c0 = tl.broadcast_to(cols.to(tl.uint32)[None, :], (BLOCK_M, BLOCK_V))
+                bits = _philox_first_word(c0, tl.broadcast_to(c1, (BLOCK_M, BLOCK_V)),
+                                          tl.broadcast_to(c2, (BLOCK_M, BLOCK_V)),
+                                          tl.broadcast_to(c3, (BLOCK_M, BLOCK_V)),
+                                          tl.broadcast_to(k0, (BLOCK_M, BLOCK_V)),
+                                          tl.broadcast_to(k1, (BLOCK_M, BLOCK_V)), ROUNDS)
                 score = x + temperature * _gumbel(bits)
             else:
                 score = x
