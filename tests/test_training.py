@@ -212,3 +212,20 @@ def test_cpt_reads_jsonl_and_parquet(tmp_path):
 def _touch(path):
     path.write_text("x")
     return path
+
+
+def test_sft_run_and_eval_through_the_cli(tiny_checkpoint, tmp_path, capsys):
+    from diffutron_engine.cli.main import main
+
+    rows = [{"instruction": f"Soru {i}?", "input": "", "output": f"Cevap {i}."} for i in range(8)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    code = main(["train", "sft", "--model", tiny_checkpoint, "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                 "--no-lora", "--max-steps", "2", "--batch-size", "4", "--max-length", "40", "--log-every", "1"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps"] == 2 and os.path.isfile(os.path.join(result["final_model"], "model.safetensors"))
+    assert main(["eval", "perplexity", "--model", result["final_model"], "--data", TEXT, "--max-length", "64",
+                 "--max-sequences", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"perplexity", "accuracy", "tokens"} <= set(report) and report["tokens"] > 0
