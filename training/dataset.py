@@ -28,33 +28,11 @@ def read_records(files: list[str], dataset: str | None = None, split: str = "tra
     records: list = []
     for path in files:
         if not os.path.isfile(path):
-            raise DiffutronError(f"training data file not found: {path}")
-        ext = os.path.splitext(path)[1].lower()
-        if ext in (".txt", ".text", ""):
-            with open(path, encoding="utf-8") as f:
-                records += [line.rstrip("\n") for line in f if line.strip()]
-        elif ext == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            raise DiffutronError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-        elif ext == ".json":
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, list):
-                raise DiffutronError(f"{path}: a .json data file must hold a list of rows")
-            records += data
-        elif ext == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DiffutronError("reading parquet needs pyarrow: pip install pyarrow") from None
-            records += pq.read_table(path).to_pylist()
-        else:
-            raise DiffutronError(f"{path}: unknown data format {ext!r}; use .txt, .jsonl, .json or .parquet")
+            raise DiffutronError(f"data file {path!r} does not exist; give .txt, .jsonl, .json or .parquet files")
+        try:
+            records += _read_file(path)
+        except UnicodeDecodeError:
+            raise DiffutronError(f"data file {path!r} is not UTF-8 text") from None
     if dataset:
         try:
             import datasets
@@ -62,8 +40,48 @@ def read_records(files: list[str], dataset: str | None = None, split: str = "tra
             raise DiffutronError("a hub dataset needs the `datasets` package: pip install datasets") from None
         records += list(datasets.load_dataset(dataset, split=split))
     if not records:
-        raise DiffutronError("the training data is empty")
+        raise DiffutronError("the data holds no text: give at least one non-empty document or row")
     return records
+
+
+def _read_file(path: str) -> list:
+    """The records of one data file (see read_records)."""
+    records: list = []
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".txt", ".text", ""):
+        with open(path, encoding="utf-8") as f:
+            records += [line.rstrip("\n") for line in f if line.strip()]
+    elif ext == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise DiffutronError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    elif ext == ".json":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, list):
+            raise DiffutronError(f"{path}: a .json data file must hold a list of rows")
+        records += data
+    elif ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DiffutronError("reading parquet needs pyarrow: pip install pyarrow") from None
+        records += pq.read_table(path).to_pylist()
+    else:
+        raise DiffutronError(f"{path}: unknown data format {ext!r}; use .txt, .jsonl, .json or .parquet")
+    return records
+
+
+def read_texts(files: list[str], text_field: str = "text") -> list[str]:
+    """The non-empty documents of data files: .txt lines, or the `text_field` of JSONL/JSON/parquet rows."""
+    texts = [t for t in (_text_of(r, text_field) for r in read_records(files)) if t.strip()]
+    if not texts:
+        raise DiffutronError("the data holds no text: give at least one non-empty document")
+    return texts
 
 
 @dataclass
@@ -77,7 +95,8 @@ def _text_of(record, field: str) -> str:
         return record
     if isinstance(record, dict) and isinstance(record.get(field), str):
         return record[field]
-    raise DiffutronError(f"a CPT record has no text field {field!r}: {str(record)[:80]}")
+    raise DiffutronError(f"a data row has no string field {field!r} (choose the field with --text-field): "
+                         f"{str(record)[:80]}")
 
 
 def cpt_examples(records, tokenizer, max_length: int, pack: bool, text_field: str = "text") -> list[Example]:

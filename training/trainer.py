@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..errors import DiffutronError
 from .config import TrainConfig
-from .dataset import collate, cpt_examples, epoch_order, read_records, sft_examples
+from .dataset import collate, cpt_examples, epoch_order, read_records, read_texts, sft_examples
 from .objectives import mask_batch
 
 
@@ -296,9 +296,7 @@ class Trainer:
             return None
         from .evaluate import masked_lm_perplexity
 
-        texts = []
-        for r in read_records(self.cfg.eval_files):
-            texts.append(r if isinstance(r, str) else r.get(self.cfg.text_field, ""))
+        texts = read_texts(self.cfg.eval_files, self.cfg.text_field)
         self.model.eval()
         res = masked_lm_perplexity(self.model, self.tok, texts, max_length=self.cfg.max_length, seed=self.cfg.seed)
         self.model.train()

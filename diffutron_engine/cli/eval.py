@@ -8,7 +8,6 @@ Input and flags are checked before the model is loaded, so bad input fails fast 
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from ..errors import DiffutronError
@@ -23,8 +22,8 @@ def add_parser(sub) -> None:
                          description="Mask a fixed-seed draw of the tokens of FILE (.txt: one document per "
                          "non-empty line; .jsonl: one object per line) and score the model on recovering them.")
     q.add_argument("--model", required=True, help="hub id or local directory")
-    q.add_argument("--data", required=True, metavar="FILE", help=".txt (one document per line) or .jsonl")
-    q.add_argument("--text-field", default="text", help='field of each .jsonl object (default: "text")')
+    q.add_argument("--data", required=True, metavar="FILE", help=".txt (one document per line), .jsonl, .json or .parquet")
+    q.add_argument("--text-field", default="text", help='field of each JSONL/JSON/parquet row (default: "text")')
     q.add_argument("--mlm-probability", type=float, default=0.15)
     q.add_argument("--max-length", type=int, default=512, help="tokens per sequence, bos and eos included")
     q.add_argument("--seed", type=int, default=0, help="seed of the masking draw")
@@ -36,38 +35,6 @@ def add_parser(sub) -> None:
     q.set_defaults(func=run)
 
 
-def read_texts(path: str, text_field: str = "text") -> list[str]:
-    """Documents of a .txt file (non-empty lines) or a .jsonl file (the `text_field` of each object)."""
-    if not os.path.isfile(path):
-        raise DiffutronError(f"data file {path!r} does not exist; give a .txt or .jsonl file with --data")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise DiffutronError(f"data file {path!r} is not UTF-8 text") from None
-    except OSError as exc:
-        raise DiffutronError(f"cannot read data file {path!r}: {exc.strerror or exc}") from None
-    if not path.endswith(".jsonl"):
-        texts = [line for line in lines if line.strip()]
-    else:
-        texts = []
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DiffutronError(f"{path}:{n}: malformed JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise DiffutronError(f'{path}:{n}: expected an object with a string "{text_field}" '
-                                     "(choose the field with --text-field)")
-            if obj[text_field].strip():
-                texts.append(obj[text_field])
-    if not texts:
-        raise DiffutronError(f"data file {path!r} holds no text; give at least one non-empty document")
-    return texts
-
-
 def run(args) -> int:
     if not 0.0 < args.mlm_probability < 1.0:
         raise DiffutronError(f"--mlm-probability must lie in (0, 1), e.g. 0.15; got {args.mlm_probability}")
@@ -75,7 +42,9 @@ def run(args) -> int:
                                ("--max-sequences", args.max_sequences, 1)):
         if value is not None and value < least:
             raise DiffutronError(f"{flag} must be >= {least}, got {value}")
-    texts = read_texts(args.data, args.text_field)
+    from ..training.dataset import read_texts
+
+    texts = read_texts([args.data], args.text_field)
 
     from ..loading import load_model
     from ..training.evaluate import masked_lm_perplexity
