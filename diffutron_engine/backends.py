@@ -111,7 +111,7 @@ def sample(logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
     from .kernels import sampling
 
     cpu_f32 = logits.device.type == "cpu" and logits.dtype == torch.float32
-    backend = pick(logits.device, {"triton": _triton_usable(logits), "cpp": cpu_f32 and cpp_available(),
+    backend = pick(logits.device, {"triton": _triton_usable(logits.device), "cpp": cpu_f32 and cpp_available(),
                                    "torch": True})
     if backend == "triton":
         return sampling.sample_triton(logits if logits.stride(1) == 1 else logits.contiguous(), params)
@@ -120,10 +120,10 @@ def sample(logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
     return sampling.sample_torch(logits, params)
 
 
-def _triton_usable(t: torch.Tensor) -> bool:
+def _triton_usable(device: torch.device) -> bool:
     """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)."""
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    return triton_installed() and (t.device.type == "cuda" or (interp and t.device.type == "cpu"))
+    return triton_installed() and (device.type == "cuda" or (interp and device.type == "cpu"))
 
 
 # --------------------------------------------------------------------------- commit (unmask)
@@ -132,7 +132,7 @@ def unmask(conf, tokens, k, block_start, canvas, rule: str = "topk", value: floa
     chosen mask [B, L]. Triton on CUDA, torch elsewhere (a few hundred numbers: nothing for C++ to win)."""
     from .kernels import unmask as um
 
-    backend = pick(conf.device, {"triton": _triton_usable(conf), "torch": True})
+    backend = pick(conf.device, {"triton": _triton_usable(conf.device), "torch": True})
     fn = um.unmask_triton if backend == "triton" else um.unmask_torch
     return fn(conf, tokens, k, block_start, canvas, rule, value)
 
@@ -142,8 +142,7 @@ def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
     """'triton' (kernels/attention.py) for half precision on CUDA, else 'torch' (SDPA with an explicit
     mask). float32 on CUDA stays on SDPA: the kernel's exact float32 dot products are slower than
     cuBLAS/TF32 there. A forced triton backend also runs float32 (the interpreter tests do)."""
-    probe = torch.empty(0, device=device)
-    available = {"triton": _triton_usable(probe) and (dtype != torch.float32 or forced_backend() == "triton"),
+    available = {"triton": _triton_usable(device) and (dtype != torch.float32 or forced_backend() == "triton"),
                  "torch": True}
     return pick(device, available)
 
@@ -160,11 +159,10 @@ def describe() -> dict[str, str]:
     devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if cuda else [])
     for dev, dtype in devices:
         d = torch.device(dev)
-        probe = torch.empty(0, device=d)
         try:
-            out[f"sampler on {dev}"] = pick(d, {"triton": _triton_usable(probe),
+            out[f"sampler on {dev}"] = pick(d, {"triton": _triton_usable(d),
                                                 "cpp": dev == "cpu" and cpp_available(), "torch": True})
-            out[f"unmask on {dev}"] = pick(d, {"triton": _triton_usable(probe), "torch": True})
+            out[f"unmask on {dev}"] = pick(d, {"triton": _triton_usable(d), "torch": True})
             out[f"attention on {dev} ({str(dtype).split('.')[-1]})"] = attention_backend(d, dtype)
         except RuntimeError as exc:  # a forced backend this device cannot run
             out[f"ops on {dev}"] = str(exc)
