@@ -15,6 +15,7 @@ TASKS = ("cpt", "sft")
 OBJECTIVES = ("mlm", "mdlm")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 PRECISIONS = ("auto", "float32", "bfloat16")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     epochs: float = 1.0
     clip_grad: float = 1.0
     precision: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
+    strategy: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (parameters sharded per layer, FSDP2)
     seed: int = 0
     # checkpoints and logging
     save_every: int = 500
@@ -69,6 +71,10 @@ class TrainConfig:
             bad(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.optimizer not in OPTIMIZERS:
             bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.strategy not in STRATEGIES:
+            bad(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy == "fsdp" and self.resume:
+            bad("resuming an FSDP run is not supported yet: resume with strategy ddp (checkpoints are plain)")
         if self.precision not in PRECISIONS:
             bad(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 < self.mlm_probability < 1:

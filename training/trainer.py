@@ -182,7 +182,14 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         self.loss_module = MaskedLMLoss(self.model)
         self.ddp = self.loss_module
-        if self.world > 1:
+        self.fsdp = self.world > 1 and cfg.strategy == "fsdp"
+        if self.fsdp:  # FSDP2: each encoder layer a shard group, the rest (embeddings = decoder) the root's
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.loss_module.mlm.model.layers:
+                fully_shard(layer)
+            fully_shard(self.loss_module)
+        elif self.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.loss_module, device_ids=[local] if self.device.type == "cuda" else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -250,6 +257,8 @@ class Trainer:
                     f"the loss became {loss_value} at step {self.step + 1}; stopped without saving. Last good "
                     f"checkpoint: {ckpts[-1] if ckpts else 'none yet'}. Lower the learning rate or check the data.")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
@@ -292,6 +301,9 @@ class Trainer:
             print(line, file=sys.stderr, flush=True)
 
     def _evaluate(self) -> dict | None:
+        if self.fsdp:  # a sharded forward needs every rank; evaluate the saved checkpoint instead
+            self.log("note: no in-training evaluation under FSDP; run `diffutron-engine eval perplexity` on final/")
+            return None
         if self.rank != 0:
             return None
         from .evaluate import masked_lm_perplexity
@@ -306,14 +318,29 @@ class Trainer:
         return res
 
     # ------------------------------------------------------------------ checkpoints
+    def _full_state_dict(self):
+        """None (the model's own tensors) or, under FSDP, the gathered full state dict (a collective:
+        every rank calls it)."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if getattr(self.loss_module.mlm.config, "tie_word_embeddings", False):
+            # the decoder weight is the embedding: saved once, as save_pretrained does on its own
+            full = {k: v for k, v in full.items() if not k.endswith("decoder.weight")}
+        return full
+
     def save_checkpoint(self) -> str | None:
         path = os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}")
+        full = self._full_state_dict()
         if self.rank == 0:
-            state = {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                     "rng": torch.get_rng_state(), "config": self.cfg.to_dict()}
+            # FSDP: the optimizer state is sharded, so its checkpoints hold weights only (no resume yet)
+            state = {"step": self.step, "optimizer": None if self.fsdp else self.opt.state_dict(),
+                     "scheduler": self.sched.state_dict(), "rng": torch.get_rng_state(), "config": self.cfg.to_dict()}
 
             def write(tmp):
-                self.model.save_pretrained(tmp)
+                self.model.save_pretrained(tmp, state_dict=full)
                 self.tok.save_pretrained(tmp)
                 torch.save(state, os.path.join(tmp, "trainer_state.pt"))
 
@@ -365,9 +392,10 @@ class Trainer:
         """The trained model as the engine loads it: a plain checkpoint (full training) or the LoRA
         adapter (merge it with `diffutron-engine train merge`)."""
         path = os.path.join(self.cfg.output_dir, "final")
+        full = self._full_state_dict()
         if self.rank == 0:
             def write(tmp):
-                self.model.save_pretrained(tmp)
+                self.model.save_pretrained(tmp, state_dict=full)
                 self.tok.save_pretrained(tmp)
 
             _write_atomically(path, write)

@@ -1,6 +1,7 @@
 """`diffutron-engine train cpt|sft|merge`: continual pre-training and SFT (diffutron_engine.training), and
 folding a LoRA adapter into a plain checkpoint. Settings: --preset, then --config YAML, then the named
-flags and --set key=value (YAML values). Run under `torchrun --nproc_per_node N` to scale out (DDP)."""
+flags and --set key=value (YAML values). Run under `torchrun --nproc_per_node N` to scale out (DDP, or
+`--strategy fsdp` to shard the parameters per layer)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ _FLAGS = [
     ("--optimizer", "optimizer", str), ("--seed", "seed", int), ("--lora-r", "lora_r", int),
     ("--lora-alpha", "lora_alpha", int), ("--save-every", "save_every", int), ("--keep-last", "keep_last", int),
     ("--log-every", "log_every", int), ("--precision", "precision", str), ("--resume", "resume", str),
+    ("--strategy", "strategy", str),
 ]
 
 
