@@ -425,14 +425,17 @@ def random_confidence(seeds, positions, steps, streams) -> torch.Tensor:
     return uniform_from_bits(bits)
 
 
-def sample_torch(logits: torch.Tensor, p: SampleParams, compute_dtype=torch.float32, chunk: int = 4):
+def sample_torch(logits: torch.Tensor, p: SampleParams, compute_dtype=torch.float32, chunk: int = 4,
+                 conf_dtype=None):
     """The same contract in torch, a few rows at a time so no [N, V] temporary exists beyond the
-    logits. compute_dtype float64 gives the reference the tests measure the kernels against."""
+    logits. Confidences come out in conf_dtype (default: the logits' dtype). compute_dtype and
+    conf_dtype float64 give the reference the tests measure the kernels against."""
     _check_logits(logits)
     n, vocab = logits.shape
     device = logits.device
     ids = torch.empty(n, dtype=torch.long, device=device)
-    conf = torch.empty(n, dtype=logits.dtype, device=device)
+    conf_dtype = conf_dtype or logits.dtype
+    conf = torch.empty(n, dtype=conf_dtype, device=device)
     seeds, positions, steps, streams = p.counters(n, device)
     if p.has_penalty:
         req = torch.as_tensor(p.row_request, dtype=torch.long).tolist()
@@ -462,7 +465,7 @@ def sample_torch(logits: torch.Tensor, p: SampleParams, compute_dtype=torch.floa
         if p.begin_suppress:
             x[:, list(p.begin_suppress)] = -torch.inf
         ids[a:b] = choice
-        conf[a:b] = torch.softmax(x, dim=-1).gather(-1, choice[:, None]).squeeze(-1).to(logits.dtype)
+        conf[a:b] = torch.softmax(x, dim=-1).gather(-1, choice[:, None]).squeeze(-1).to(conf_dtype)
     if p.random_confidence:
         conf = random_confidence(seeds, positions, steps, streams)
     return ids, conf
@@ -470,19 +473,5 @@ def sample_torch(logits: torch.Tensor, p: SampleParams, compute_dtype=torch.floa
 
 def sample_reference(logits: torch.Tensor, p: SampleParams):
     """float64 reference of the sampler contract (ids, and confidences in float64)."""
-    n = logits.shape[0]
-    ids, _ = sample_torch(logits, p, compute_dtype=torch.float64)
-    if p.random_confidence:
-        return ids, random_confidence(*p.counters(n, logits.device)).double()
-    x = logits.double()
-    if p.has_penalty:
-        req = torch.as_tensor(p.row_request).tolist()
-        for r in range(n):
-            s = torch.as_tensor(p.seen[req[r]], dtype=torch.long)
-            v = logits[r, s]
-            x[r, s] = torch.where(v > 0, v / p.penalty, v * p.penalty).to(logits.dtype).double()
-    for ban in (p.suppress, p.begin_suppress):
-        if ban:
-            x[:, list(ban)] = -torch.inf
-    conf = torch.softmax(x, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
-    return ids, conf
+    ids, conf = sample_torch(logits, p, compute_dtype=torch.float64, conf_dtype=torch.float64)
+    return ids, conf.double()
