@@ -101,7 +101,7 @@ def _world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _device(cfg_precision: str, local_rank: int) -> torch.device:
+def _device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -162,7 +162,7 @@ class Trainer:
         self.rank, self.world, local = _world()
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        self.device = _device(cfg.precision, local)
+        self.device = _device(local)
         torch.manual_seed(cfg.seed)
         self.model, self.tok = load_for_training(cfg, self.device)
         if self.tok.mask_token_id is None:
