@@ -81,7 +81,7 @@ def sampler(device: str, n: int = 64, vocab: int = 256_000, dtype=torch.bfloat16
         p = SampleParams(seeds=torch.arange(n), positions=torch.arange(n), steps=torch.zeros(n, dtype=torch.long),
                          seen=[seen[i] for i in range(n)] if "penalty" in kw else None,
                          row_request=torch.arange(n) if "penalty" in kw else None, **kw)
-        p.bitmaps(vocab, torch.device(device))  # built once per step in the engine, not per kernel call
+        p.resolve(n, vocab, device)  # bitmaps and per-row tensors: the engine keeps them on the device
         t_kernel = timeit(lambda: sample_triton(logits, p), device)
         t_torch = timeit(lambda: torch_sampler_chain(logits, kw.get("temperature", 0.0), kw.get("penalty", 1.0),
                                                      seen, kw.get("suppress", ())), device)

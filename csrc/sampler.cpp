@@ -1,8 +1,9 @@
 // Fused sampler for the CPU path (the contract of kernels/sampling.py): per row of float32 logits,
 // repetition penalty, suppression, argmax or Gumbel-max with counter-based (Philox) draws, and the
 // chosen token's softmax probability (the "confidence" of the reference sampler), without
-// materializing a probability tensor. Built against pybind11 only: tensors cross the boundary
-// as raw addresses with explicit shapes and strides, checked by the Python wrapper
+// materializing a probability tensor. Every row has its own temperature, penalty and bitmaps, so rows
+// of many requests with different settings share one call. Built against pybind11 only: tensors
+// cross the boundary as raw addresses with explicit shapes and strides, checked by the Python wrapper
 // (diffutron_engine/backends.py), so installing never compiles against or pulls a torch build.
 
 #include <pybind11/pybind11.h>
@@ -189,10 +190,11 @@ const float kGumbelMax = gumbel_from_bits(0u) + 1e-3f;
 struct SampleArgs {
     const float* logits;
     int64_t vocab, row_stride, col_stride;
-    float temperature, penalty;
-    const int64_t *seeds, *positions, *steps, *streams, *row_req;
-    const int32_t *seen_bits, *suppress_bits, *begin_bits;
-    int64_t seen_words;
+    const float *temperature, *penalty;  // per row
+    const int8_t* valid;                 // per row, or null: every row
+    const int64_t *seeds, *positions, *steps, *streams, *maps;
+    const int32_t *seen_bits, *suppress_bits, *begin_bits;  // bitmaps [R, W]; row maps[r], or null
+    int64_t seen_stride, suppress_stride, begin_stride;     // words between bitmap rows (0: one for all)
 };
 
 // Calls f(id) for every id whose bit is set in the bitmap of `words` int32 words.
@@ -224,8 +226,13 @@ void fused_sample_row(const SampleArgs& a, int64_t r, std::vector<float>& buf, i
     const int64_t V = a.vocab, words = (V + 31) / 32;
     const float* src = a.logits + r * a.row_stride;
     const float neg_inf = -std::numeric_limits<float>::infinity();
-    const bool edits = a.penalty != 1.0f || a.suppress_bits;
-    if (!edits && a.temperature == 0.0f && !a.begin_bits && a.col_stride == 1) {
+    const int64_t m = a.maps[r];
+    const float temperature = a.temperature[r], penalty = a.penalty[r];
+    const int32_t* seen = penalty != 1.0f && a.seen_bits ? a.seen_bits + m * a.seen_stride : nullptr;
+    const int32_t* suppress = a.suppress_bits ? a.suppress_bits + m * a.suppress_stride : nullptr;
+    const int32_t* begin = a.begin_bits ? a.begin_bits + m * a.begin_stride : nullptr;
+    const bool edits = seen || suppress;
+    if (!edits && temperature == 0.0f && !begin && a.col_stride == 1) {
         argmax_confidence_row(src, V, out_id, out_conf);
         return;
     }
@@ -235,29 +242,28 @@ void fused_sample_row(const SampleArgs& a, int64_t r, std::vector<float>& buf, i
     } else {  // a transposed view ([V, N] storage, as the CPU LM head returns it): gather the row
         for (int64_t v = 0; v < V; ++v) x[v] = src[v * a.col_stride];
     }
-    if (!edits && a.temperature == 0.0f && !a.begin_bits) {
+    if (!edits && temperature == 0.0f && !begin) {
         argmax_confidence_row(x, V, out_id, out_conf);
         return;
     }
-    if (a.penalty != 1.0f) {
-        const int32_t* seen = a.seen_bits + a.row_req[r] * a.seen_words;
-        const float p = a.penalty;
+    if (seen) {
+        const float p = penalty;
         for_each_id(seen, words, V, [&](int64_t id) { x[id] = x[id] > 0 ? x[id] / p : x[id] * p; });
     }
-    if (a.suppress_bits) for_each_id(a.suppress_bits, words, V, [&](int64_t id) { x[id] = neg_inf; });
+    if (suppress) for_each_id(suppress, words, V, [&](int64_t id) { x[id] = neg_inf; });
 
-    if (a.temperature == 0.0f && !a.begin_bits) {  // the edited row through the vectorized greedy sweep
+    if (temperature == 0.0f && !begin) {  // the edited row through the vectorized greedy sweep
         argmax_confidence_row(x, V, out_id, out_conf);
         return;
     }
     int64_t choice;
-    if (a.temperature == 0.0f) {
+    if (temperature == 0.0f) {
         choice = first_max(x, V);
     } else {
         const uint32_t k0 = static_cast<uint32_t>(a.seeds[r]), k1 = static_cast<uint32_t>(a.seeds[r] >> 32);
         const uint32_t c1 = static_cast<uint32_t>(a.positions[r]), c2 = static_cast<uint32_t>(a.steps[r]);
         const uint32_t c3 = static_cast<uint32_t>(a.streams[r]);
-        const float t = a.temperature;
+        const float t = temperature;
         auto score = [&](int64_t v) {
             return x[v] + t * gumbel_from_bits(philox_first_word(static_cast<uint32_t>(v), c1, c2, c3, k0, k1));
         };
@@ -273,30 +279,32 @@ void fused_sample_row(const SampleArgs& a, int64_t r, std::vector<float>& buf, i
             if (s > best) best = s, choice = v;
         }
     }
-    if (a.begin_bits) for_each_id(a.begin_bits, words, V, [&](int64_t id) { x[id] = neg_inf; });
-    const float m = max_or_nan(x, V);
+    if (begin) for_each_id(begin, words, V, [&](int64_t id) { x[id] = neg_inf; });
+    const float mx = max_or_nan(x, V);
     *out_id = choice;
-    if (m == neg_inf || m != m) {
+    if (mx == neg_inf || mx != mx) {
         *out_conf = std::numeric_limits<float>::quiet_NaN();
         return;
     }
     double sum = 0.0;
-    for (int64_t t0 = 0; t0 < V; t0 += kTile) sum += exp_sum(x + t0, (t0 + kTile < V ? t0 + kTile : V) - t0, m);
-    *out_conf = static_cast<float>(std::exp(static_cast<double>(x[choice]) - m) / sum);
+    for (int64_t t0 = 0; t0 < V; t0 += kTile) sum += exp_sum(x + t0, (t0 + kTile < V ? t0 + kTile : V) - t0, mx);
+    *out_conf = static_cast<float>(std::exp(static_cast<double>(x[choice]) - mx) / sum);
 }
 
 void fused_sample(std::uintptr_t logits, int64_t rows, int64_t vocab, int64_t row_stride, int64_t col_stride,
-                  float temperature,
-                  float penalty, std::uintptr_t seeds, std::uintptr_t positions, std::uintptr_t steps,
-                  std::uintptr_t streams, std::uintptr_t row_req, std::uintptr_t seen_bits, int64_t seen_words,
-                  std::uintptr_t suppress_bits, std::uintptr_t begin_bits, std::uintptr_t out_ids,
-                  std::uintptr_t out_conf) {
-    SampleArgs a{reinterpret_cast<const float*>(logits), vocab, row_stride, col_stride, temperature, penalty,
+                  std::uintptr_t temperature, std::uintptr_t penalty, std::uintptr_t valid, std::uintptr_t seeds,
+                  std::uintptr_t positions, std::uintptr_t steps, std::uintptr_t streams, std::uintptr_t maps,
+                  std::uintptr_t seen_bits, int64_t seen_stride, std::uintptr_t suppress_bits,
+                  int64_t suppress_stride, std::uintptr_t begin_bits, int64_t begin_stride,
+                  std::uintptr_t out_ids, std::uintptr_t out_conf) {
+    SampleArgs a{reinterpret_cast<const float*>(logits), vocab, row_stride, col_stride,
+                 reinterpret_cast<const float*>(temperature), reinterpret_cast<const float*>(penalty),
+                 reinterpret_cast<const int8_t*>(valid),
                  reinterpret_cast<const int64_t*>(seeds), reinterpret_cast<const int64_t*>(positions),
                  reinterpret_cast<const int64_t*>(steps), reinterpret_cast<const int64_t*>(streams),
-                 reinterpret_cast<const int64_t*>(row_req), reinterpret_cast<const int32_t*>(seen_bits),
+                 reinterpret_cast<const int64_t*>(maps), reinterpret_cast<const int32_t*>(seen_bits),
                  reinterpret_cast<const int32_t*>(suppress_bits), reinterpret_cast<const int32_t*>(begin_bits),
-                 seen_words};
+                 seen_stride, suppress_stride, begin_stride};
     int64_t* ids = reinterpret_cast<int64_t*>(out_ids);
     float* conf = reinterpret_cast<float*>(out_conf);
     py::gil_scoped_release release;
@@ -304,7 +312,14 @@ void fused_sample(std::uintptr_t logits, int64_t rows, int64_t vocab, int64_t ro
     {
         std::vector<float> buf(static_cast<size_t>(vocab));  // one private row copy per thread
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < rows; ++r) fused_sample_row(a, r, buf, ids + r, conf + r);
+        for (int64_t r = 0; r < rows; ++r) {
+            if (a.valid && !a.valid[r]) {  // padding the caller ignores: no work
+                ids[r] = 0;
+                conf[r] = -std::numeric_limits<float>::infinity();
+                continue;
+            }
+            fused_sample_row(a, r, buf, ids + r, conf + r);
+        }
     }
 }
 
@@ -317,9 +332,10 @@ uint32_t philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t see
 PYBIND11_MODULE(_C, m) {
     m.doc() = "diffutron-engine CPU kernels (pybind11 + OpenMP)";
     m.def("fused_sample", &fused_sample, py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("row_stride"),
-          py::arg("col_stride"), py::arg("temperature"), py::arg("penalty"), py::arg("seeds"), py::arg("positions"), py::arg("steps"),
-          py::arg("streams"), py::arg("row_req"), py::arg("seen_bits"), py::arg("seen_words"),
-          py::arg("suppress_bits"), py::arg("begin_bits"), py::arg("out_ids"), py::arg("out_conf"),
-          "The sampler contract of kernels/sampling.py on float32 rows (addresses; 0 = absent).");
+          py::arg("col_stride"), py::arg("temperature"), py::arg("penalty"), py::arg("valid"), py::arg("seeds"),
+          py::arg("positions"), py::arg("steps"), py::arg("streams"), py::arg("maps"), py::arg("seen_bits"),
+          py::arg("seen_stride"), py::arg("suppress_bits"), py::arg("suppress_stride"), py::arg("begin_bits"),
+          py::arg("begin_stride"), py::arg("out_ids"), py::arg("out_conf"),
+          "The sampler contract of kernels/sampling.py on float32 rows, per-row parameters (addresses; 0 = absent).");
     m.def("philox", &philox, "First word of Philox-4x32-10 (the kernels' generator), for tests.");
 }

@@ -30,11 +30,11 @@ def _map_source_subpackages() -> None:
 
 _map_source_subpackages()
 
-from .config import FAST_PRESET, PRESETS, SamplerConfig, SamplingConfig  # noqa: E402
+from .config import FAST_PRESET, PRESETS, SamplerConfig, SamplingParams  # noqa: E402
 from .errors import DiffutronError  # noqa: E402
 
-__all__ = ["DiffutronError", "Engine", "FAST_PRESET", "PRESETS", "SamplerConfig", "SamplingConfig", "ReferenceSampler",
-           "load_model", "__version__"]
+__all__ = ["DiffutronError", "Engine", "FAST_PRESET", "PRESETS", "RequestOutput", "SamplerConfig", "SamplingParams",
+           "ReferenceSampler", "load_model", "__version__"]
 
 
 def __getattr__(name):
@@ -43,10 +43,10 @@ def __getattr__(name):
         from .reference import ReferenceSampler
 
         return ReferenceSampler
-    if name == "Engine":
-        from .engine import Engine
+    if name in ("Engine", "RequestOutput"):
+        from . import engine
 
-        return Engine
+        return getattr(engine, name)
     if name == "load_model":
         from .loading import load_model
 

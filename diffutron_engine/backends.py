@@ -75,8 +75,6 @@ def pick(device: torch.device, available: dict[str, bool]) -> str:
 # --------------------------------------------------------------------------- the fused sampler
 def sample_cpp(logits: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler contract (kernels/sampling.py) on float32 CPU logits, through the C++ extension."""
-    from .kernels.sampling import random_confidence
-
     if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype != torch.float32:
         raise ValueError(f"the C++ sampler needs float32 CPU logits [N, V], got {logits.dtype} "
                          f"{tuple(logits.shape)} on {logits.device}")
@@ -85,24 +83,23 @@ def sample_cpp(logits: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor]:
     conf = torch.empty(n, dtype=torch.float32)
     if n == 0:
         return ids, conf
-    seeds, positions, steps, streams = p.counters(n, "cpu")
-    maps = p.bitmaps(v, "cpu")
-    req = torch.as_tensor(p.row_request, dtype=torch.long).contiguous() if p.has_penalty else None
-    if req is not None and req.shape != (n,):
-        raise ValueError(f"row_request must have shape [{n}], got {tuple(req.shape)}")
-    seen = maps.get("seen")
+    r = p.resolve(n, v, "cpu")
+    f = r.flags
+    valid = None if r.valid is None else r.valid.contiguous().view(torch.int8)
 
-    def addr(t):
-        return 0 if t is None else t.data_ptr()
+    def addr(t, on=True):
+        return t.contiguous().data_ptr() if on and t is not None else 0
 
+    # every argument is contiguous already (made so by resolve) except possibly views the caller gave
+    args = [r.temperature.contiguous(), r.penalty.contiguous(), r.seeds.contiguous(), r.positions.contiguous(),
+            r.steps.contiguous(), r.streams.contiguous(), r.maps.contiguous()]
+    temperature, penalty, seeds, positions, steps, streams, maps = args
     cpp_extension().fused_sample(
-        logits.data_ptr(), n, v, logits.stride(0), logits.stride(1), float(p.temperature), float(p.penalty),
-        seeds.data_ptr(), positions.data_ptr(), steps.data_ptr(), streams.data_ptr(), addr(req),
-        addr(seen), seen.shape[1] if seen is not None else 0, addr(maps.get("suppress")), addr(maps.get("begin")),
-        ids.data_ptr(), conf.data_ptr())
-    if p.random_confidence:
-        conf = random_confidence(seeds, positions, steps, streams)
-    return ids, conf
+        logits.data_ptr(), n, v, logits.stride(0), logits.stride(1), temperature.data_ptr(), penalty.data_ptr(),
+        addr(valid), seeds.data_ptr(), positions.data_ptr(), steps.data_ptr(), streams.data_ptr(), maps.data_ptr(),
+        addr(r.seen, f.penalty), r.seen_stride, addr(r.suppress, f.suppress), r.suppress_stride,
+        addr(r.begin, f.begin), r.begin_stride, ids.data_ptr(), conf.data_ptr())
+    return ids, r.with_random_confidence(conf)
 
 
 def sample(logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,14 +124,16 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 # --------------------------------------------------------------------------- commit (unmask)
-def unmask(conf, tokens, k, block_start, canvas, rule: str = "topk", value: float | None = None) -> torch.Tensor:
-    """Commit each row's chosen block positions into canvas [B, T] (kernels/unmask.py); returns the
-    chosen mask [B, L]. Triton on CUDA, torch elsewhere (a few hundred numbers: nothing for C++ to win)."""
+def unmask(conf, tokens, k, block_start, canvas, rule="topk", value=None, rows=None, seen=None,
+           unseen: tuple[int, ...] = ()) -> torch.Tensor:
+    """Commit each row's chosen block positions into its canvas row and set their seen bits
+    (kernels/unmask.py); returns the chosen mask [B, L]. Triton on CUDA, torch elsewhere (a few hundred
+    numbers: nothing for C++ to win)."""
     from .kernels import unmask as um
 
     backend = pick(conf.device, {"triton": _triton_usable(conf.device), "torch": True})
     fn = um.unmask_triton if backend == "triton" else um.unmask_torch
-    return fn(conf, tokens, k, block_start, canvas, rule, value)
+    return fn(conf, tokens, k, block_start, canvas, rule, value, rows=rows, seen=seen, unseen=unseen)
 
 
 # --------------------------------------------------------------------------- attention

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import FAST_PRESET, SamplingConfig
+from .config import FAST_PRESET, SamplerConfig, SamplingParams
 
-# mode name -> engine knobs ("reference" is the oracle)
+# mode name -> the engine's cache mode and per-request knobs ("reference" is the oracle)
 MODES: dict[str, dict] = {
     "reference": {},
     "exact": dict(cache="none"),
@@ -172,7 +172,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
             sampler = ReferenceSampler(model=model, tokenizer=tok)
             with _PeakMemory(cfg.device) as mem:
                 t = time.perf_counter()
-                out = sampler.sample(prompts, SamplingConfig(return_dict=True, **knobs).override())
+                out = sampler.sample(prompts, SamplerConfig(return_dict=True, **knobs))
                 _sync(cfg.device)
                 seconds = time.perf_counter() - t
             rows = [out.sequences[i, len(p): len(p) + cfg.new_tokens].tolist() for i, p in enumerate(prompts)]
@@ -180,8 +180,10 @@ def run(cfg: BenchConfig, log=print) -> dict:
             fwd = out.forward_passes * cfg.batch_size * (2 if knobs.get("cfg_scale") else 1) / n_tokens
             batch_steps = out.forward_passes
         else:
-            engine = Engine(model, tok, max_batch=cfg.batch_size, cuda_graphs=cfg.cuda_graphs)
-            scfg = SamplingConfig(early_stop=False, seed=cfg.seed, **knobs, **MODES[mode])
+            knobs_mode = dict(MODES[mode])
+            cache = knobs_mode.pop("cache", "none")
+            engine = Engine(model, tok, max_batch=cfg.batch_size, cache=cache, cuda_graphs=cfg.cuda_graphs)
+            scfg = SamplingParams(early_stop=False, seed=cfg.seed, **knobs, **knobs_mode)
             engine.generate(prompts[:1], scfg.override(max_new_tokens=cfg.block_size, steps=2))  # warm-up
             with _PeakMemory(cfg.device) as mem:
                 t = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Sampling configuration: the knobs of the reference sampler (same names as dllm's MDLM sampler) and
-Diffutron's published presets."""
+"""Sampling configuration: the oracle's config (the knobs of dllm's MDLM sampler, same names), the
+engine's per-request SamplingParams, and Diffutron's published presets."""
 
 from __future__ import annotations
 
@@ -123,49 +123,99 @@ PRESETS: dict[str, dict] = {
 
 CACHE_MODES = ("none", "prefix", "dual")
 
+# Sampling knobs shared by the oracle's config and the engine's per-request parameters.
+_ORACLE_KNOBS = ("max_new_tokens", "steps", "block_size", "temperature", "remasking", "stochastic_transfer",
+                 "cfg_scale", "cfg_keep_tokens", "suppress_tokens", "begin_suppress_tokens", "right_shift_logits",
+                 "repetition_penalty", "stop_strings")
+
 
 @dataclass
-class SamplingConfig(SamplerConfig):
-    """The engine's config: the oracle's knobs plus the engine's own.
+class SamplingParams:
+    """One request's sampling parameters (the engine's; the oracle's knobs plus the engine's own).
 
-    Exact mode is `cache="none"` with no threshold/factor: the oracle's tokens (greedy) or its
-    distribution (sampling). The other settings are faster approximations (see the spec's last section).
+    Every request carries its own SamplingParams and any mix of them runs in one batch. The decode
+    choice that changes how the model is run (`cache`) is the engine's, made when it is built.
 
-    - cache: "none" (whole canvas every step), "prefix" (K/V left of the current block computed at the
-      block's first step and reused for its other steps), "dual" (the masked suffix right of the block
-      is cached too: only the block's positions pass through the layers).
+    - the oracle's knobs: same names, defaults and meaning as SamplerConfig (see docs/sampling.md);
+      `block_size=None` is allowed only for infill (one block over the whole sequence).
+    - seed: the key of the request's random stream (Philox counters, see docs/sampling.md), so its
+      text does not depend on the other requests in the batch. None draws one from torch's global
+      generator when the request is added (so torch.manual_seed applies). `Engine.generate(prompts,
+      params)` with one SamplingParams gives prompt i the seed (seed + i) mod 2**63.
     - threshold: commit every masked position of the block with confidence >= threshold (at least the
       most confident one) instead of the schedule's count.
     - factor: commit the n most confident positions for the largest n with (n + 1) * (1 - c_n) < factor,
       c_n the n-th highest confidence (at least one).
-    - early_stop: a row whose answer has ended takes no more forward passes (its text is unchanged).
-    - seed: request i draws from its own generator seeded with seed + i, so a request's text does not
-      depend on the other requests in its batch; None draws the seed from torch's global generator.
+    - early_stop: a request whose answer has ended takes no more forward passes (its text is unchanged).
+
+    Exact mode (the oracle's tokens when greedy, its distribution when sampling) is no threshold, no
+    factor, on an engine built with cache="none".
     """
 
-    cache: str = "none"
+    max_new_tokens: int = 128
+    steps: int = 128
+    block_size: int | None = 128
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    stochastic_transfer: bool = False
+    cfg_scale: float = 0.0
+    cfg_keep_tokens: list[int] | None = None
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    right_shift_logits: bool = False
+    repetition_penalty: float = 1.0
+    stop_strings: list[str] | None = None
+    seed: int | None = 0
     threshold: float | None = None
     factor: float | None = None
     early_stop: bool = True
-    seed: int | None = 0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.cache not in CACHE_MODES:
-            raise DiffutronError(f"unknown cache {self.cache!r}; choose one of: {', '.join(CACHE_MODES)}")
+        self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        # the oracle's checks of the shared knobs, in one place
+        oracle = SamplerConfig(**{k: getattr(self, k) for k in _ORACLE_KNOBS})
+        for k in _ORACLE_KNOBS:
+            setattr(self, k, getattr(oracle, k))
+        for name in ("threshold", "factor"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise DiffutronError(f"{name} must be a finite number or None, got {v!r}")
         if self.threshold is not None and self.factor is not None:
             raise DiffutronError("give either threshold or factor, not both")
         if self.threshold is not None and not (0.0 < float(self.threshold) <= 1.0):
             raise DiffutronError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.factor is not None and not float(self.factor) > 0.0:
             raise DiffutronError(f"factor must be > 0, got {self.factor}")
+        self.threshold = None if self.threshold is None else float(self.threshold)
+        self.factor = None if self.factor is None else float(self.factor)
         self.seed = _check_int("seed", self.seed, minimum=0, allow_none=True)
+        if self.seed is not None and self.seed >= 2**63:
+            raise DiffutronError(f"seed must be < 2**63, got {self.seed}")
         self.early_stop = bool(self.early_stop)
 
+    def override(self, **kwargs) -> "SamplingParams":
+        """A validated copy with some fields replaced."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise DiffutronError(
+                f"unknown sampling parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        return dataclasses.replace(self, **kwargs)
+
+    @classmethod
+    def from_oracle(cls, config: SamplerConfig, **extra) -> "SamplingParams":
+        """The engine's parameters for an oracle config (max_length resolved by the caller)."""
+        fields = {k: getattr(config, k) for k in _ORACLE_KNOBS}
+        fields.update(extra)
+        return cls(**fields)
+
     @property
-    def exact(self) -> bool:
-        return self.cache == "none" and self.threshold is None and self.factor is None
+    def rule(self) -> str:
+        """How many positions a step commits: "schedule" (the oracle's), "threshold" or "factor"."""
+        return "threshold" if self.threshold is not None else "factor" if self.factor is not None else "schedule"
 
 
-# The engine's fast preset: the best measured combination of the fast knobs (see bench/results).
+# The engine's fast setting: the best measured combination of the fast knobs (see bench/results). The
+# cache is the engine's choice (Engine(..., cache=...)); the threshold is a per-request parameter.
 FAST_PRESET: dict = dict(cache="dual", threshold=0.9)

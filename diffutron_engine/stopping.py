@@ -35,18 +35,58 @@ class StopRule:
     def _has_stop(self, text: str) -> bool:
         return any(s in text for s in self.stops)
 
-    def find(self, row: list[int], start: int) -> int | None:
-        """Token index in `row` where the first stop string of the generated text starts, or None."""
+    def find(self, row: list[int], start: int, end: int | None = None) -> int | None:
+        """Token index in `row` where the first stop string of the generated text starts, or None
+        (searching row[start:end]; a run cut by `end` is searched as far as it goes)."""
         run_start = start
-        for end in range(start, len(row) + 1):
-            if end < len(row) and row[end] != self.mask_id:
+        limit = len(row) if end is None else end
+        for cut in range(start, limit + 1):
+            if cut < limit and row[cut] != self.mask_id:
                 continue
-            run = row[run_start:end]  # a run of committed tokens between masks
+            run = row[run_start:cut]  # a run of committed tokens between masks
             if run and self._has_stop(self._decode(run)):
                 last = next(k for k in range(1, len(run) + 1) if self._has_stop(self._decode(run[:k])))
                 first = max(j for j in range(last) if self._has_stop(self._decode(run[j:last])))
                 return run_start + first
-            run_start = end + 1
+            run_start = cut + 1
+        return None
+
+    @property
+    def window(self) -> int:
+        """Tokens on each side of a new token that an occurrence through it can reach: a stop string
+        of c characters spans at most c tokens of one character or more, and a character at most 4
+        byte tokens; 4 more keep the decoded window's edges away from it."""
+        return 4 * max(len(s) for s in self.stops) + 4
+
+    def find_new(self, row: list[int], start: int, new: list[int]) -> int | None:
+        """`find` after a step that committed positions `new` (sorted) into a row where the previous
+        `find` found nothing: an occurrence now must pass through a new token, so only the runs holding
+        new tokens are decoded, and of each only a window around them. Cost proportional to the new
+        tokens, not to the answer's length; same result as `find` (tests/test_stopping.py)."""
+        if not new:
+            return None
+        K = self.window
+        n = len(row)
+        i = 0
+        while i < len(new):
+            p = new[i]
+            if p < start or row[p] == self.mask_id:  # outside the answer, or the mask id committed
+                i += 1
+                continue
+            lo = p  # the run of committed tokens around p
+            while lo > start and row[lo - 1] != self.mask_id:
+                lo -= 1
+            hi = p + 1
+            while hi < n and row[hi] != self.mask_id:
+                hi += 1
+            last_new = p
+            while i < len(new) and new[i] < hi:
+                last_new = new[i]
+                i += 1
+            a, b = max(lo, p - K), min(hi, last_new + K + 1)
+            found = self.find(row, a, end=b)
+            if found is not None:
+                return found
         return None
 
     def apply(self, x: torch.Tensor, starts: list[int]) -> list[int]:

@@ -6,13 +6,17 @@ every step, several times the cost of reading the logits once. Here each row is 
 LM-head variant, the logits are computed tile by tile and never stored), and per row only a running
 (best score, its id, its logit) and an online log-sum-exp survive.
 
-Semantics (the engine's sampler contract, same as the oracle's step):
+Semantics (the engine's sampler contract, same as the oracle's step), per row, with that row's own
+temperature, penalty, seen ids, suppressed and begin-suppressed ids (rows of one call may differ in all):
   x       = logits, with the repetition penalty on the row's seen ids (x > 0: x / p, else x * p, rounded
             to the logits' dtype as the oracle's in-place update is) and suppressed ids set to -inf;
   choice  = argmax(x) at temperature 0 (first maximum on ties, as torch.argmax), else
             argmax(x + tau * g) with g a standard Gumbel draw per (row, vocabulary id);
   conf    = softmax(x') at the choice, x' = x with the begin-suppressed ids at -inf (0 if the choice is
-            one of them), in the logits' dtype.
+            one of them), in the logits' dtype; for rows with random confidence, a uniform draw instead
+            (float32: the output is then float32 for every row, which holds both exactly).
+Rows marked invalid (`valid`) are skipped: no work, unspecified outputs (the engine pads its candidate
+rows to a fixed count and marks the padding invalid).
 Random numbers are counter based: Philox-4x32-10 keyed by the request's 64-bit seed, counters (vocabulary
 id, canvas position, the request's step, stream). A draw depends on nothing else: not on the batch, the
 tile order or the backend, and replays identically under CUDA graphs. The same generator is implemented
@@ -84,30 +88,41 @@ if triton is not None:
     def _sample_partial_kernel(
         x_ptr, x_stride_n,                    # logits [N, V], or hidden [N, H] when FUSE_HEAD
         w_ptr, w_stride_v, b_ptr,             # decoder weight [V, H] and bias [V] (FUSE_HEAD only)
+        temp_ptr, pen_ptr, valid_ptr,         # [N] float32, float32, int8: per-row temperature, penalty, work
         seed_ptr, pos_ptr, step_ptr, stream_ptr,  # [N] int64 each: the Philox key and counters
-        req_ptr, seen_ptr, seen_stride_r,     # [N] request of each row; seen-id bitmaps [R, W] int32
-        sup_ptr, beg_ptr,                     # suppressed / begin-suppressed bitmaps [W] int32
+        map_ptr,                              # [N] int64: the row of the bitmaps each row reads
+        seen_ptr, seen_stride_r,              # seen-id bitmaps [R, W] int32
+        sup_ptr, sup_stride_r,                # suppressed-id bitmaps [R, W] (stride 0: one for all rows)
+        beg_ptr, beg_stride_r,                # begin-suppressed-id bitmaps [R, W] (stride 0: one for all)
         part_score_ptr, part_id_ptr, part_x_ptr, part_m_ptr, part_s_ptr,  # [N, SPLITS] partials
-        N, V, H, tiles_per_split, n_splits, temperature, penalty,
+        N, V, H, tiles_per_split, n_splits,
         FUSE_HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PENALTY: tl.constexpr,
-        HAS_SUPPRESS: tl.constexpr, HAS_BEGIN: tl.constexpr, SAMPLE: tl.constexpr, ROUNDS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_SUPPRESS: tl.constexpr, HAS_BEGIN: tl.constexpr, SAMPLE: tl.constexpr, HAS_VALID: tl.constexpr,
+        ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0).to(tl.int64)
         pid_s = tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
+        if HAS_VALID:
+            row_ok = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
         out_dtype = x_ptr.dtype.element_ty  # logits (or the LM head's output) carry the model's dtype
 
         if SAMPLE:
+            temp = tl.load(temp_ptr + rows, mask=row_ok, other=0.0)
             seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)
             k0 = (seed & 0xFFFFFFFF).to(tl.uint32)[:, None]
             k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)[:, None]
             c1 = tl.load(pos_ptr + rows, mask=row_ok, other=0).to(tl.uint32)[:, None]
             c2 = tl.load(step_ptr + rows, mask=row_ok, other=0).to(tl.uint32)[:, None]
             c3 = tl.load(stream_ptr + rows, mask=row_ok, other=0).to(tl.uint32)[:, None]
+            # rows at temperature 0 in a program of greedy rows skip the draws entirely
+            any_sample = tl.max(tl.where(row_ok, temp, 0.0), axis=0) > 0.0
+        if HAS_PENALTY or HAS_SUPPRESS or HAS_BEGIN:
+            bmap = tl.load(map_ptr + rows, mask=row_ok, other=0)
         if HAS_PENALTY:
-            req = tl.load(req_ptr + rows, mask=row_ok, other=0)
+            pen = tl.load(pen_ptr + rows, mask=row_ok, other=1.0)
+            pen_on = row_ok & (pen != 1.0)  # rows without a penalty never read their bitmap
 
         best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         best_id = tl.zeros((BLOCK_M,), tl.int64)
@@ -115,8 +130,10 @@ if triton is not None:
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         s = tl.zeros((BLOCK_M,), tl.float32)
 
+        # a program whose rows are all invalid does no work
         t_lo = pid_s * tiles_per_split
-        for t in range(t_lo, t_lo + tiles_per_split):
+        t_hi = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, t_lo + tiles_per_split, t_lo)
+        for t in range(t_lo, t_hi):
             cols = t * BLOCK_V + tl.arange(0, BLOCK_V)
             col_ok = cols < V
             ok = row_ok[:, None] & col_ok[None, :]
@@ -137,24 +154,26 @@ if triton is not None:
                 x = tl.load(x_ptr + rows[:, None] * x_stride_n + cols[None, :], mask=ok,
                             other=float("-inf")).to(tl.float32)
             if HAS_PENALTY:
-                word = tl.load(seen_ptr + req[:, None] * seen_stride_r + (cols // 32)[None, :], mask=ok, other=0)
+                word = tl.load(seen_ptr + bmap[:, None] * seen_stride_r + (cols // 32)[None, :],
+                               mask=pen_on[:, None] & col_ok[None, :], other=0)
                 seen = ((word >> (cols % 32)[None, :]) & 1) != 0
-                pen = tl.where(x > 0, x / penalty, x * penalty).to(out_dtype).to(tl.float32)
-                x = tl.where(seen, pen, x)
+                penalized = tl.where(x > 0, x / pen[:, None], x * pen[:, None]).to(out_dtype).to(tl.float32)
+                x = tl.where(seen, penalized, x)
             if HAS_SUPPRESS:
-                x = tl.where(_bit_set(sup_ptr, cols, col_ok)[None, :], float("-inf"), x)
+                x = tl.where(_bit_set(sup_ptr + bmap[:, None] * sup_stride_r, cols[None, :], ok), float("-inf"), x)
+            score = x
             if SAMPLE:
-                c0 = tl.broadcast_to(cols.to(tl.uint32)[None, :], (BLOCK_M, BLOCK_V))
-                bits = _philox_first_word(c0, tl.broadcast_to(c1, (BLOCK_M, BLOCK_V)),
-                                          tl.broadcast_to(c2, (BLOCK_M, BLOCK_V)),
-                                          tl.broadcast_to(c3, (BLOCK_M, BLOCK_V)),
-                                          tl.broadcast_to(k0, (BLOCK_M, BLOCK_V)),
-                                          tl.broadcast_to(k1, (BLOCK_M, BLOCK_V)), ROUNDS)
-                score = x + temperature * _gumbel(bits)
-            else:
-                score = x
+                if any_sample:
+                    c0 = tl.broadcast_to(cols.to(tl.uint32)[None, :], (BLOCK_M, BLOCK_V))
+                    bits = _philox_first_word(c0, tl.broadcast_to(c1, (BLOCK_M, BLOCK_V)),
+                                              tl.broadcast_to(c2, (BLOCK_M, BLOCK_V)),
+                                              tl.broadcast_to(c3, (BLOCK_M, BLOCK_V)),
+                                              tl.broadcast_to(k0, (BLOCK_M, BLOCK_V)),
+                                              tl.broadcast_to(k1, (BLOCK_M, BLOCK_V)), ROUNDS)
+                    # temperature 0 rows: x + 0 * g == x exactly (g is finite), the greedy choice
+                    score = x + temp[:, None] * _gumbel(bits)
             if HAS_BEGIN:
-                xc = tl.where(_bit_set(beg_ptr, cols, col_ok)[None, :], float("-inf"), x)
+                xc = tl.where(_bit_set(beg_ptr + bmap[:, None] * beg_stride_r, cols[None, :], ok), float("-inf"), x)
             else:
                 xc = x
             # running choice: strictly greater keeps the first maximum across tiles (torch's tie rule)
@@ -206,74 +225,177 @@ if triton is not None:
 
 
 # ----------------------------------------------------------------------------------------------- params
+@dataclass(frozen=True)
+class SampleFlags:
+    """Which features any row of a call uses. The kernels are specialized on them (a greedy batch never
+    runs the random-number code); the engine knows them from its requests without reading the device."""
+
+    sample: bool = False  # some row has temperature > 0
+    penalty: bool = False  # some row has a repetition penalty != 1
+    suppress: bool = False  # some row has suppressed ids
+    begin: bool = False  # some row has begin-suppressed ids
+    random: bool = False  # some row uses random confidences (random remasking)
+
+
 @dataclass
 class SampleParams:
-    """What the sampler needs besides the logits, per candidate row (N rows).
+    """What the sampler needs besides the logits, for N rows. Every per-row value is one number for all
+    rows or a tensor [N]; the engine passes tensors (rows of many requests) and `flags`.
 
-    seeds/positions/steps/streams: [N] int64, the Philox key and counters (needed when temperature > 0
-    or for random confidences). seen: per request, the ids its canvas holds (repetition penalty), with
-    row_request [N] mapping rows to entries of `seen`. suppress / begin_suppress: vocabulary ids.
+    temperature, penalty: float32 values. seeds/positions/steps/streams: [N] int64, the Philox key and
+    counters (needed when a row samples or uses random confidences). Bitmaps over the vocabulary (bit
+    v % 32 of int32 word v // 32), row `row_request[i]` for logits row i: `seen` (the repetition
+    penalty's ids: a list of id tensors, one per bitmap row, or a bitmap [R, W]), `suppress` and
+    `begin_suppress` (ids shared by all rows, or a bitmap [R, W]). random_confidence: bool or [N] bool.
+    valid: [N] bool, rows to compute (None: all). flags: see SampleFlags (derived when not given; that
+    reads tensors back from the device, which the engine avoids by giving them).
     """
 
-    temperature: float = 0.0
-    penalty: float = 1.0
+    temperature: float | torch.Tensor = 0.0
+    penalty: float | torch.Tensor = 1.0
     seeds: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     steps: torch.Tensor | None = None
     streams: torch.Tensor | None = None
-    seen: list[torch.Tensor] | None = None
+    seen: list[torch.Tensor] | torch.Tensor | None = None
     row_request: torch.Tensor | None = None
-    suppress: tuple[int, ...] = ()
-    begin_suppress: tuple[int, ...] = ()
-    random_confidence: bool = False
-    _bitmaps: dict = field(default_factory=dict, repr=False)
+    suppress: tuple[int, ...] | torch.Tensor = ()
+    begin_suppress: tuple[int, ...] | torch.Tensor = ()
+    random_confidence: bool | torch.Tensor = False
+    valid: torch.Tensor | None = None
+    flags: SampleFlags | None = None
+    _resolved: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.penalty <= 0:
-            raise ValueError(f"repetition penalty must be > 0, got {self.penalty}")
-        if (self.temperature > 0 or self.random_confidence) and self.seeds is None:
+        for name, low, strict in (("temperature", 0.0, False), ("penalty", 0.0, True)):
+            v = getattr(self, name)
+            if not isinstance(v, torch.Tensor):
+                v = float(v)
+                if (v <= low) if strict else (v < low):
+                    raise ValueError(f"{'repetition penalty' if name == 'penalty' else name} must be "
+                                     f"{'>' if strict else '>='} {low:g}, got {v}")
+                setattr(self, name, v)
+        if not isinstance(self.suppress, torch.Tensor):
+            self.suppress = tuple(int(i) for i in self.suppress)
+        if not isinstance(self.begin_suppress, torch.Tensor):
+            self.begin_suppress = tuple(int(i) for i in self.begin_suppress)
+        if self.flags is None:
+            self.flags = SampleFlags(sample=_any(self.temperature, lambda t: t > 0),
+                                     penalty=_any(self.penalty, lambda t: t != 1.0),
+                                     suppress=_any_ids(self.suppress), begin=_any_ids(self.begin_suppress),
+                                     random=_any(self.random_confidence, lambda t: t))
+        f = self.flags
+        if (f.sample or f.random) and self.seeds is None:
             raise ValueError("sampling at temperature > 0 (or random confidences) needs per-row seeds")
-        if self.penalty != 1.0 and (self.seen is None or self.row_request is None):
+        if f.penalty and (self.seen is None or self.row_request is None):
             raise ValueError("a repetition penalty needs `seen` ids per request and `row_request` per row")
-        self.suppress = tuple(int(i) for i in self.suppress)
-        self.begin_suppress = tuple(int(i) for i in self.begin_suppress)
 
     @property
     def sample(self) -> bool:
-        return self.temperature > 0
+        return self.flags.sample
 
     @property
     def has_penalty(self) -> bool:
-        return self.penalty != 1.0
+        return self.flags.penalty
 
-    def counters(self, n: int, device) -> tuple[torch.Tensor, ...]:
-        """(seeds, positions, steps, streams) as [n] int64 on `device` (zeros where not given)."""
-        out = []
-        for t in (self.seeds, self.positions, self.steps, self.streams):
-            if t is None:
-                t = torch.zeros(n, dtype=torch.long)
-            t = torch.as_tensor(t, dtype=torch.long).to(device)
-            if t.shape != (n,):
-                raise ValueError(f"per-row seeds/positions/steps/streams must have shape [{n}], got {tuple(t.shape)}")
-            out.append(t)
-        return tuple(out)
+    def resolve(self, n: int, vocab: int, device) -> "_Resolved":
+        """Everything as tensors on `device` (made once per (n, vocab, device))."""
+        device = torch.device(device)
+        key = (n, vocab, str(device))
+        if key not in self._resolved:
+            self._resolved[key] = _Resolved.build(self, n, vocab, device)
+        return self._resolved[key]
 
-    def bitmaps(self, vocab: int, device) -> dict[str, torch.Tensor]:
-        """int32 bitmaps over the vocabulary (bit v % 32 of word v // 32): 'seen' [R, W], 'suppress' and
-        'begin' [W]; built once per (vocab, device)."""
-        key = (vocab, str(device))
-        if key not in self._bitmaps:
-            maps = {}
-            if self.has_penalty:
-                maps["seen"] = torch.stack([id_bitmap(ids, vocab) for ids in self.seen]).to(device)
-            if self.suppress:
-                maps["suppress"] = id_bitmap(self.suppress, vocab).to(device)
-            if self.begin_suppress:
-                maps["begin"] = id_bitmap(self.begin_suppress, vocab).to(device)
-            self._bitmaps[key] = maps
-        return self._bitmaps[key]
+
+@dataclass
+class _Resolved:
+    """SampleParams as the kernels read them: [N] tensors, bitmaps with their row strides (0: one
+    bitmap for every row), and dummies for the features no row uses."""
+
+    flags: SampleFlags
+    temperature: torch.Tensor
+    penalty: torch.Tensor
+    valid: torch.Tensor | None
+    seeds: torch.Tensor
+    positions: torch.Tensor
+    steps: torch.Tensor
+    streams: torch.Tensor
+    maps: torch.Tensor
+    seen: torch.Tensor
+    seen_stride: int
+    suppress: torch.Tensor
+    suppress_stride: int
+    begin: torch.Tensor
+    begin_stride: int
+    random: torch.Tensor | None
+
+    @classmethod
+    def build(cls, p: SampleParams, n: int, vocab: int, device) -> "_Resolved":
+        f = p.flags
+        words = (vocab + 31) // 32
+        dummy = torch.zeros(1, words, dtype=torch.int32, device=device)
+
+        def per_row(v, dtype, name):
+            if isinstance(v, torch.Tensor):
+                t = v.to(device=device, dtype=dtype).contiguous()  # kernels index rows with stride 1
+                if t.shape != (n,):
+                    raise ValueError(f"per-row {name} must have shape [{n}], got {tuple(t.shape)}")
+                return t
+            return torch.full((n,), v, dtype=dtype, device=device)
+
+        counters = [per_row(0 if t is None else t, torch.long, "seeds/positions/steps/streams")
+                    for t in (p.seeds, p.positions, p.steps, p.streams)]
+
+        def bitmap(v, name):
+            """(bitmap [R, W], row stride) from ids shared by all rows, a list of id sets, or a bitmap."""
+            if isinstance(v, torch.Tensor) and v.dtype == torch.int32 and v.dim() in (1, 2):
+                b = v.to(device)
+                if b.shape[-1] != words:
+                    raise ValueError(f"{name} bitmap must have {words} words per row for vocab {vocab}, "
+                                     f"got {b.shape[-1]}")
+                return (b, 0) if b.dim() == 1 else (b, b.stride(0))
+            if isinstance(v, (list, tuple)) and v and isinstance(v[0], (torch.Tensor, list, tuple)):
+                b = torch.stack([id_bitmap(ids, vocab) for ids in v]).to(device)
+                return b, b.stride(0)
+            return id_bitmap(v, vocab).to(device), 0
+
+        seen, seen_stride = bitmap(p.seen, "seen") if f.penalty else (dummy, 0)
+        sup, sup_stride = bitmap(p.suppress, "suppress") if f.suppress else (dummy, 0)
+        beg, beg_stride = bitmap(p.begin_suppress, "begin_suppress") if f.begin else (dummy, 0)
+        maps = per_row(0 if p.row_request is None else p.row_request, torch.long, "row_request")
+        valid = None if p.valid is None else per_row(p.valid, torch.bool, "valid")
+        random = per_row(p.random_confidence, torch.bool, "random_confidence") if f.random else None
+        return cls(flags=f, temperature=per_row(p.temperature, torch.float32, "temperature"),
+                   penalty=per_row(p.penalty, torch.float32, "penalty"), valid=valid,
+                   seeds=counters[0], positions=counters[1], steps=counters[2], streams=counters[3], maps=maps,
+                   seen=seen, seen_stride=seen_stride, suppress=sup, suppress_stride=sup_stride,
+                   begin=beg, begin_stride=beg_stride, random=random)
+
+    def bits(self, which: str, rows: slice, vocab: int) -> torch.Tensor:
+        """Bool [rows, V]: which ids of bitmap `which` ("seen", "suppress", "begin") each row has."""
+        table, stride = getattr(self, which), getattr(self, f"{which}_stride")
+        words = table[self.maps[rows]] if stride else table.reshape(1, -1).expand(rows.stop - rows.start, -1)
+        shifts = torch.arange(32, device=table.device, dtype=torch.int32)
+        return ((words[:, :, None] >> shifts) & 1).reshape(words.shape[0], -1)[:, :vocab].bool()
+
+    def with_random_confidence(self, conf: torch.Tensor) -> torch.Tensor:
+        """conf with the rows that use random confidences replaced by their uniform draw (float32 then)."""
+        if self.random is None:
+            return conf
+        u = random_confidence(self.seeds, self.positions, self.steps, self.streams)
+        return torch.where(self.random, u, conf.float())
+
+
+def _any(v, pred) -> bool:
+    if isinstance(v, torch.Tensor):
+        return bool(pred(v).any()) if v.numel() else False
+    return bool(pred(v))
+
+
+def _any_ids(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return bool((v != 0).any()) if v.dtype == torch.int32 else v.numel() > 0
+    return len(v) > 0
 
 
 def id_bitmap(ids, vocab: int) -> torch.Tensor:
@@ -307,38 +429,32 @@ def _launch(x, weight, bias, vocab: int, p: SampleParams, block_m: int, block_v:
     conf = torch.empty(n, dtype=conf_dtype, device=device)
     if n == 0:
         return ids, conf
-    seeds, positions, steps, streams = p.counters(n, device)
-    maps = p.bitmaps(vocab, device)
-    dummy = torch.zeros(1, dtype=torch.int32, device=device)
-    seen = maps.get("seen", dummy.view(1, 1))
-    req = (torch.as_tensor(p.row_request, dtype=torch.long).to(device) if p.has_penalty
-           else torch.zeros(n, dtype=torch.long, device=device))
-    if req.shape != (n,):
-        raise ValueError(f"row_request must have shape [{n}], got {tuple(req.shape)}")
+    r = p.resolve(n, vocab, device)
+    f = r.flags
     row_blocks = triton.cdiv(n, block_m)
     n_tiles = triton.cdiv(vocab, block_v)
     n_splits, per_split = _splits(row_blocks, n_tiles, device)
     parts = [torch.empty(n, n_splits, dtype=dt, device=device)
              for dt in (torch.float32, torch.long, torch.float32, torch.float32, torch.float32)]
     fuse = weight is not None
+    valid = r.valid.view(torch.int8) if r.valid is not None else r.temperature  # a dummy when absent
     _sample_partial_kernel[(row_blocks, n_splits)](
         x, x.stride(0),
         weight if fuse else x, weight.stride(0) if fuse else 0, bias if bias is not None else x,
-        seeds, positions, steps, streams,
-        req, seen, seen.stride(0), maps.get("suppress", dummy), maps.get("begin", dummy),
+        r.temperature, r.penalty, valid,
+        r.seeds, r.positions, r.steps, r.streams, r.maps,
+        r.seen, r.seen_stride, r.suppress, r.suppress_stride, r.begin, r.begin_stride,
         *parts,
-        n, vocab, x.shape[1] if fuse else 0, per_split, n_splits, float(p.temperature), float(p.penalty),
-        FUSE_HEAD=fuse, HAS_BIAS=bias is not None, HAS_PENALTY=p.has_penalty, HAS_SUPPRESS="suppress" in maps,
-        HAS_BEGIN="begin" in maps, SAMPLE=p.sample, ROUNDS=PHILOX_ROUNDS,
+        n, vocab, x.shape[1] if fuse else 0, per_split, n_splits,
+        FUSE_HEAD=fuse, HAS_BIAS=bias is not None, HAS_PENALTY=f.penalty, HAS_SUPPRESS=f.suppress,
+        HAS_BEGIN=f.begin, SAMPLE=f.sample, HAS_VALID=r.valid is not None, ROUNDS=PHILOX_ROUNDS,
         BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
         num_warps=8 if fuse or block_v >= 2048 else 4,
     )
     block_r = min(1024, max(16, triton.next_power_of_2(n)))  # many rows per program: the merge is tiny
     _sample_merge_kernel[(triton.cdiv(n, block_r),)](*parts, ids, conf, n, n_splits, BLOCK_R=block_r,
                                                      BLOCK_S=max(16, triton.next_power_of_2(n_splits)))
-    if p.random_confidence:
-        conf = random_confidence(seeds, positions, steps, streams)
-    return ids, conf
+    return ids, r.with_random_confidence(conf)
 
 
 def _check_logits(logits: torch.Tensor, contiguous_rows: bool = False) -> None:
@@ -352,8 +468,9 @@ def _check_logits(logits: torch.Tensor, contiguous_rows: bool = False) -> None:
 
 def sample_triton(logits: torch.Tensor, p: SampleParams, block_v: int | None = None, block_m: int = 1):
     """Token choice and confidence for each row of logits [N, V] (any V), one launch plus a merge.
-    One row per program by default (the vocabulary split keeps the GPU busy); block_m > 1 packs rows,
-    which suits many short rows (the interpreter's statistical tests)."""
+    One row per program by default (the vocabulary split keeps the GPU busy, and a row's own
+    temperature, penalty and validity decide its work); block_m > 1 packs rows, which suits many short
+    rows (the interpreter's statistical tests)."""
     _check_logits(logits, contiguous_rows=True)
     block_v = block_v or 2048
     return _launch(logits, None, None, logits.shape[1], p, block_m, block_v, 16, logits.dtype)
@@ -428,47 +545,43 @@ def random_confidence(seeds, positions, steps, streams) -> torch.Tensor:
 def sample_torch(logits: torch.Tensor, p: SampleParams, compute_dtype=torch.float32, chunk: int = 4,
                  conf_dtype=None):
     """The same contract in torch, a few rows at a time so no [N, V] temporary exists beyond the
-    logits. Confidences come out in conf_dtype (default: the logits' dtype). compute_dtype and
-    conf_dtype float64 give the reference the tests measure the kernels against."""
+    logits. Confidences come out in conf_dtype (default: the logits' dtype; float32 when a row uses
+    random confidences). compute_dtype and conf_dtype float64 give the reference the tests measure the
+    kernels against. Invalid rows are computed too (their outputs are unspecified by the contract)."""
     _check_logits(logits)
     n, vocab = logits.shape
     device = logits.device
+    r = p.resolve(n, vocab, device)
+    f = r.flags
     ids = torch.empty(n, dtype=torch.long, device=device)
-    conf_dtype = conf_dtype or logits.dtype
-    conf = torch.empty(n, dtype=conf_dtype, device=device)
-    seeds, positions, steps, streams = p.counters(n, device)
-    if p.has_penalty:
-        req = torch.as_tensor(p.row_request, dtype=torch.long).tolist()
-        if len(req) != n:
-            raise ValueError(f"row_request must have {n} entries, got {len(req)}")
-        seen = [torch.as_tensor(s, dtype=torch.long).to(device) for s in p.seen]
+    conf = torch.empty(n, dtype=conf_dtype or logits.dtype, device=device)
     vocab_ids = torch.arange(vocab, device=device)
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
+        rows = slice(a, b)
         x = logits[a:b].to(compute_dtype, copy=True)  # never write into the caller's logits
-        if p.has_penalty:
-            for r in range(a, b):
-                s = seen[req[r]]
-                if s.numel():
-                    v = logits[r, s]  # the oracle updates the logits in place, in their dtype
-                    x[r - a, s] = torch.where(v > 0, v / p.penalty, v * p.penalty).to(logits.dtype).to(compute_dtype)
-        if p.suppress:
-            x[:, list(p.suppress)] = -torch.inf
-        if p.sample:
-            k0, k1 = _key(seeds[a:b, None])
-            bits = philox_first_word(vocab_ids[None, :], positions[a:b, None] & 0xFFFFFFFF,
-                                     steps[a:b, None] & 0xFFFFFFFF, streams[a:b, None] & 0xFFFFFFFF, k0, k1)
-            choice = (x + p.temperature * gumbel_from_bits(bits, compute_dtype)).argmax(dim=-1)
+        if f.penalty:
+            v = logits[a:b]  # the oracle updates the logits in place, in their dtype
+            pen = r.penalty[a:b, None]
+            penalized = torch.where(v > 0, v / pen, v * pen).to(logits.dtype).to(compute_dtype)
+            x = torch.where(r.bits("seen", rows, vocab) & (pen != 1.0), penalized, x)
+        if f.suppress:
+            x = x.masked_fill(r.bits("suppress", rows, vocab), -torch.inf)
+        if f.sample:
+            k0, k1 = _key(r.seeds[a:b, None])
+            bits = philox_first_word(vocab_ids[None, :], r.positions[a:b, None] & 0xFFFFFFFF,
+                                     r.steps[a:b, None] & 0xFFFFFFFF, r.streams[a:b, None] & 0xFFFFFFFF, k0, k1)
+            # temperature 0 rows: x + 0 * g == x exactly (g is finite), the greedy choice
+            temp = r.temperature[a:b, None].to(compute_dtype)
+            choice = (x + temp * gumbel_from_bits(bits, compute_dtype)).argmax(dim=-1)
             del bits
         else:
             choice = x.argmax(dim=-1)
-        if p.begin_suppress:
-            x[:, list(p.begin_suppress)] = -torch.inf
+        if f.begin:
+            x = x.masked_fill(r.bits("begin", rows, vocab), -torch.inf)
         ids[a:b] = choice
-        conf[a:b] = torch.softmax(x, dim=-1).gather(-1, choice[:, None]).squeeze(-1).to(conf_dtype)
-    if p.random_confidence:
-        conf = random_confidence(seeds, positions, steps, streams)
-    return ids, conf
+        conf[a:b] = torch.softmax(x, dim=-1).gather(-1, choice[:, None]).squeeze(-1).to(conf.dtype)
+    return ids, r.with_random_confidence(conf)
 
 
 def sample_reference(logits: torch.Tensor, p: SampleParams):

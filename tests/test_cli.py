@@ -74,7 +74,8 @@ def test_preset_and_flags(capsys, tiny_checkpoint):
     parser = __import__("diffutron_engine.cli.main", fromlist=["build_parser"]).build_parser()
     args = parser.parse_args(["generate", "x", "--preset", "diffutron-long", "--steps", "16",
                               "--block-length", "8", "--stop", "</s>", "--stop", "<s>", "--stochastic-transfer"])
-    cfg = generate.sampler_config(args)
+    cfg, cache = generate.settings(args)
+    assert cache == "none"
     assert (cfg.steps, cfg.block_size, cfg.temperature, cfg.repetition_penalty) == (16, 8, 0.1, 1.2)
     assert cfg.stop_strings == ["</s>", "<s>"] and cfg.stochastic_transfer
     code, out, err = run_cli(capsys, "generate", "Merhaba", "--model", tiny_checkpoint, "--preset",
@@ -89,7 +90,7 @@ def test_diffutron_stops_flag():
     from diffutron_engine.config import DIFFUTRON_STOP_STRINGS
 
     args = build_parser().parse_args(["generate", "x", "--diffutron-stops", "--stop", "END"])
-    assert generate.sampler_config(args).stop_strings == ["END", *DIFFUTRON_STOP_STRINGS]
+    assert generate.settings(args)[0].stop_strings == ["END", *DIFFUTRON_STOP_STRINGS]
 
 
 def test_output_file_gets_the_usual_permissions(capsys, tmp_path, tiny_checkpoint):
@@ -240,10 +241,10 @@ def test_fast_flags(capsys, tiny_checkpoint):
     from diffutron_engine.cli.main import build_parser
     from diffutron_engine.config import FAST_PRESET
 
-    cfg = generate.sampler_config(build_parser().parse_args(["generate", "x", "--fast"]))
-    assert all(getattr(cfg, k) == v for k, v in FAST_PRESET.items())
-    cfg = generate.sampler_config(build_parser().parse_args(["generate", "x", "--fast", "--factor", "1.5"]))
-    assert cfg.factor == 1.5 and cfg.threshold is None and cfg.cache == FAST_PRESET["cache"]
+    cfg, cache = generate.settings(build_parser().parse_args(["generate", "x", "--fast"]))
+    assert cache == FAST_PRESET["cache"] and cfg.threshold == FAST_PRESET["threshold"]
+    cfg, cache = generate.settings(build_parser().parse_args(["generate", "x", "--fast", "--factor", "1.5"]))
+    assert cfg.factor == 1.5 and cfg.threshold is None and cache == FAST_PRESET["cache"]
     code, out, err = run_cli(capsys, "generate", "Merhaba", "--model", tiny_checkpoint, "--json",
                              "--cache", "prefix", "--threshold", "0.5", *FAST)
     assert code == 0, err
@@ -261,6 +262,18 @@ def test_stream(capsys, tiny_checkpoint):
     finals = [json.loads(x)["text"] for x in plain.splitlines()]
     for i in (0, 1):
         assert "".join(e["text"] for e in events if e["index"] == i) == finals[i]
+
+
+def test_stream_with_output_streams_and_writes_the_file(capsys, tmp_path, tiny_checkpoint):
+    dst = tmp_path / "answers.jsonl"
+    code, out, err = run_cli(capsys, "generate", "Merhaba", "Kitap", "--model", tiny_checkpoint, "--stream",
+                             "--json", "--output", str(dst), *FAST)
+    assert code == 0, err
+    events = [json.loads(x) for x in out.splitlines()]
+    rows = [json.loads(x) for x in dst.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == ["Merhaba", "Kitap"]
+    for i in (0, 1):
+        assert "".join(e["text"] for e in events if e["index"] == i) == rows[i]["text"]
 
 
 def test_fast_knobs_need_the_engine(capsys, tiny_checkpoint):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from diffutron_engine import DiffutronError, Engine, SamplingConfig
+from diffutron_engine import DiffutronError, Engine, SamplingParams
 from diffutron_engine.reference import ReferenceSampler
 
 HERE = os.path.dirname(__file__)
@@ -24,7 +24,7 @@ def engine(golden):
 
 @pytest.mark.parametrize("case", GREEDY, ids=[c["name"] for c in GREEDY])
 def test_exact_mode_gives_the_oracles_greedy_tokens(engine, case):
-    cfg = SamplingConfig(early_stop=False, **case["config"])
+    cfg = SamplingParams(early_stop=False, **case["config"])
     run = engine.infill if case.get("kind") == "infill" else engine.generate
     results = run(case["prompts"], cfg)
     for r, expected in zip(results, case["expected"]):
@@ -40,7 +40,7 @@ def test_exact_mode_matches_oracle_with_penalty_and_stops(engine, golden, extra)
     ref = ReferenceSampler(model=golden.model, tokenizer=golden.tokenizer).sample(prompts, **cfg)
     if "stop_strings" in extra:  # the case must exercise the stop rule: it pads the rest of a row
         assert (ref == golden.tokenizer.pad_token_id).any()
-    results = engine.generate(prompts, SamplingConfig(early_stop=False, **cfg))
+    results = engine.generate(prompts, SamplingParams(early_stop=False, **cfg))
     for r, row in zip(results, ref.tolist()):
         assert r.tokens == row[: len(r.tokens)]
 
@@ -70,14 +70,14 @@ def test_exact_mode_on_every_backend(request, golden, backend):
     eng = Engine(lm.model, lm.tokenizer, max_batch=2)
     with force_backend(backend):
         for case in BACKEND_CASES:
-            cfg = SamplingConfig(early_stop=False, **case["config"])
+            cfg = SamplingParams(early_stop=False, **case["config"])
             run = eng.infill if case.get("kind") == "infill" else eng.generate
             for r, expected in zip(run(case["prompts"], cfg), case["expected"]):
                 assert r.tokens == expected[: len(r.tokens)], case["name"]
         prompts = [[5, 17, 23, 40, 41, 42], [7, 8]]
         cfg = dict(max_new_tokens=12, block_size=6, steps=12, repetition_penalty=1.3, begin_suppress_tokens=[7])
         ref = ReferenceSampler(model=golden.model, tokenizer=golden.tokenizer).sample(prompts, **cfg)
-        for r, row in zip(eng.generate(prompts, SamplingConfig(early_stop=False, **cfg)), ref.tolist()):
+        for r, row in zip(eng.generate(prompts, SamplingParams(early_stop=False, **cfg)), ref.tolist()):
             assert r.tokens == row[: len(r.tokens)]
 
 
@@ -87,8 +87,8 @@ def test_triton_backend_matches_torch_with_caches_and_sampling(golden_triton):
     on the Triton and torch backends (same Philox draws, same ranking rule)."""
     from diffutron_engine.backends import force_backend
 
-    eng = Engine(golden_triton.model, golden_triton.tokenizer, max_batch=2)
-    cfg = SamplingConfig(max_new_tokens=12, block_size=6, steps=12, cache="dual", threshold=0.2, temperature=0.8,
+    eng = Engine(golden_triton.model, golden_triton.tokenizer, max_batch=2, cache="dual")
+    cfg = SamplingParams(max_new_tokens=12, block_size=6, steps=12, threshold=0.2, temperature=0.8,
                          seed=5, early_stop=False)
     prompts = [[5, 17, 23, 40, 41, 42], [7, 8, 9]]
     with force_backend("torch"):
@@ -108,8 +108,8 @@ def test_early_stop_saves_forwards_and_keeps_the_text(golden):
         eng = Engine(model, golden.tokenizer, max_batch=4)
         prompts = [[5, 17, 23, 40, 41, 42], [7, 8], [9, 10, 11, 12, 13]]
         cfg = dict(max_new_tokens=24, block_size=8, steps=24)
-        full = eng.generate(prompts, SamplingConfig(early_stop=False, **cfg))
-        early = eng.generate(prompts, SamplingConfig(early_stop=True, **cfg))
+        full = eng.generate(prompts, SamplingParams(early_stop=False, **cfg))
+        early = eng.generate(prompts, SamplingParams(early_stop=True, **cfg))
     finally:
         bias.data.copy_(old)
     assert [r.text for r in early] == [r.text for r in full]
@@ -122,7 +122,7 @@ def test_sampling_distribution_matches_softmax(golden):
     """Temperature > 0: many draws of one position against softmax(logits / tau)."""
     eng = Engine(golden.model, golden.tokenizer, max_batch=1024)
     prompt, tau, n = [5, 17, 23, 40, 41, 42], 0.7, 20_000
-    cfg = SamplingConfig(max_new_tokens=1, block_size=1, steps=1, temperature=tau, seed=123)
+    cfg = SamplingParams(max_new_tokens=1, block_size=1, steps=1, temperature=tau, seed=123)
     draws = torch.tensor([r.tokens[-1] for r in eng.generate([prompt] * n, cfg)])
     x = torch.tensor([prompt + [golden.tokenizer.mask_token_id]])
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_sampling_distribution_matches_softmax(golden):
 def test_request_draws_do_not_depend_on_the_batch(golden):
     eng = Engine(golden.model, golden.tokenizer, max_batch=8)
     prompts = [[5, 17, 23], [7, 8, 9, 10, 11], [12, 13]]
-    cfg = SamplingConfig(max_new_tokens=12, block_size=4, steps=12, temperature=0.9, seed=40, stochastic_transfer=True)
+    cfg = SamplingParams(max_new_tokens=12, block_size=4, steps=12, temperature=0.9, seed=40, stochastic_transfer=True)
     together = eng.generate(prompts, cfg)
     for i, p in enumerate(prompts):
         alone = eng.generate([p], cfg.override(seed=40 + i))  # request i's seed is seed + i
@@ -153,33 +153,41 @@ def test_request_draws_do_not_depend_on_the_batch(golden):
 
 
 # ----------------------------------------------------------------------------- caches and fast rules
-def test_cache_modes_equal_exact_when_each_block_takes_one_step(engine):
+def test_cache_modes_equal_exact_when_each_block_takes_one_step(engine, golden):
     prompts = [[5, 17, 23, 40, 41, 42], [7, 8]]
     base = dict(max_new_tokens=24, block_size=8, steps=3, early_stop=False)  # 3 blocks x 1 step
-    exact = engine.generate(prompts, SamplingConfig(**base))
+    exact = engine.generate(prompts, SamplingParams(**base))
     for cache in ("prefix", "dual"):
-        assert [r.tokens for r in engine.generate(prompts, SamplingConfig(cache=cache, **base))] == \
-               [r.tokens for r in exact]
+        eng = Engine(golden.model, golden.tokenizer, max_batch=2, cache=cache)
+        assert [r.tokens for r in eng.generate(prompts, SamplingParams(**base))] == [r.tokens for r in exact]
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("extra", [{}, dict(cfg_scale=0.5), dict(right_shift_logits=True), dict(threshold=0.5)])
-def test_cache_modes_fill_every_mask(engine, golden, cache, extra):
+def test_cache_modes_fill_every_mask(golden, cache, extra):
+    """Every mask is committed (the model never predicts the mask id here: it is suppressed), in at
+    most the schedule's steps; and a request's tokens do not depend on its batch."""
+    eng = Engine(golden.model, golden.tokenizer, max_batch=2, cache=cache)
     prompts = [[5, 17, 23, 40, 41, 42], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
-    res = engine.generate(prompts, SamplingConfig(max_new_tokens=20, block_size=8, steps=20, cache=cache,
-                                                  early_stop=False, **extra))
+    mask = golden.tokenizer.mask_token_id
+    params = SamplingParams(max_new_tokens=20, block_size=8, steps=20, early_stop=False, suppress_tokens=[mask],
+                            **extra)
+    res = eng.generate(prompts, params)
     for r, p in zip(res, prompts):
         assert r.tokens[: len(p)] == p and len(r.tokens) == len(p) + 20
+        assert mask not in r.tokens  # every mask filled
         assert 0 < r.forward_passes <= 20
+    alone = Engine(golden.model, golden.tokenizer, max_batch=1, cache=cache).generate(prompts[2:], params)
+    assert alone[0].tokens == res[2].tokens
 
 
 def test_threshold_commits_several_per_step(golden):
     eng = Engine(golden.model, golden.tokenizer, max_batch=4)
     prompts = [[5, 17, 23, 40, 41, 42], [7, 8]]
-    fast = eng.generate(prompts, SamplingConfig(max_new_tokens=24, block_size=8, steps=24, threshold=0.05,
+    fast = eng.generate(prompts, SamplingParams(max_new_tokens=24, block_size=8, steps=24, threshold=0.05,
                                                 early_stop=False))
     assert all(r.forward_passes < 24 for r in fast)
-    one = eng.generate(prompts, SamplingConfig(max_new_tokens=24, block_size=8, steps=24, threshold=1.0,
+    one = eng.generate(prompts, SamplingParams(max_new_tokens=24, block_size=8, steps=24, threshold=1.0,
                                                early_stop=False))
     assert all(r.forward_passes == 24 for r in one)  # tau = 1: only the forced one per step
 
@@ -188,14 +196,15 @@ def test_threshold_commits_several_per_step(golden):
 def test_stream_deltas_add_up_to_the_final_text(golden):
     eng = Engine(golden.model, golden.tokenizer, max_batch=2)
     prompts = [[5, 17, 23, 40, 41, 42], [7, 8], [9, 10, 11]]
-    cfg = SamplingConfig(max_new_tokens=16, block_size=4, steps=16, early_stop=False)
+    cfg = SamplingParams(max_new_tokens=16, block_size=4, steps=16, early_stop=False)
     final = [r.text for r in eng.generate(prompts, cfg)]
     pieces = {i: [] for i in range(3)}
     done = []
     for ev in eng.stream(prompts, cfg):
-        pieces[ev.index].append(ev.text)
+        pieces[ev.index].append(ev.delta)
         if ev.finished:
             done.append(ev.index)
+            assert ev.text == final[ev.index]
     assert sorted(done) == [0, 1, 2]
     assert ["".join(pieces[i]) for i in range(3)] == final
     assert max(len(v) for v in pieces.values()) > 1  # text arrives block by block
@@ -203,13 +212,15 @@ def test_stream_deltas_add_up_to_the_final_text(golden):
 
 def test_engine_accepts_text_and_rejects_bad_input(tiny):
     eng = Engine(tiny.model, tiny.tokenizer)
-    r = eng.generate(["Merhaba"], SamplingConfig(max_new_tokens=4, steps=4, block_size=4))[0]
-    assert r.prompt_ids and r.new_tokens <= 4
+    r = eng.generate(["Merhaba"], SamplingParams(max_new_tokens=4, steps=4, block_size=4))[0]
+    assert r.prompt_token_ids and r.new_tokens <= 4
     with pytest.raises(DiffutronError, match="beyond the model's context"):
-        eng.generate([[5] * 10], SamplingConfig(max_new_tokens=600))
+        eng.generate([[5] * 10], SamplingParams(max_new_tokens=600))
     with pytest.raises(DiffutronError, match="unknown cache"):
-        SamplingConfig(cache="triple")
+        Engine(tiny.model, tiny.tokenizer, cache="triple")
+    with pytest.raises(DiffutronError, match="unknown sampling parameter"):
+        SamplingParams().override(cache="dual")
     with pytest.raises(DiffutronError, match="either threshold or factor"):
-        SamplingConfig(threshold=0.9, factor=1.0)
+        SamplingParams(threshold=0.9, factor=1.0)
     with pytest.raises(DiffutronError, match="no prompts"):
-        eng.generate([], SamplingConfig())
+        eng.generate([], SamplingParams())

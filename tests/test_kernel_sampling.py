@@ -94,6 +94,44 @@ def test_matches_float64_reference(backend, case):
         assert conf[3].item() == 0.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_with_different_settings_share_one_call(backend):
+    """Per-row temperature, penalty, seen ids, suppression, begin-suppression, random confidence and
+    validity in one call (rows of different requests): every valid row gives what it gives alone."""
+    n, v = 8, 1000
+    logits, head = problem(n=n, v=v, seed=3)
+    temps = torch.tensor([0.0, 0.8, 0.0, 1.3, 0.5, 0.0, 2.0, 0.0])
+    pens = torch.tensor([1.0, 1.7, 0.8, 1.0, 1.4, 1.0, 1.0, 1.2])
+    seen = [torch.tensor([int(logits[i].argmax()), i + 3, 500 + i]) for i in range(n)]
+    sup = [(), (5, 999), (int(logits[2].argmax()),), (), (7,), (), (1, 2, 3), ()]
+    beg = [(8,), (), (), (4,), (), (9, int(logits[5].argmax())), (), ()]
+    rand = torch.tensor([False, False, False, False, True, False, False, False])
+    valid = torch.tensor([True, True, True, True, True, True, False, True])
+    sup_map = torch.stack([S.id_bitmap(ids, v) for ids in sup])
+    beg_map = torch.stack([S.id_bitmap(ids, v) for ids in beg])
+    base = params(n, logits)
+    p = S.SampleParams(temperature=temps, penalty=pens, seeds=base.seeds, positions=base.positions,
+                       steps=base.steps, seen=seen, row_request=torch.arange(n), suppress=sup_map,
+                       begin_suppress=beg_map, random_confidence=rand, valid=valid)
+    ids, conf = run(backend, logits, p, head)
+    torch_logits = logits if backend != "triton-head" else torch.addmm(head[2], head[0], head[1].T)
+    for i in range(n):
+        if not valid[i]:
+            continue
+        alone = S.SampleParams(temperature=float(temps[i]), penalty=float(pens[i]), seeds=base.seeds[i:i + 1],
+                               positions=base.positions[i:i + 1], steps=base.steps[i:i + 1], seen=[seen[i]],
+                               row_request=torch.zeros(1, dtype=torch.long), suppress=sup[i],
+                               begin_suppress=beg[i], random_confidence=bool(rand[i]))
+        ref_ids, ref_conf = S.sample_reference(logits[i:i + 1], alone)
+        assert ids[i].item() == ref_ids.item(), i
+        assert ids[i].item() not in sup[i]
+        _, conf32 = S.sample_torch(torch_logits[i:i + 1], alone)
+        err = abs(conf[i].item() - ref_conf.item())
+        assert err <= 2 * abs(conf32.item() - ref_conf.item()) + 1e-7, (i, err)
+    assert conf[5].item() == 0.0  # row 5's greedy choice is begin-suppressed for row 5 only
+    assert conf[0].item() > 0.0
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] in ("torch", "triton")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_logits(backend, dtype):

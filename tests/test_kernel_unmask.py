@@ -74,6 +74,66 @@ def test_triton_equals_torch_on_random_batches(rule, value):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.triton
+def test_triton_equals_torch_with_mixed_rules_and_seen_bits():
+    g = torch.Generator().manual_seed(5)
+    B, L, S, vocab = 7, 13, 9, 300
+    for _ in range(3):
+        conf = torch.rand(B, L, generator=g)
+        conf[torch.rand(B, L, generator=g) < 0.3] = NEG
+        tokens = torch.randint(0, vocab, (B, L), generator=g)
+        tokens[0, :4] = 31  # the same token (and bit 31 of a word) committed several times
+        rule = torch.randint(0, 3, (B,), generator=g).to(torch.int32)
+        value = torch.rand(B, generator=g) * 2
+        k = torch.randint(0, L + 1, (B,), generator=g)
+        start = torch.randint(0, 4, (B,), generator=g)
+        rows = torch.randperm(S, generator=g)[:B]
+        out = []
+        for fn in (U.unmask_triton, U.unmask_torch):
+            canvas = torch.randint(0, vocab, (S, L + 4), generator=torch.Generator().manual_seed(1)).to(DEV)
+            seen = torch.randint(-2**31, 2**31 - 1, (S, (vocab + 31) // 32), dtype=torch.int32,
+                                 generator=torch.Generator().manual_seed(2)).to(DEV)
+            chosen = fn(conf.to(DEV), tokens.to(DEV), k.to(DEV), start.to(DEV), canvas, rule.to(DEV), value.to(DEV),
+                        rows=rows.to(DEV), seen=seen, unseen=(4, 1))
+            out.append((chosen.cpu(), canvas.cpu(), seen.cpu()))
+        assert all(torch.equal(x, y) for x, y in zip(*out))
+
+
+@pytest.mark.parametrize("fn", IMPLS)
+def test_per_row_rules_rows_and_seen_bits(fn):
+    """Rows of different requests in one launch: each its own rule and value, its canvas row through
+    `rows` (several padding rows may share one), and the committed tokens' bits set in its seen bitmap
+    (a token committed twice counts once; the unseen ids and bits already set are left alone)."""
+    from diffutron_engine.kernels.sampling import id_bitmap
+
+    vocab = 100
+    conf = torch.tensor([[0.2, 0.95, 0.5, 0.91],
+                         [0.2, 0.95, 0.5, 0.91],
+                         [0.9, 0.8, NEG, 0.6],
+                         [NEG, NEG, NEG, NEG],
+                         [NEG, NEG, NEG, NEG]]).to(DEV)
+    tokens = torch.tensor([[10, 63, 31, 64], [11, 12, 13, 14], [7, 7, 99, 1], [5, 5, 5, 5], [6, 6, 6, 6]]).to(DEV)
+    rule = torch.tensor([U.THRESHOLD, U.FACTOR, U.TOPK, U.TOPK, U.TOPK], dtype=torch.int32).to(DEV)
+    value = torch.tensor([0.9, 0.05, 0.0, 0.0, 0.0]).to(DEV)
+    k = torch.tensor([0, 0, 3, 1, 1]).to(DEV)
+    start = torch.tensor([0, 2, 1, 0, 0]).to(DEV)
+    rows = torch.tensor([2, 0, 1, 3, 3]).to(DEV)  # rows 3 and 4 pad onto one canvas row
+    canvas = torch.full((4, 8), 4, dtype=torch.long, device=DEV)
+    seen = torch.zeros(4, (vocab + 31) // 32, dtype=torch.int32, device=DEV)
+    seen[1] = id_bitmap([7, 50], vocab).to(DEV)
+    chosen = fn(conf, tokens, k, start, canvas, rule, value, rows=rows, seen=seen, unseen=(4, 1)).cpu()
+    assert chosen.tolist() == [[False, True, False, True], [False, True, False, False],
+                               [True, True, False, True], [False] * 4, [False] * 4]
+    canvas = canvas.cpu()
+    assert canvas[2].tolist() == [4, 63, 4, 64, 4, 4, 4, 4]
+    assert canvas[0].tolist() == [4, 4, 4, 12, 4, 4, 4, 4]
+    assert canvas[1].tolist() == [4, 7, 7, 4, 1, 4, 4, 4]
+    assert (canvas[3] == 4).all()
+    expected = {2: [63, 64], 0: [12], 1: [7, 50], 3: []}  # 1 is unseen (EOS); 7 twice, and already set
+    for row, ids in expected.items():
+        assert torch.equal(seen[row].cpu(), id_bitmap(ids, vocab)), row
+
+
 def test_bad_input():
     conf, tok = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long)
     canvas, start = torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, dtype=torch.long)

@@ -62,4 +62,5 @@ def test_sampler(benchmark, logits, impl, mode):
     if not p.sample:
         ref, _ = torch_chain(logits, p, gen)
         assert torch.equal(ids, ref)
-    benchmark.extra_info["GB/s"] = round(logits.numel() * 4 / benchmark.stats.stats.median / 1e9, 2)
+    if benchmark.stats is not None:  # None under --benchmark-disable (a correctness-only run)
+        benchmark.extra_info["GB/s"] = round(logits.numel() * 4 / benchmark.stats.stats.median / 1e9, 2)

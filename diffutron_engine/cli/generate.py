@@ -18,9 +18,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..config import CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST_PRESET, PRESETS, REMASKING, SamplingConfig
+from ..config import CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST_PRESET, PRESETS, REMASKING, SamplerConfig, SamplingParams
 from ..errors import DiffutronError
-from ..config import SamplerConfig
 from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat
 
 
@@ -28,7 +27,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="generate answers for prompts",
-        description="Generate answers with the exact reference sampler. Prompts come from the arguments, "
+        description="Generate answers (the engine, exact by default; --reference runs the oracle). Prompts "
+        "come from the arguments, "
         "from --input FILE.jsonl ({\"prompt\": ...} or {\"messages\": [...]} per line), or, when neither "
         "is given, one per non-empty line of standard input.",
     )
@@ -83,8 +83,8 @@ class Prompt:
     ids: list[int] | None = None
 
 
-def sampler_config(args) -> SamplingConfig:
-    """Config defaults < --preset < --fast < explicit flags."""
+def settings(args) -> tuple[SamplingParams, str]:
+    """(SamplingParams, the engine's cache mode): defaults < --preset < --fast < explicit flags."""
     fields = dict(PRESETS[args.preset]) if args.preset else {}
     if getattr(args, "fast", False):
         fields.update(FAST_PRESET)
@@ -105,7 +105,10 @@ def sampler_config(args) -> SamplingConfig:
     if args.block_size is not None and args.block_size < 1:
         raise DiffutronError(f"--block-size must be >= 1, got {args.block_size}")
     fields["early_stop"] = not getattr(args, "no_early_stop", False)
-    return SamplingConfig(**fields)
+    cache = fields.pop("cache", "none")
+    if cache not in CACHE_MODES:
+        raise DiffutronError(f"unknown cache {cache!r}; choose one of: {', '.join(CACHE_MODES)}")
+    return SamplingParams(**fields), cache
 
 
 def read_prompts(args, stdin=None) -> list[Prompt]:
@@ -210,7 +213,7 @@ class _Progress:
 def run(args) -> int:
     if args.batch_size < 1:
         raise DiffutronError(f"--batch-size must be >= 1, got {args.batch_size}")
-    config = sampler_config(args)
+    params, cache = settings(args)
     prompts = read_prompts(args)
     _check_output_path(args.output)
 
@@ -220,24 +223,24 @@ def run(args) -> int:
     for p in prompts:
         p.ids = encode_prompt(lm.tokenizer, p.source, chat=not args.no_chat)
     longest = max(len(p.ids) for p in prompts)
-    total = longest + config.max_new_tokens
+    total = longest + params.max_new_tokens
     if lm.max_context and total > lm.max_context:
         raise DiffutronError(
-            f"prompt ({longest} tokens) plus --max-new-tokens ({config.max_new_tokens}) is {total} tokens, "
+            f"prompt ({longest} tokens) plus --max-new-tokens ({params.max_new_tokens}) is {total} tokens, "
             f"beyond the model's context of {lm.max_context}; shorten the prompt or lower --max-new-tokens"
         )
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    params = params.override(seed=seed)
     use_reference = args.reference or lm.model.config.model_type != "modernbert"
-    if use_reference and not config.exact:
+    if use_reference and (cache != "none" or params.rule != "schedule"):
         raise DiffutronError("--cache/--threshold/--factor/--fast need the engine (a ModernBERT model, no --reference)")
     if use_reference and args.stream:
         raise DiffutronError("--stream needs the engine (a ModernBERT model, no --reference)")
-    runner = _run_reference if use_reference else _run_engine
-    results = runner(lm, prompts, config.override(seed=seed), args)
+    results = _run_reference(lm, prompts, params, args) if use_reference else _run_engine(lm, prompts, params, cache, args)
 
-    if args.stream:
-        return 0
+    if args.stream and not args.output:
+        return 0  # the answers went out as they were generated
     if args.json:
         rendered = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     else:
@@ -253,16 +256,16 @@ def run(args) -> int:
     return 0
 
 
-def _run_reference(lm, prompts, config, args) -> list[dict]:
+def _run_reference(lm, prompts, params: SamplingParams, args) -> list[dict]:
     """The oracle, batch by batch; the seed goes to torch's global generator as dllm expects."""
     import torch
 
     from ..loading import decode_answer
     from ..reference import ReferenceSampler
 
-    torch.manual_seed(config.seed)
-    oracle_cfg = SamplerConfig(**{f: getattr(config, f) for f in SamplerConfig.__dataclass_fields__}).override(
-        return_dict=True)
+    torch.manual_seed(params.seed)
+    oracle_cfg = SamplerConfig(return_dict=True, **{f: getattr(params, f) for f in SamplerConfig.__dataclass_fields__
+                                                    if hasattr(params, f)})
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     progress = _Progress(len(batches))
     sampler = ReferenceSampler(model=lm.model, tokenizer=lm.tokenizer, on_step=progress)
@@ -276,48 +279,57 @@ def _run_reference(lm, prompts, config, args) -> list[dict]:
             for i, p in enumerate(batch):
                 text, n_new = decode_answer(lm.tokenizer, out.sequences[i].tolist(), len(p.ids))
                 results.append(dict(prompt=p.source, text=text, new_tokens=n_new,
-                                    forward_passes=out.forward_passes, seconds=round(seconds, 4), seed=config.seed))
+                                    forward_passes=out.forward_passes, seconds=round(seconds, 4), seed=params.seed))
     finally:
         progress.close()
     return results
 
 
-def _run_engine(lm, prompts, config, args) -> list[dict]:
-    """The engine: continuous batching over --batch-size rows; request i draws from seed + i."""
+def _run_engine(lm, prompts, params: SamplingParams, cache: str, args) -> list[dict]:
+    """The engine: continuous batching over --batch-size rows; request i draws from seed + i. With
+    --stream, text is printed as it settles: plain deltas for one prompt; with several, JSON events
+    (--json) or "[i] text" lines."""
     from ..engine import Engine
 
-    engine = Engine(lm.model, lm.tokenizer, max_batch=args.batch_size)
-    reqs = [engine.make_request(p.ids, config, i) for i, p in enumerate(prompts)]
-    if args.stream:
-        # stream: plain deltas for one prompt; with several, JSON events (--json) or "[i] text" lines
-        for ev in engine.stream([p.ids for p in prompts], config):
-            if args.json:
-                print(json.dumps({"index": ev.index, "text": ev.text, "finished": ev.finished}, ensure_ascii=False),
-                      flush=True)
-            elif len(prompts) == 1:
-                print(ev.text, end="\n" if ev.finished else "", flush=True)
-            elif ev.text or ev.finished:
-                print(f"[{ev.index}] {ev.text}" + (" <end>" if ev.finished else ""), flush=True)
-        return []
+    engine = Engine(lm.model, lm.tokenizer, max_batch=args.batch_size, cache=cache)
+    ids = [engine.add_request(p.ids, params.override(seed=(params.seed + i) % 2**63), index=i)
+           for i, p in enumerate(prompts)]
+    finals: dict[str, object] = {}
     progress = _Progress(1, unit="tokens")
-    total = sum(r.length - r.answer_start for r in reqs)
-    for r in reqs:
-        engine.scheduler.add(r)
-    masked = total
+    total = len(prompts) * params.max_new_tokens
+    done = 0
     try:
-        while engine.scheduler.has_work():
-            engine.step()
-            now = sum(r.tokens.count(engine.mask_id) for r in reqs)
-            progress(total - now, total, masked - now)
-            masked = now
+        while engine.has_unfinished():
+            committed = 0
+            for out in engine.step():
+                committed += out.committed
+                if args.stream:
+                    _print_event(out, args.json, len(prompts))
+                if out.finished:
+                    finals[out.request_id] = out
+            done += committed
+            if not args.stream:
+                progress(done, total, committed)
     finally:
         progress.close()
-    out = []
-    for p, r in zip(prompts, reqs):
-        res = engine.result(r)
-        out.append(dict(prompt=p.source, text=res.text, new_tokens=res.new_tokens, forward_passes=res.forward_passes,
-                        seconds=round(r.seconds, 4), seed=r.seed))
-    return out
+    results = []
+    for p, rid in zip(prompts, ids):
+        r = finals[rid]
+        results.append(dict(prompt=p.source, text=r.text, new_tokens=r.new_tokens, forward_passes=r.forward_passes,
+                            seconds=round(r.seconds, 4), seed=r.seed))
+    return results
+
+
+def _print_event(out, as_json: bool, n_prompts: int) -> None:
+    if not (out.delta or out.finished):
+        return
+    if as_json:
+        print(json.dumps({"index": out.index, "text": out.delta, "finished": out.finished}, ensure_ascii=False),
+              flush=True)
+    elif n_prompts == 1:
+        print(out.delta, end="\n" if out.finished else "", flush=True)
+    else:
+        print(f"[{out.index}] {out.delta}" + (" <end>" if out.finished else ""), flush=True)
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -1,6 +1,6 @@
-"""The fast engine: scheduler (plain Python) + model runner (tensors) + the step loop."""
+"""The engine: scheduler (plain Python) + model runner (tensors) + the step loop."""
 
-from .engine import Engine, Result, StreamEvent
+from .engine import Engine, RequestOutput
 from .request import Request
 
-__all__ = ["Engine", "Request", "Result", "StreamEvent"]
+__all__ = ["Engine", "Request", "RequestOutput"]

@@ -1,192 +1,363 @@
-"""The engine: `Engine.from_pretrained(...)`, `engine.generate(prompts, SamplingConfig)`,
-`engine.stream(...)`. A step is: the scheduler picks the rows, the runner runs them, the scheduler
-advances and retires them."""
+"""The engine: it owns its loop, as vLLM's and nano-vllm's engines do.
+
+    engine = Engine.from_pretrained("diffutron/DiffutronLM-0.3B-Instruct", cache="none")
+    rid = engine.add_request("Merhaba", SamplingParams(max_new_tokens=64, steps=64, block_size=32))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.delta, out.finished)
+
+`add_request` and `abort` may be called from any thread (they go through a lock-protected inbox that
+`step` drains); `step` runs in one thread. `generate`, `infill` and `stream` are thin loops over
+`step`. A step: admit waiting requests into free slots, run one denoising step of the running batch
+on the device, then mirror its commits on the host (blocks, early stop, stop strings, text) and report.
+See docs/architecture.md for a request's whole path.
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
+import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from ..config import SamplingConfig
+import numpy as np
+
+from ..config import CACHE_MODES, SamplingParams
 from ..errors import DiffutronError
-from ..loading import (DEFAULT_MODEL, END_OF_TURN, check_context, decode_answer, encode_prompt, load_model,
-                       prepare_tokenizer)
-from ..stopping import answer_is_final
+from ..loading import DEFAULT_MODEL, check_context, decode_answer, encode_prompt, load_model, prepare_tokenizer
+from ..schedule import row_schedule
+from ..stopping import StopRule
 from .request import Request, Status
 from .runner import ModelRunner
 from .scheduler import Scheduler
+from .text import AnswerState
 
 
 @dataclass
-class Result:
-    index: int  # position of the prompt in the call
-    prompt_ids: list[int]
-    tokens: list[int]  # the request's canvas: prompt, then what was committed
-    text: str
-    new_tokens: int
-    forward_passes: int
-    finish_reason: str
+class RequestOutput:
+    """What a step reports for one request (every running request gets one per step)."""
 
-
-@dataclass
-class StreamEvent:
-    index: int
-    text: str  # newly committed text (concatenated deltas equal the final text)
+    request_id: str
+    index: int  # the caller's index (a prompt's position in generate(); 0 by default)
+    prompt_token_ids: list[int]
+    text: str  # the answer so far (its settled, stable part); the final answer when finished
+    delta: str  # text added since this request's previous output
+    token_ids: list[int]  # the answer's tokens so far (settled prefix); all its positions when finished
     finished: bool
+    finish_reason: str | None  # "complete", "answer ended" (early stop) or "abort"
+    forward_passes: int  # steps this request took
+    committed: int  # tokens this step committed for it
+    new_tokens: int = 0  # tokens of the final text (when finished)
+    tokens: list[int] | None = None  # the whole canvas (prompt, then the answer) when finished
+    seed: int = 0
+    seconds: float = 0.0  # from admission to the running batch until finished
+
+
+def _draw_seed() -> int:
+    import torch  # torch's global generator, so that torch.manual_seed applies
+
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, cuda_graphs: bool = False):
-        """cuda_graphs: replay each forward from a CUDA graph captured per input shape (CUDA only;
-        ignored on CPU). Pays off when launches dominate: small batches on a fast GPU."""
+    def __init__(self, model, tokenizer, max_batch: int = 8, cache: str = "none", cuda_graphs: bool = False):
+        """cache: "none" (exact: the whole canvas every step), "prefix" (K/V left of the current block
+        computed at its first step and reused for its other steps) or "dual" (the masked suffix right of
+        the block is cached too); the two caches are faster approximations. cuda_graphs: replay each
+        step from a CUDA graph captured per step shape (CUDA only; ignored on CPU)."""
         if getattr(model.config, "model_type", None) != "modernbert":
             raise DiffutronError(
                 f"the engine runs ModernBERT checkpoints; this one is {model.config.model_type!r} "
                 "(use diffutron_engine.reference.ReferenceSampler for other masked LMs)"
             )
-        if max_batch < 1:
-            raise DiffutronError(f"max_batch must be >= 1, got {max_batch}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise DiffutronError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if cache not in CACHE_MODES:
+            raise DiffutronError(f"unknown cache {cache!r}; choose one of: {', '.join(CACHE_MODES)}")
         self.model = model
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.mask_id = self.tokenizer.mask_token_id
         self.max_batch = max_batch
-        self.runner = ModelRunner(model, self.tokenizer, max_batch, cuda_graphs=cuda_graphs)
-        self.scheduler = Scheduler(max_batch, self.mask_id, self._is_final)
+        self.cache = cache
+        self.runner = ModelRunner(model, self.tokenizer, max_batch, cache=cache, cuda_graphs=cuda_graphs)
+        self.scheduler = Scheduler(max_batch)
+        self._lock = threading.Lock()
+        self._inbox: deque = deque()  # ("add", Request) | ("abort", request_id), from any thread
+        self._live: dict[str, Request] = {}  # added, not yet reported finished
         self._ids = itertools.count()
+        self._stop_rules: dict[tuple, StopRule] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto",
-                        max_batch: int = 8, cuda_graphs: bool = False) -> "Engine":
+                        max_batch: int = 8, cache: str = "none", cuda_graphs: bool = False) -> "Engine":
         lm = load_model(name_or_path, dtype=dtype, device=device)
-        return cls(lm.model, lm.tokenizer, max_batch=max_batch, cuda_graphs=cuda_graphs)
+        return cls(lm.model, lm.tokenizer, max_batch=max_batch, cache=cache, cuda_graphs=cuda_graphs)
 
     # ------------------------------------------------------------------ the loop
-    def step(self) -> tuple[list[Request], list[Request]]:
-        """One denoising step of the running batch; returns (the batch, the requests it finished)."""
-        batch = self.scheduler.schedule()
-        self.runner.step(batch)
-        return batch, self._retire(self.scheduler.postprocess(batch))
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None, *,
+                    index: int = 0, infill: bool = False) -> str:
+        """Queue a prompt (a string, answered with the chat template; chat messages; or token ids, used
+        as they are) and return its request id. With `infill`, the prompt is a sequence whose mask
+        tokens are filled instead. Bad input raises DiffutronError here, in the caller's thread."""
+        params = self._check_params(params)
+        seed = params.seed if params.seed is not None else _draw_seed()
+        req = self._make(prompt, params, seed, request_id, index, infill)
+        self._enqueue([req])
+        return req.request_id
 
-    def _retire(self, finished: list[Request]) -> list[Request]:
-        for req in finished:
-            self.runner.release(req)
-        return finished
+    def add_requests(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                     infill: bool = False) -> list[str]:
+        """Queue several prompts at once, all or none (every one is validated first); prompt i gets
+        index i and, with one SamplingParams for all, the seed (seed + i) mod 2**63."""
+        return self._enqueue(self._make_all(prompts, params, infill))
 
-    def _is_final(self, req: Request) -> bool:
-        return answer_is_final(self.tokenizer, req.tokens, req.answer_start, self.mask_id)
+    def abort(self, request_id: str) -> None:
+        """Stop a request (from any thread): its slot is freed at the next step, which reports it
+        finished with finish_reason "abort". Unknown or finished ids are ignored."""
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    def step(self) -> list[RequestOutput]:
+        """One denoising step of the running batch; returns an output per request it touched."""
+        outputs = self._drain_inbox()
+        batch = self._schedule()
+        return outputs + (self._advance(batch, self.runner.execute(batch)) if batch else [])
+
+    # ------------------------------------------------------------------ convenience loops
+    def generate(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Answer every prompt; final outputs in prompt order. One SamplingParams for all (prompt i then
+        draws from seed + i, mod 2**63) or one per prompt. Drives the loop itself: do not call it while
+        another thread steps this engine."""
+        return self._run(prompts, params, infill=False)
+
+    def infill(self, sequences: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> list[RequestOutput]:
+        """Fill the mask tokens inside each token sequence; final outputs in order."""
+        return self._run(sequences, params, infill=True)
+
+    def stream(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> Iterator[RequestOutput]:
+        """Yield each request's outputs as its text grows (non-empty deltas), then its final output."""
+        ids = self.add_requests(prompts, params)
+        mine, left = set(ids), len(ids)
+        try:
+            while left:
+                for out in self.step():
+                    if out.request_id in mine and (out.delta or out.finished):
+                        left -= out.finished
+                        yield out
+        finally:
+            if left:  # a consumer that stopped early: its requests end at the next step
+                for rid in ids:
+                    self.abort(rid)
+
+    def canvas(self, request_id: str) -> list[int]:
+        """The current canvas (prompt, committed tokens, masks) of a request not yet reported finished."""
+        with self._lock:
+            req = self._live.get(request_id)
+        if req is None:
+            raise DiffutronError(f"no running request {request_id!r}")
+        return list(req.tokens)
+
+    def _run(self, prompts, params, infill: bool) -> list[RequestOutput]:
+        ids = self.add_requests(prompts, params, infill=infill)
+        wanted, done = set(ids), {}
+        try:
+            while len(done) < len(ids):
+                for out in self.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+        except BaseException:  # interrupted: the rest end at the next step
+            for rid in ids:
+                if rid not in done:
+                    self.abort(rid)
+            raise
+        return [done[rid] for rid in ids]
 
     # ------------------------------------------------------------------ requests
+    @staticmethod
+    def _check_params(params) -> SamplingParams:
+        if params is None:
+            return SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise DiffutronError(f"params must be a SamplingParams, got {type(params).__name__}")
+        return params
+
+    def _make_all(self, prompts, params, infill: bool) -> list[Request]:
+        """Requests for a whole call, validated before any is queued (all or nothing)."""
+        prompts = [prompts] if hasattr(prompts, "dim") and prompts.dim() == 1 else list(prompts)
+        if not prompts:
+            raise DiffutronError("no prompts given")
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise DiffutronError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give one, or one each")
+            each = [self._check_params(p) for p in params]
+            seeds = [p.seed if p.seed is not None else _draw_seed() for p in each]
+        else:
+            one = self._check_params(params)
+            base = one.seed if one.seed is not None else _draw_seed()
+            each, seeds = [one] * len(prompts), [(base + i) % 2**63 for i in range(len(prompts))]
+        return [self._make(p, prm, seed, None, i, infill) for i, (p, prm, seed) in enumerate(zip(prompts, each, seeds))]
+
+    def _enqueue(self, reqs: list[Request]) -> list[str]:
+        with self._lock:
+            ids = [r.request_id for r in reqs]
+            clash = [rid for rid in ids if rid in self._live]
+            if clash or len(set(ids)) != len(ids):
+                raise DiffutronError(f"request id {(clash or ids)[0]!r} is already in use")
+            for r in reqs:
+                self._live[r.request_id] = r
+                self._inbox.append(("add", r))
+        return ids
+
     def _ids_of(self, prompt) -> list[int]:
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
             return encode_prompt(self.tokenizer, prompt)
-        ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+        try:
+            ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+        except (TypeError, ValueError):
+            raise DiffutronError("a prompt must be a string, chat messages, or a sequence of token ids") from None
         vocab = self.runner.model.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
             raise DiffutronError(f"prompt has token ids outside the vocabulary [0, {vocab})")
         return ids
 
-    def make_request(self, prompt, config: SamplingConfig, index: int) -> Request:
-        """A generation request: the prompt, then max_new_tokens masks in blocks of block_size."""
+    def _make(self, prompt, params: SamplingParams, seed: int, request_id, index: int, infill: bool) -> Request:
+        """A request: its canvas, blocks and commit schedules, all validated (no side effects)."""
         ids = self._ids_of(prompt)
-        if config.right_shift_logits and not ids:
+        vocab = self.runner.model.vocab_size
+        for name in ("suppress_tokens", "begin_suppress_tokens", "cfg_keep_tokens"):
+            bad = [i for i in getattr(params, name) or [] if i >= vocab]
+            if bad:
+                raise DiffutronError(f"{name} has ids outside the vocabulary [0, {vocab}): {bad}")
+        if params.right_shift_logits and not ids:
             ids = [self.tokenizer.bos_token_id]
-        n = config.max_new_tokens or (config.max_length - len(ids))
-        if n < 1:
-            raise DiffutronError(f"max_length {config.max_length} leaves no room after a {len(ids)}-token prompt")
-        if config.block_size is None:
-            raise DiffutronError("block_size must be >= 1 for generation")
-        check_context(self.model.config, len(ids) + n)
-        L, bs = len(ids), config.block_size
-        windows = [(L + b * bs, min(L + (b + 1) * bs, L + n)) for b in range(math.ceil(n / bs))]
-        return self._request(ids, ids + [self.mask_id] * n, windows, L, config, index)
+        L = len(ids)
+        if infill:
+            if L == 0:
+                raise DiffutronError("infill needs a non-empty sequence")
+            check_context(self.model.config, L)
+            bs = params.block_size or L
+            windows = [(lo, min(lo + bs, L)) for lo in range(0, L, bs)]
+            tokens, start = list(ids), 0
+        else:
+            if params.block_size is None:
+                raise DiffutronError("block_size must be >= 1 for generation (None is allowed only for infill)")
+            n, bs = params.max_new_tokens, params.block_size
+            check_context(self.model.config, L + n)
+            windows = [(L + b * bs, min(L + (b + 1) * bs, L + n)) for b in range(math.ceil(n / bs))]
+            tokens, start = ids + [self.mask_id] * n, L
+        # each block's share of the steps counts every block, as the oracle does; blocks without a
+        # mask (infill) are then skipped
+        per_block = math.ceil(params.steps / len(windows))
+        masked = [sum(1 for t in tokens[lo:hi] if t == self.mask_id) for lo, hi in windows]
+        blocks = [w for w, m in zip(windows, masked) if m]
+        schedules = None
+        if params.rule == "schedule":
+            # the request's own generator (stochastic transfer), seeded by its seed: the counts do not
+            # depend on the batch; drawn block after block, as the oracle draws them
+            gen = None
+            if params.stochastic_transfer:
+                import torch
 
-    def make_infill_request(self, seq, config: SamplingConfig, index: int) -> Request:
-        """An infill request: fill the masks already in `seq`, blocks tiling it from position 0."""
-        ids = self._ids_of(seq)
-        if config.right_shift_logits and not ids:
-            ids = [self.tokenizer.bos_token_id]
-        check_context(self.model.config, len(ids))
-        bs = config.block_size or max(len(ids), 1)
-        windows = [(lo, min(lo + bs, len(ids))) for lo in range(0, len(ids), bs)]
-        return self._request(ids, list(ids), windows, 0, config, index)
-
-    def _request(self, prompt_ids, tokens, windows, answer_start, config, index) -> Request:
-        keep = set(config.cfg_keep_tokens or ())
+                gen = torch.Generator().manual_seed(seed)
+            schedules = [row_schedule(m, per_block, params.stochastic_transfer, "cpu", gen) for m in masked if m]
+        keep = set(params.cfg_keep_tokens or ())
         given = [p for p, t in enumerate(tokens) if t != self.mask_id and t not in keep]
-        return Request(id=next(self._ids), prompt_ids=prompt_ids, config=config, seed=config.seed + index,
-                       tokens=tokens, windows=windows, answer_start=answer_start,
-                       extra={"given": given, "index": index})
+        stop = None
+        if params.stop_strings:
+            key = tuple(params.stop_strings)
+            stop = self._stop_rules.get(key) or self._stop_rules.setdefault(key, StopRule(self.tokenizer, list(key)))
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        return Request(request_id=rid, index=index, prompt_ids=ids, params=params, seed=seed, tokens=tokens,
+                       blocks=blocks, schedules=schedules, answer_start=start, given=given,
+                       answer=AnswerState(self.tokenizer, tokens, start, self.mask_id), stop=stop)
 
-    # ------------------------------------------------------------------ public API
-    def generate(self, prompts: Sequence, config: SamplingConfig | None = None, **kwargs) -> list[Result]:
-        """Answer every prompt (a string, chat messages, or token ids); results in prompt order."""
-        config = resolve_config(config, kwargs)
-        reqs = [self.make_request(p, config, i) for i, p in enumerate(prompts)]
-        return self.run(reqs)
+    # ------------------------------------------------------------------ inside a step
+    def _drain_inbox(self) -> list[RequestOutput]:
+        """Queue the added requests and carry out the aborts; outputs for requests that ended here."""
+        with self._lock:
+            items, self._inbox = list(self._inbox), deque()
+        out = []
+        for kind, item in items:
+            if kind == "add":
+                if item.status is Status.FINISHED:  # aborted before it was ever queued
+                    continue
+                if not item.blocks:  # nothing to fill
+                    item.finish("complete")
+                    out.append(self._finish_output(item, 0))
+                else:
+                    self.scheduler.add(item)
+                continue
+            with self._lock:
+                req = self._live.get(item)
+            if req is None or req.status is Status.FINISHED:
+                continue
+            if not self.scheduler.remove(req):  # still in the inbox batch above: mark it
+                req.status = Status.FINISHED
+            self.runner.release(req)
+            req.finish("abort")
+            out.append(self._finish_output(req, 0))
+        return out
 
-    def infill(self, sequences: Sequence, config: SamplingConfig | None = None, **kwargs) -> list[Result]:
-        config = resolve_config(config, kwargs)
-        reqs = [self.make_infill_request(s, config, i) for i, s in enumerate(sequences)]
-        return self.run(reqs)
+    def _schedule(self) -> list[Request]:
+        batch = self.scheduler.schedule()
+        for req in batch:
+            if req.slot is None:  # admitted this step
+                self.runner.admit(req)
+        return batch
 
-    def run(self, reqs: list[Request]) -> list[Result]:
-        if not reqs:
-            raise DiffutronError("no prompts given")
-        for r in reqs:
-            self.scheduler.add(r)
-        while self.scheduler.has_work():
-            self.step()
-        return [self.result(r) for r in reqs]
+    def _advance(self, batch: list[Request], rec: np.ndarray) -> list[RequestOutput]:
+        """Mirror the step's commits on the host; retire finished requests; report."""
+        rows, cols = np.nonzero(rec >= 0)
+        toks = rec[rows, cols].tolist()
+        commits: list[list[tuple[int, int]]] = [[] for _ in batch]
+        for r, c, t in zip(rows.tolist(), cols.tolist(), toks):
+            commits[r].append((batch[r].window[0] + c, t))
+        out, finished = [], []
+        for req, done in zip(batch, commits):
+            rewritten = req.apply(done)
+            reason = None
+            if req.done:
+                reason = "complete"
+            elif req.params.early_stop and req.answer.is_final(req.tokens, req.masks_left):
+                reason = "answer ended"
+            if reason is not None:
+                req.finish(reason)
+                finished.append(req)
+                out.append(self._finish_output(req, len(done)))
+            else:
+                if rewritten:
+                    self.runner.sync(req)
+                out.append(self._running_output(req, len(done)))
+        if finished:
+            self.scheduler.retire(finished)
+            for req in finished:
+                self.runner.release(req)
+        return out
 
-    def stream(self, prompts: Sequence, config: SamplingConfig | None = None, **kwargs) -> Iterator[StreamEvent]:
-        """Yield each request's newly committed text as its blocks complete, then a final event."""
-        config = resolve_config(config, kwargs)
-        reqs = [self.make_request(p, config, i) for i, p in enumerate(prompts)]
-        if not reqs:
-            raise DiffutronError("no prompts given")
-        sent = {r.id: "" for r in reqs}
-        for r in reqs:
-            self.scheduler.add(r)
-        for r in reqs:  # requests with nothing to do finish at once
-            if r.status is Status.FINISHED:
-                yield StreamEvent(r.extra["index"], self.result(r).text, True)
-        while self.scheduler.has_work():
-            batch, done_now = self.step()
-            finished = set(id(r) for r in done_now)
-            for r in batch:
-                done = id(r) in finished
-                text = self.result(r).text if done else self._committed_text(r)
-                if text.startswith(sent[r.id]) and (len(text) > len(sent[r.id]) or done):
-                    yield StreamEvent(r.extra["index"], text[len(sent[r.id]):], done)
-                    sent[r.id] = text
+    def _running_output(self, req: Request, committed: int) -> RequestOutput:
+        delta = req.answer.take_delta()
+        return RequestOutput(request_id=req.request_id, index=req.index, prompt_token_ids=req.prompt_ids,
+                             text=req.answer.sent, delta=delta,
+                             token_ids=req.tokens[req.answer_start: req.answer.frontier], finished=False,
+                             finish_reason=None, forward_passes=req.forward_passes, committed=committed,
+                             seed=req.seed)
 
-    def _committed_text(self, req: Request) -> str:
-        """Text of the completed blocks (up to the first mask), trailing whitespace and partial
-        characters held back so that later deltas only append."""
-        row = req.tokens[req.answer_start :]
-        upto = row.index(self.mask_id) if self.mask_id in row else len(row)
-        text, _ = decode_answer(self.tokenizer, req.tokens[: req.answer_start + upto], req.answer_start)
-        if text.endswith(tuple(END_OF_TURN[:k] for k in range(1, len(END_OF_TURN)))):
-            text = text[: text.rfind("[")]  # a possibly incomplete end-of-turn marker
-        return text.rstrip("\ufffd").rstrip()
-
-    def result(self, req: Request) -> Result:
+    def _finish_output(self, req: Request, committed: int) -> RequestOutput:
+        with self._lock:
+            self._live.pop(req.request_id, None)
         text, n = decode_answer(self.tokenizer, req.tokens, req.answer_start)
-        return Result(index=req.extra["index"], prompt_ids=req.prompt_ids, tokens=list(req.tokens), text=text,
-                      new_tokens=n, forward_passes=req.forward_passes, finish_reason=req.finish_reason or "")
-
-
-def resolve_config(config: SamplingConfig | None, kwargs: dict) -> SamplingConfig:
-    config = config or SamplingConfig()
-    if not isinstance(config, SamplingConfig):  # an oracle SamplerConfig: keep its knobs
-        from dataclasses import asdict
-
-        config = SamplingConfig(**asdict(config))
-    config = config.override(**kwargs) if kwargs else config
-    if config.seed is None:  # drawn from torch's global generator, so torch.manual_seed applies
-        import torch
-
-        config = config.override(seed=int(torch.randint(0, 2**62, (1,)).item()))
-    return config
+        delta = req.answer.take_delta(text)
+        return RequestOutput(request_id=req.request_id, index=req.index, prompt_token_ids=req.prompt_ids,
+                             text=text, delta=delta, token_ids=req.tokens[req.answer_start:], finished=True,
+                             finish_reason=req.finish_reason, forward_passes=req.forward_passes,
+                             committed=committed, new_tokens=n, tokens=list(req.tokens), seed=req.seed,
+                             seconds=req.seconds)

@@ -1,16 +1,19 @@
-"""CUDA graphs for the runner's forwards.
+"""CUDA graphs for the whole denoising step.
 
-Why: at batch 1 a denoising step of the 22-layer model is a few hundred small kernels; launching them
-from Python costs more than running them on an H100. A graph captured once per input shape replays the
-whole forward with one launch. Shapes repeat: a batch keeps its canvas length for the whole generation,
-and the partial forwards of the caches always recompute a block-sized window.
+Why: at batch 1 a step of the 22-layer model is a few hundred small kernels (forward, LM head, sampler,
+commit, counters); launching them from Python costs more than running them on an H100. The runner's
+step reads and writes only persistent device tensors (engine/batch.py) and syncs nothing, so it is
+captured once per StepShape and replayed with one launch.
 
-Contract: `run(key, fn, inputs)` calls fn(*inputs) through a graph captured for `key` (which must
-identify everything that changes the captured work: shapes, dtypes, the K/V pool object). Inputs are
-copied into the graph's static buffers; the output is cloned out of the graph's buffer, because the
-next replay of the same graph overwrites it (CFG runs the same shapes twice per step). Tensors that fn
-closes over (weights, the K/V pool) are used in place. A capture that fails falls back to eager
-execution for that key, once, with a warning: a graph is an optimization, never a reason to fail.
+Contract: `run(key, fn)` performs fn() (a step: it mutates the persistent state) for a key that
+identifies everything that changes the captured work. The first time a key is seen fn runs eagerly:
+that is the step's real work and the warm-up a capture needs (Triton compiles, cuBLAS handles, lazily
+grown tables). The second time fn is captured, which records its kernels without running them, and the
+graph is replayed once to do the step; later times only replay. A capture that fails falls back to
+eager execution for that key, with a warning: a graph is an optimization, never a reason to fail.
+Graphs share one memory pool: they are replayed one at a time and none keeps data in the pool from one
+replay to the next (outputs go to persistent tensors). The caller clears the cache when a tensor that
+graphs point at is reallocated.
 """
 
 from __future__ import annotations
@@ -21,51 +24,50 @@ from collections import OrderedDict
 import torch
 
 
-class GraphCache:
-    def __init__(self, max_graphs: int = 32):
+class StepGraphs:
+    def __init__(self, max_graphs: int = 64):
         self.max_graphs = max_graphs
         self.graphs: OrderedDict = OrderedDict()
-        self.pool = None  # one memory pool shared by all graphs of this cache
-        self.eager_keys: set = set()
+        self.seen: set = set()
+        self.eager: set = set()
+        self.pool = None
+        self.replays = 0
 
-    def run(self, key, fn, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if key in self.eager_keys:
-            return fn(*inputs)
-        entry = self.graphs.get(key)
-        if entry is None:
+    def run(self, key, fn) -> None:
+        if key in self.eager:
+            fn()
+            return
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key not in self.seen:  # first time: run it for real, which warms everything up
+                self.seen.add(key)
+                fn()
+                return
             try:
-                entry = self._capture(fn, inputs)
+                graph = self._capture(fn)
             except Exception as exc:  # capture is best effort: run eagerly from now on for this shape
                 warnings.warn(f"CUDA graph capture failed for {key!r} ({exc}); running eagerly", stacklevel=2)
-                self.eager_keys.add(key)
-                return fn(*inputs)
-            self.graphs[key] = entry
+                self.eager.add(key)
+                fn()
+                return
+            self.graphs[key] = graph
             if len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
         else:
             self.graphs.move_to_end(key)
-        graph, static_in, static_out = entry
-        for buf, x in zip(static_in, inputs):
-            buf.copy_(x)
         graph.replay()
-        return static_out.clone()
+        self.replays += 1
 
-    def _capture(self, fn, inputs):
-        static_in = tuple(x.clone() for x in inputs)
-        # warm-up on a side stream (lazy initializations, autotuning, allocator) before capture
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn(*static_in)
-        torch.cuda.current_stream().wait_stream(side)
+    def _capture(self, fn) -> "torch.cuda.CUDAGraph":
+        torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            static_out = fn(*static_in)
-        return graph, static_in, static_out
+            fn()
+        return graph
 
     def clear(self) -> None:
         self.graphs.clear()
-        self.eager_keys.clear()
+        self.seen.clear()
+        self.eager.clear()

@@ -1,215 +1,344 @@
-"""The model runner: owns every tensor (batch canvas, K/V pools, per-request random generators) and runs
-one denoising step of a batch: forward the rows that need it, LM head on the candidate positions only,
-sample, select, commit. It reports back by updating each Request's plain-Python state.
+"""The model runner: owns every tensor (the device batch, the K/V pool, the CUDA graphs) and runs one
+denoising step of the running batch: forward the rows that need it, the LM head on the block's
+candidate positions only, sample, commit, advance each row's step and block counters.
+
+The step itself (`_device_step`) is a fixed sequence of device ops whose shapes depend only on a
+`StepShape`: the batch bucket, the block bucket, the length bucket, and for the K/V caches how many
+rows refresh and how many reuse the cache. It reads nothing from the host and syncs nothing, so on
+CUDA it is captured once per shape and replayed as one graph. Its only output is the commit record,
+[rows, block] tokens committed this step (-1 elsewhere): one device-to-host copy of O(batch) bytes
+after the step's work, from which the host (engine/request.py) mirrors what the device did.
 """
 
 from __future__ import annotations
 
-import math
+import heapq
+from collections import Counter
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..model import KVPool, ModernBertRunner
-from ..schedule import row_schedule
-from ..stopping import StopRule
 from .. import backends
-from ..kernels.sampling import SampleParams
-from .graphs import GraphCache
+from ..kernels.sampling import SampleFlags, SampleParams
+from ..model import KVPool, ModernBertRunner
+from .batch import BLOCK, F, I, DeviceBatch
+from .graphs import StepGraphs
 from .request import Request
 
 
+def bucket(n: int, per_octave: int, granularity: int = 1) -> int:
+    """Smallest bucket >= n: `per_octave` evenly spaced values per power of two (at least
+    `granularity` apart), so padding wastes at most 1/per_octave and the number of distinct values up
+    to N grows with log N."""
+    if n <= granularity:
+        return granularity
+    step = max(granularity, 1 << max(0, (n - 1).bit_length() - 1 - (per_octave.bit_length() - 1)))
+    return -(-n // step) * step
+
+
+def batch_bucket(n: int) -> int:
+    return bucket(n, 4)
+
+
+def length_bucket(n: int) -> int:
+    return bucket(n, 8, 8)
+
+
+def block_bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """Everything the shapes of a step's device work depend on (a CUDA graph's key)."""
+
+    rows: int  # batch rows (a bucket of the running requests)
+    cfg_rows: int  # unconditional copies of CFG rows (a bucket, 0 without CFG)
+    block: int  # candidate positions per row (a power of two >= the widest block)
+    length: int  # canvas columns run through the model (a bucket of the longest request)
+    refresh: int  # cache modes: rows whose block starts (full forward, K/V stored)
+    partial: int  # cache modes: rows that reuse the cache (partial forward)
+    queries: int  # cache modes: positions a partial forward recomputes
+    flags: SampleFlags
+    shift: bool  # some row uses right-shifted logits
+
+
+def _select(flag: torch.Tensor, size: int, arange: torch.Tensor):
+    """The first `size` rows where `flag` holds, in order, as indices [size] and validity [size] (the
+    host knows `size` >= their count; no data-dependent shapes)."""
+    rank = flag.long().cumsum(0) - 1
+    dest = torch.where(flag & (rank < size), rank, size)  # entry `size` collects the others
+    idx = torch.zeros(size + 1, dtype=torch.long, device=flag.device)
+    idx.scatter_(0, dest, arange[: flag.shape[0]])
+    return idx[:size], arange[:size] < flag.sum()
+
+
 class ModelRunner:
-    def __init__(self, model, tokenizer, max_batch: int, cuda_graphs: bool = False):
+    def __init__(self, model, tokenizer, max_batch: int, cache: str = "none", cuda_graphs: bool = False):
         self.model = ModernBertRunner(model)
-        self.tok = tokenizer
         self.mask_id, self.eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
         self.device = self.model.device
+        self.cache = cache
         self.max_batch = max_batch
-        self.generators: dict[int, torch.Generator] = {}
-        self.pools: dict[str, KVPool] = {}
-        self.slots: dict[int, int] = {}
-        self._stop_rules: dict[tuple, StopRule] = {}
-        # forwards replayed from CUDA graphs, one per input shape (CUDA only)
-        self.graphs = GraphCache() if cuda_graphs and self.device.type == "cuda" else None
+        self.max_rows = batch_bucket(max_batch)
+        self.batch = DeviceBatch(max_batch, self.max_rows, self.model.vocab_size, self.mask_id, self.eos_id,
+                                 self.device)
+        self._free = list(range(max_batch))
+        self.pool: KVPool | None = None
+        self._uncond_pool = False  # the pool holds a second half of slots for CFG's unconditional rows
+        self._arange = torch.arange(0)
+        self._rec = torch.zeros(0, 0, dtype=torch.int32)
+        self._rec_host = None
+        self._ensure_buffers(self.batch.positions, 32)
+        names = ("block", "step") + BLOCK
+        self._progress_cols = torch.tensor([I[n] for n in names], device=self.device)
+        self._rows_key: tuple | None = None
+        self._shape_cache: tuple | None = None
+        self.graphs = StepGraphs() if cuda_graphs and self.device.type == "cuda" else None
+        self._graph_version = None
+        self.signatures: Counter = Counter()  # StepShapes run (tests and benchmarks read it)
 
-    # ------------------------------------------------------------------ request lifecycle
-    def add(self, req: Request) -> None:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(req.seed)
-        self.generators[req.id] = g
-        if req.config.cache != "none":
-            free = sorted(set(range(self.max_batch)) - set(self.slots.values()))
-            self.slots[req.id] = free[0]
+    # ------------------------------------------------------------------ slots
+    def admit(self, req: Request) -> None:
+        """Give a newly running request a slot and write it there."""
+        req.slot = heapq.heappop(self._free)
+        db = self.batch
+        n_sched = sum(len(s) for s in req.schedules) if req.schedules is not None else 1
+        db.ensure(length_bucket(req.length), len(req.blocks), max(n_sched, 1))
+        db.write(req.slot, req)
+        if req.params.cfg_scale > 0 and self.cache != "none" and not self._uncond_pool:
+            self._uncond_pool = True
+            self.pool = self._new_pool(self.pool)
 
     def release(self, req: Request) -> None:
-        self.generators.pop(req.id, None)
-        self.slots.pop(req.id, None)
+        if req.slot is not None:
+            heapq.heappush(self._free, req.slot)
+            req.slot = None
 
-    def _ensure_pools(self, cfg, positions: int) -> None:
-        names = ("cond", "uncond") if cfg.cfg_scale > 0 else ("cond",)
-        for name in names:
-            pool = self.pools.get(name)
-            if pool is None or pool.positions < positions:
-                new = self.model.new_pool(self.max_batch, max(positions, 2 * pool.positions if pool else positions))
-                if pool is not None:  # keep what the rows already cached
-                    for a, b in zip(new.k + new.v, pool.k + pool.v):
-                        a[:, :, : pool.positions] = b[:, :, : pool.positions]
-                self.pools[name] = new
-                if self.graphs is not None:  # captured graphs write into the old pool
-                    self.graphs.clear()
+    def sync(self, req: Request) -> None:
+        """The host rewrote the request's canvas (stop rule): write its slot again."""
+        self.batch.sync(req.slot, req)
+
+    def _ensure_buffers(self, positions: int, block: int) -> None:
+        """Constant tensors the step reads (made here, never inside the step) and the commit record."""
+        n = max(positions + 1, self.max_rows * block, 2 * self.max_rows + 2)
+        if self._arange.numel() < n:
+            self._arange = torch.arange(n, device=self.device)
+            self._zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+        if self._rec.shape[1] < block:
+            self._rec = torch.full((self.max_rows, block), -1, dtype=torch.int32, device=self.device)
+            if self.device.type == "cuda":
+                self._rec_host = torch.empty(self._rec.shape, dtype=torch.int32, pin_memory=True)
+
+    def _new_pool(self, old: KVPool | None) -> KVPool:
+        slots = self.batch.slots * (2 if self._uncond_pool else 1)
+        pool = self.model.new_pool(slots, self.batch.positions)
+        if old is not None:  # keep what the rows already cached
+            s, p = old.k[0].shape[0], old.positions
+            for a, b in zip(pool.k + pool.v, old.k + old.v):
+                a[:s, :, :p] = b[:, :, :p]
+        return pool
 
     # ------------------------------------------------------------------ one step
-    @torch.no_grad()
-    def step(self, batch: list[Request]) -> None:
-        cfg = batch[0].config
-        if any(r.config is not cfg for r in batch):
-            raise ValueError("one step runs requests that share a SamplingConfig")
-        for req in batch:
-            if req.id not in self.generators:  # newly admitted
-                self.add(req)
-            if req.schedule is None and cfg.threshold is None and cfg.factor is None:
-                per_block = math.ceil(cfg.steps / len(req.windows))
-                req.schedule = row_schedule(req.masked_in_window(self.mask_id), per_block,
-                                            cfg.stochastic_transfer, self.device, self.generators[req.id])
+    def shape(self, running: list[Request]) -> StepShape:
+        """The step's shape, from the host's view of the running requests (no device reads)."""
+        key = tuple(map(id, running))  # the same requests (alive while running) in the same rows
+        if self._shape_cache is None or self._shape_cache[0] != key:
+            params = [r.params for r in running]
+            flags = SampleFlags(sample=any(p.temperature > 0 for p in params),
+                                penalty=any(p.repetition_penalty != 1.0 for p in params),
+                                suppress=any(bool(p.suppress_tokens) for p in params),
+                                begin=any(bool(p.begin_suppress_tokens) for p in params),
+                                random=any(p.remasking == "random" for p in params))
+            n_cfg = sum(p.cfg_scale > 0 for p in params)
+            base = dict(rows=batch_bucket(len(running)), cfg_rows=batch_bucket(n_cfg) if n_cfg else 0,
+                        block=block_bucket(max(max(hi - lo for lo, hi in r.blocks) for r in running)),
+                        length=length_bucket(max(r.length for r in running)), flags=flags,
+                        shift=any(p.right_shift_logits for p in params))
+            self._shape_cache = (key, base)
+        base = self._shape_cache[1]
+        refresh = partial = queries = 0
+        if self.cache != "none":
+            n_ref = n_par = 0
+            longest = 0
+            for r in running:
+                copies = 2 if r.params.cfg_scale > 0 else 1
+                if r.step == 0:
+                    n_ref += copies
+                else:
+                    n_par += copies
+                    if self.cache == "prefix":
+                        lo = r.window[0] - int(r.params.right_shift_logits)
+                        longest = max(longest, r.length - max(lo, 0))
+            refresh = batch_bucket(n_ref) if n_ref else 0
+            partial = batch_bucket(n_par) if n_par else 0
+            if n_par:
+                queries = base["block"] + int(base["shift"]) if self.cache == "dual" else length_bucket(longest)
+        return StepShape(refresh=refresh, partial=partial, queries=queries, **base)
 
-        # candidates: the still-masked positions of each row's current block
-        cands = []
-        for req in batch:
-            lo, hi = req.window
-            cands.append([p for p in range(lo, hi) if req.tokens[p] == self.mask_id])
-        B, T = len(batch), max(r.length for r in batch)
-        x = torch.full((B, T), self.eos_id, dtype=torch.long)
-        am = torch.zeros((B, T), dtype=torch.long)
-        for i, req in enumerate(batch):
-            x[i, : req.length] = torch.tensor(req.tokens)
-            am[i, : req.length] = 1
-        x, am = x.to(self.device), am.to(self.device)
-
-        logits = self._candidate_logits(batch, cands, x, am, "cond")
-        if cfg.cfg_scale > 0:
-            un_x = x.clone()
-            for i, req in enumerate(batch):
-                given = req.extra["given"]
-                if given:
-                    un_x[i, given] = self.mask_id
-            un = self._candidate_logits(batch, cands, un_x, am, "uncond")
-            logits = un + (cfg.cfg_scale + 1) * (logits - un)
-
-        x0, conf = backends.sample(logits, self._sample_params(batch, cands, cfg))
-        chosen = self._commit(batch, cands, x0, conf, x, cfg)
-
-        stop = self._stop_rule(cfg)
-        rows = x.cpu()
-        for i, req in enumerate(batch):
-            if chosen[i]:
-                req.tokens = rows[i, : req.length].tolist()
-            if stop is not None:
-                t = torch.tensor([req.tokens])
-                if stop.apply_row(t, 0, req.answer_start):
-                    req.tokens = t[0].tolist()
-            req.step += 1
-            req.forward_passes += 1
-
-    def _sample_params(self, batch, cands, cfg) -> SampleParams:
-        """Per candidate row: the request's seed, the position, the request's step (the counters of the
-        sampler's random numbers: a draw does not depend on the batch), and the penalty's seen ids."""
-        row_req = [i for i, c in enumerate(cands) for _ in c]
-        seen = None
-        if cfg.repetition_penalty != 1.0:
-            seen = [torch.tensor(sorted(set(r.tokens) - {self.mask_id, self.eos_id}), dtype=torch.long) for r in batch]
-        return SampleParams(
-            temperature=cfg.temperature, penalty=cfg.repetition_penalty,
-            seeds=torch.tensor([batch[i].seed for i in row_req], dtype=torch.long),
-            positions=torch.tensor([p for c in cands for p in c], dtype=torch.long),
-            steps=torch.tensor([batch[i].step for i in row_req], dtype=torch.long),
-            seen=seen, row_request=torch.tensor(row_req, dtype=torch.long),
-            suppress=tuple(cfg.suppress_tokens or ()), begin_suppress=tuple(cfg.begin_suppress_tokens or ()),
-            random_confidence=cfg.remasking == "random",
-        )
-
-    def _commit(self, batch, cands, x0, conf, x, cfg) -> list[int]:
-        """Choose each row's positions to commit (schedule top-k, threshold or factor rule) and write
-        them into the canvas x in one batched op; returns how many each row committed."""
-        B = len(batch)
-        lo = [r.window[0] for r in batch]
-        L = max(r.window[1] - r.window[0] for r in batch)
-        rows = [i for i, c in enumerate(cands) for _ in c]
-        cols = [p - lo[i] for i, c in enumerate(cands) for p in c]
-        conf_blk = torch.full((B, L), -torch.inf, dtype=torch.float32, device=self.device)
-        tok_blk = torch.zeros((B, L), dtype=torch.long, device=self.device)
-        if rows:
-            r, c = torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)
-            conf_blk[r, c] = conf.to(self.device, torch.float32)
-            tok_blk[r, c] = x0.to(self.device)
-        if cfg.threshold is not None:
-            rule, value, k = "threshold", cfg.threshold, None
-        elif cfg.factor is not None:
-            rule, value, k = "factor", cfg.factor, None
+    def execute(self, running: list[Request]) -> np.ndarray:
+        """Run one step of the running requests (in batch-row order); returns the commit record
+        [len(running), block] (token committed at block position j of row i, or -1)."""
+        sh = self.shape(running)
+        key = tuple(r.slot for r in running)
+        if key != self._rows_key:
+            self.batch.set_rows(list(key))
+            self._rows_key = key
+        self._ensure_buffers(self.batch.positions, sh.block)
+        if self.cache != "none" and (self.pool is None or self.pool.positions < self.batch.positions):
+            self.pool = self._new_pool(self.pool)
+        self.model.ensure_rope(self.batch.positions + 2)  # every position a step can ask for, incl. trash
+        self.signatures[sh] += 1
+        if self.graphs is not None:
+            version = (self.batch.version, id(self.pool), self._rec.data_ptr(), self._arange.data_ptr(),
+                       self.model.rope_version)
+            if version != self._graph_version:  # tensors a captured graph points at were replaced
+                self.graphs.clear()
+                self._graph_version = version
+            self.graphs.run(sh, lambda: self._device_step(sh))
         else:
-            counts = [min(r.schedule[r.step] if r.step < len(r.schedule) else 0, len(c)) for r, c in zip(batch, cands)]
-            rule, value, k = "topk", None, torch.tensor(counts, dtype=torch.long, device=self.device)
-        start = torch.tensor(lo, dtype=torch.long, device=self.device)
-        chosen = backends.unmask(conf_blk, tok_blk, k, start, x, rule, value)
-        return chosen.sum(dim=1).tolist()
+            self._device_step(sh)
+        n = len(running)
+        rec = self._rec[:n, : sh.block]
+        if self.device.type == "cuda":
+            host = self._rec_host[:n, : sh.block]
+            host.copy_(rec, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return host.numpy()
+        return rec.numpy()
 
-    def _candidate_logits(self, batch, cands, x, am, pool_name: str) -> torch.Tensor:
-        """Final hidden states of the candidate positions (or of the position before, with right shift),
-        computed as the cache mode says, through the LM head: logits [N, V]."""
-        cfg = batch[0].config
-        shift = cfg.right_shift_logits
-        src = [[max(p - 1, 0) if shift else p for p in c] for c in cands]
-        if cfg.cache == "none":
-            hidden = self._forward(("full", pool_name), lambda a, b: self.model.forward(a, b), (x, am))
-            bi = [i for i, s in enumerate(src) for _ in s]
-            pi = [p for s in src for p in s]
-            return self.model.lm_head(hidden[bi, pi])
+    @torch.no_grad()
+    def _device_step(self, sh: StepShape) -> None:
+        """Forward + LM head on the candidates + sample + commit + counters, for every row of the
+        bucket (padding rows point at the dummy slot: no candidates, nothing changes)."""
+        db, ar = self.batch, self._arange
+        B, L = sh.rows, sh.block
+        slots = db.rows[:B]
+        active = slots != db.dummy
+        st = db.ints[slots]  # [B, len(INT)]: the rows' progress, gathered once
+        lo, hi, step = st[:, I["lo"]], st[:, I["hi"]], st[:, I["step"]]
+        pos = lo[:, None] + ar[:L]  # [B, L] canvas positions of the block
+        in_block = pos < hi[:, None]
+        cols = torch.where(in_block, pos, db.positions)  # outside the block: the trash column
+        valid = (db.canvas[slots[:, None], cols] == self.mask_id) & in_block
 
-        self._ensure_pools(cfg, x.shape[1])
-        pool = self.pools[pool_name]
-        refresh = [i for i, r in enumerate(batch) if r.at_block_start]
-        partial = [i for i, r in enumerate(batch) if not r.at_block_start]
-        rows: dict[int, torch.Tensor] = {}
-        if refresh:
-            idx = torch.tensor(refresh, device=self.device)
-            slots = torch.tensor([self.slots[batch[i].id] for i in refresh], device=self.device)
-            hidden = self._forward(("refresh", pool_name), lambda a, b, c: self.model.forward(a, b, pool, c),
-                                   (x[idx], am[idx], slots))
-            for j, i in enumerate(refresh):
-                rows[i] = hidden[j, src[i]]
-        if partial:
-            spans = []
-            for i in partial:
-                lo, hi = batch[i].window
-                lo = max(lo - 1, 0) if shift else lo
-                spans.append((lo, hi if cfg.cache == "dual" else batch[i].length))
-            Q = max(hi - lo for lo, hi in spans)
-            trash = pool.positions
-            pos_q = torch.full((len(partial), Q), trash, dtype=torch.long)
-            for j, (lo, hi) in enumerate(spans):
-                pos_q[j, : hi - lo] = torch.arange(lo, hi)
-            pos_q = pos_q.to(self.device)
-            idx = torch.tensor(partial, device=self.device)
-            ids_q = torch.gather(x[idx], 1, pos_q.clamp(max=x.shape[1] - 1))
-            slots = torch.tensor([self.slots[batch[i].id] for i in partial], device=self.device)
-            hidden = self._forward(("partial", pool_name),
-                                   lambda a, b, c, d: self.model.forward_partial(a, b, c, pool, d),
-                                   (ids_q, pos_q, am[idx].bool(), slots))
-            for j, i in enumerate(partial):
-                lo = spans[j][0]
-                rows[i] = hidden[j, [p - lo for p in src[i]]]
-        return self.model.lm_head(torch.cat([rows[i] for i in range(len(batch))], dim=0))
+        hidden = self._candidate_hidden(sh, slots, st, pos)
+        logits = self.model.lm_head(hidden.reshape(-1, hidden.shape[-1]))  # [(B + C) * L, V]
+        if sh.cfg_rows:
+            logits = self._guide(sh, logits, slots)
+        logits = logits[: B * L]
 
-    def _forward(self, name: tuple, fn, inputs: tuple):
-        """fn(*inputs), replayed from a CUDA graph per (name, input shapes) when graphs are on."""
-        if self.graphs is None:
-            return fn(*inputs)
-        key = name + tuple((tuple(t.shape), t.dtype) for t in inputs)
-        return self.graphs.run(key, fn, inputs)
+        rs = slots[:, None].expand(B, L).reshape(-1)  # the slot of each candidate row
+        f = sh.flags
+        params = SampleParams(
+            temperature=db.floats[rs, F["temperature"]] if f.sample else 0.0,
+            penalty=db.floats[rs, F["penalty"]] if f.penalty else 1.0,
+            seeds=db.ints[rs, I["seed"]], positions=pos.reshape(-1), steps=db.ints[rs, I["step"]],
+            streams=self._zeros[: B * L], seen=db.seen if f.penalty else None, row_request=rs,
+            suppress=db.suppress if f.suppress else (), begin_suppress=db.begin if f.begin else (),
+            random_confidence=db.ints[rs, I["random"]].bool() if f.random else False,
+            valid=valid.reshape(-1), flags=f)
+        ids, conf = backends.sample(logits, params)
+        conf = torch.where(valid, conf.view(B, L).float(), -torch.inf)
+        ids = ids.view(B, L)
 
-    def _stop_rule(self, cfg) -> StopRule | None:
-        if not cfg.stop_strings:
-            return None
-        key = tuple(cfg.stop_strings)
-        if key not in self._stop_rules:
-            self._stop_rules[key] = StopRule(self.tok, cfg.stop_strings)
-        return self._stop_rules[key]
+        k = db.sched[slots, (st[:, I["offset"]] + step).clamp(max=db.sched.shape[1] - 1)]
+        chosen = backends.unmask(conf, ids, k, lo, db.canvas, st[:, I["rule"]], db.floats[slots, F["value"]],
+                                 rows=slots, seen=db.seen, unseen=(self.mask_id, self.eos_id))
+        self._rec[:B, :L].copy_(torch.where(chosen, ids, -1))
+
+        # counters, as the host does them (engine/request.py): a block ends when it has no mask left
+        # or its steps are spent; the next block's row of the table becomes current
+        new_step = step + active.long()
+        left = ((db.canvas[slots[:, None], cols] == self.mask_id) & in_block).sum(1)
+        done = active & ((left == 0) | (new_step >= st[:, I["nsteps"]]))
+        block = st[:, I["block"]] + done.long()
+        nxt = db.blocks[slots, block.clamp(max=db.blocks.shape[1] - 1)]  # [B, 4]: lo, hi, offset, steps
+        cur = torch.stack([lo, hi, st[:, I["offset"]], st[:, I["nsteps"]]], dim=1)
+        progress = torch.cat([block[:, None], torch.where(done, 0, new_step)[:, None],
+                              torch.where(done[:, None], nxt, cur)], dim=1)
+        db.ints[slots[:, None], self._progress_cols] = progress
+
+    # ------------------------------------------------------------------ forwards
+    def _ids(self, rows, cols, uncond):
+        """Canvas tokens [n, len] at `cols` of slots `rows`; for unconditional rows (uncond [n] bool, or
+        None) the given positions are masked, as CFG's second pass sees them."""
+        db = self.batch
+        ids = db.canvas[rows[:, None], cols]
+        if uncond is None:
+            return ids
+        given = db.given[rows[:, None], cols.clamp(max=db.positions - 1)] & uncond[:, None]
+        return torch.where(given, self.mask_id, ids)
+
+    def _candidate_hidden(self, sh: StepShape, slots, st, pos) -> torch.Tensor:
+        """Final hidden states of each row's block positions (of the position before, with right
+        shift), [B + C, L, H]: CFG rows' unconditional copies (given positions masked) follow the B
+        rows. Computed as the cache mode says; rows at a block's first step refresh the cache."""
+        db, ar, m = self.batch, self._arange, self.model
+        B, C, L, T = sh.rows, sh.cfg_rows, sh.block, sh.length
+        if C:
+            cidx, cok = _select(st[:, I["cfg"]] == 1, C, ar)
+            self._cfg = (cidx, cok)
+            ext = torch.cat([slots, slots[cidx]])  # [E]: the slot of each forward row
+            uncond = ar[: B + C] >= B
+            ok = torch.cat([slots != db.dummy, cok])
+            pos = torch.cat([pos, pos[cidx]])
+        else:
+            ext, uncond, ok = slots, None, slots != db.dummy
+        E, H = ext.shape[0], m.hidden
+        shift = db.ints[ext, I["shift"]]
+        src = pos - shift[:, None]  # where each candidate's logits come from
+        cols = ar[:T]
+
+        if self.cache == "none":
+            h = m.forward(self._ids(ext, cols.expand(E, T), uncond), cols < db.ints[ext, I["length"]][:, None])
+            return h.gather(1, src.clamp(0, T - 1)[:, :, None].expand(E, L, H))
+
+        # K/V caches: rows at their block's first step run the whole canvas and store every layer's
+        # keys/values in their pool slot; the others recompute only their queries and read the rest
+        pool = self.pool
+        pool_slot = torch.where(uncond, ext + db.slots, ext) if uncond is not None else ext
+        out = torch.zeros(E + 1, L, H, dtype=m.dtype, device=self.device)  # row E: where padding goes
+        step = db.ints[ext, I["step"]]
+        if sh.refresh:
+            idx, good = _select((step == 0) & ok, sh.refresh, ar)
+            rows, n = ext[idx], idx.shape[0]
+            unc = uncond[idx] if uncond is not None else None
+            h = m.forward(self._ids(rows, cols.expand(n, T), unc), cols < db.ints[rows, I["length"]][:, None],
+                          pool, torch.where(good, pool_slot[idx], db.dummy))
+            cand = src[idx].clamp(0, T - 1)
+            out.index_copy_(0, torch.where(good, idx, E), h.gather(1, cand[:, :, None].expand(n, L, H)))
+        if sh.partial:
+            Q = sh.queries
+            idx, good = _select((step != 0) & ok, sh.partial, ar)
+            rows, n = ext[idx], idx.shape[0]
+            unc = uncond[idx] if uncond is not None else None
+            start = (db.ints[rows, I["lo"]] - shift[idx]).clamp(min=0)
+            qpos = start[:, None] + ar[:Q]
+            end = db.ints[rows, I["hi"] if self.cache == "dual" else I["length"]]
+            qok = qpos < end[:, None]
+            ids = self._ids(rows, torch.where(qok, qpos, db.positions), unc)
+            pos_q = torch.where(qok, qpos, pool.positions)  # padded queries write the trash position
+            h = m.forward_partial(ids, pos_q, cols < db.ints[rows, I["length"]][:, None], pool,
+                                  torch.where(good, pool_slot[idx], db.dummy))
+            cand = (src[idx] - start[:, None]).clamp(0, Q - 1)
+            out.index_copy_(0, torch.where(good, idx, E), h.gather(1, cand[:, :, None].expand(n, L, H)))
+        return out[:E]
+
+    def _guide(self, sh: StepShape, logits: torch.Tensor, slots) -> torch.Tensor:
+        """Classifier-free guidance on the CFG rows' candidates: uncond + (scale + 1) * (cond - uncond),
+        rounded as the oracle's tensor arithmetic is; other rows keep their logits."""
+        db, ar = self.batch, self._arange
+        B, C, L = sh.rows, sh.cfg_rows, sh.block
+        cidx, cok = self._cfg
+        cond_rows = (cidx[:, None] * L + ar[:L]).reshape(-1)
+        cond = logits.index_select(0, cond_rows)
+        un = logits[B * L:]
+        mult = db.floats[slots[cidx], F["cfg_mult"]][:, None].expand(C, L).reshape(-1, 1)
+        mixed = un + (mult * (cond - un)).to(logits.dtype)
+        good = cok[:, None].expand(C, L).reshape(-1)
+        # padding entries write their own unconditional rows (no longer needed), never a real row twice
+        dest = torch.where(good, cond_rows, B * L + ar[: C * L])
+        logits.index_copy_(0, dest, mixed)
+        return logits

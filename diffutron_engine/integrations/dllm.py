@@ -6,20 +6,21 @@
 
 It follows dllm's sampler contract: keyword construction, `model` reassignable afterwards,
 `sample(inputs, config=None, **kwargs)` with token-id lists or 1-D tensors of unequal length and kwargs
-that override config fields, `infill(...)`, and the output layout of the spec (a B x T canvas, or with
+that override config fields, `infill(...)`, and the output layout of the oracle (a B x T canvas, or with
 `return_dict` an object with `.sequences` and `.histories`). The config's defaults are exact mode, so
 swapping it in changes no greedy output. When dllm is importable the classes subclass its base sampler
-and config; nothing here requires dllm.
+and config; nothing here requires dllm. It only calls the engine's public API.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..config import SamplingConfig
+from ..config import CACHE_MODES, SamplerConfig, SamplingParams
 from ..errors import DiffutronError
 
 
@@ -36,18 +37,27 @@ def _dllm_bases():
 _SamplerBase, _ConfigBase = _dllm_bases()
 
 
-_CONFIG_BASES = (SamplingConfig,) if _ConfigBase is object else (SamplingConfig, _ConfigBase)
+_CONFIG_BASES = (SamplerConfig,) if _ConfigBase is object else (SamplerConfig, _ConfigBase)
 
 
 @dataclass
 class DiffutronSamplerConfig(*_CONFIG_BASES):
-    """dllm's MDLM fields (same names and defaults, from SamplingConfig) plus the engine's own
-    (cache, threshold, factor, early_stop, seed); the defaults are exact mode."""
+    """dllm's MDLM fields (same names and defaults, from SamplerConfig) plus the engine's own: the
+    cache mode the engine runs with, and the per-request threshold, factor, early_stop and seed. The
+    defaults are exact mode."""
 
+    cache: str = "none"
+    threshold: float | None = None
+    factor: float | None = None
     # Off by default: early stop leaves the masks after an ended answer in the canvas, and a drop-in
     # must return the same canvas as the sampler it replaces.
     early_stop: bool = False
     seed: int | None = None  # None: drawn from torch's global generator (torch.manual_seed applies)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cache not in CACHE_MODES:
+            raise DiffutronError(f"unknown cache {self.cache!r}; choose one of: {', '.join(CACHE_MODES)}")
 
 
 @dataclass
@@ -60,14 +70,14 @@ class DiffutronSampler(_SamplerBase):
     _engine: Any = field(default=None, repr=False, compare=False)
     _engine_key: tuple = field(default=(), repr=False, compare=False)
 
-    def _get_engine(self, batch: int):
+    def _get_engine(self, batch: int, cache: str):
         from ..engine import Engine
 
         if self.model is None or self.tokenizer is None:
             raise DiffutronError("DiffutronSampler needs model=... and tokenizer=...")
-        key = (id(self.model), id(self.tokenizer), batch)
+        key = (id(self.model), id(self.tokenizer), batch, cache)
         if self._engine is None or self._engine_key != key:
-            self._engine = Engine(self.model, self.tokenizer, max_batch=max(batch, 1))
+            self._engine = Engine(self.model, self.tokenizer, max_batch=max(batch, 1), cache=cache)
             self._engine_key = key
         return self._engine
 
@@ -81,36 +91,50 @@ class DiffutronSampler(_SamplerBase):
 
     def _run(self, inputs, config, kwargs, infill: bool):
         config = config or DiffutronSamplerConfig()
+        if not isinstance(config, DiffutronSamplerConfig):  # an oracle SamplerConfig: keep its knobs
+            config = DiffutronSamplerConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+        cfg = config.override(**kwargs) if kwargs else config
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 1:
             inputs = [inputs]
         if inputs is None or len(inputs) == 0:
             raise DiffutronError("no inputs: give at least one token-id sequence")
-        from ..engine.engine import resolve_config
+        seqs = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in inputs]
+        # every row gets the same number of masks, as in the oracle's canvas
+        n = cfg.max_new_tokens or (cfg.max_length - max(len(p) for p in seqs))
+        if not infill and n < 1:
+            raise DiffutronError(f"max_length {cfg.max_length} leaves no room after the longest prompt")
+        if not infill and cfg.block_size is None:
+            raise DiffutronError("block_size must be >= 1 for sample (None is allowed only for infill)")
+        seed = cfg.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        knobs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SamplingParams) if hasattr(cfg, f.name)}
+        knobs.update(max_new_tokens=max(n, 1), seed=seed)
+        params = SamplingParams(**knobs)
 
-        scfg = resolve_config(config, kwargs)
-        return_dict = scfg.return_dict
-        engine = self._get_engine(len(inputs))
-        make = engine.make_infill_request if infill else engine.make_request
-        reqs = [make(p if not isinstance(p, torch.Tensor) else p.tolist(), scfg, i) for i, p in enumerate(inputs)]
-        width = max(len(r.tokens) for r in reqs)
+        engine = self._get_engine(len(seqs), cfg.cache)
+        ids = engine.add_requests(seqs, params, infill=infill)
+        width = max(len(p) for p in seqs) + (0 if infill else n)
         eos = engine.tokenizer.eos_token_id
         device = next(self.model.parameters()).device
+        finals: dict[str, list[int]] = {}
 
         def canvas() -> torch.Tensor:
-            x = torch.full((len(reqs), width), eos, dtype=torch.long)
-            for i, r in enumerate(reqs):
-                x[i, : len(r.tokens)] = torch.tensor(r.tokens)
+            x = torch.full((len(ids), width), eos, dtype=torch.long)
+            for i, rid in enumerate(ids):
+                row = finals[rid] if rid in finals else engine.canvas(rid)
+                x[i, : len(row)] = torch.tensor(row)
             return x.to(device)
 
-        histories = [canvas()] if return_dict else None
-        for r in reqs:
-            engine.scheduler.add(r)
-        while engine.scheduler.has_work():
-            engine.step()
+        histories = [canvas()] if cfg.return_dict else None
+        while len(finals) < len(ids):
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out.tokens
             if histories is not None:
                 histories.append(canvas())
         x = canvas()
-        if not return_dict:
+        if not cfg.return_dict:
             return x
         return SamplerOutput(sequences=x, histories=histories)
 

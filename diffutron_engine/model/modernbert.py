@@ -96,21 +96,29 @@ class ModernBertRunner:
             inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
             self._rope[t] = inv.to(self.device)
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rope_version = 0
 
     # ------------------------------------------------------------------ pieces
-    def _rope_tables(self, positions: torch.Tensor, n: int) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
-        """cos, sin [B, 1, Q, head_dim] (float32, as transformers applies them) for integer positions
-        [B, Q] < n, per layer kind (keyed by is_global). Tables grow on demand."""
-        out = {}
-        for is_global, kind in ((True, "full_attention"), (False, "sliding_attention")):
+    def ensure_rope(self, n: int) -> None:
+        """cos/sin tables for positions < n (grown by doubling; `rope_version` counts the growths, since
+        a captured CUDA graph reads the tables it was captured with)."""
+        for kind in ("full_attention", "sliding_attention"):
             table = self._tables.get(kind)
             if table is None or table[0].shape[0] < n:
                 size = max(n, 2 * table[0].shape[0] if table is not None else 256)
                 freqs = torch.arange(size, device=self.device, dtype=torch.float)[:, None] * self._rope[kind][None, :]
                 emb = torch.cat((freqs, freqs), dim=-1)
                 # transformers casts cos/sin to the activations' dtype, then rotates in float32
-                table = (emb.cos().to(self.dtype).float(), emb.sin().to(self.dtype).float())
-                self._tables[kind] = table
+                self._tables[kind] = (emb.cos().to(self.dtype).float(), emb.sin().to(self.dtype).float())
+                self.rope_version += 1
+
+    def _rope_tables(self, positions: torch.Tensor, n: int) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """cos, sin [B, 1, Q, head_dim] (float32, as transformers applies them) for integer positions
+        [B, Q] < n, per layer kind (keyed by is_global). Tables grow on demand."""
+        self.ensure_rope(n)
+        out = {}
+        for is_global, kind in ((True, "full_attention"), (False, "sliding_attention")):
+            table = self._tables[kind]
             out[is_global] = (table[0][positions].unsqueeze(1), table[1][positions].unsqueeze(1))
         return out
 
