@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 try:  # triton is optional: the torch implementation below works without it
@@ -399,15 +400,18 @@ def _any_ids(v) -> bool:
 
 
 def id_bitmap(ids, vocab: int) -> torch.Tensor:
-    """int32 words with bit (v % 32) of word (v // 32) set for every id v in `ids` (ids >= vocab: error)."""
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"token ids must lie in [0, {vocab}), got {ids.min().item()}..{ids.max().item()}")
-    words = torch.zeros((vocab + 31) // 32, dtype=torch.long)
-    ids = torch.unique(ids)
-    words.index_add_(0, ids // 32, torch.ones_like(ids) << (ids % 32))
+    """int32 words with bit (v % 32) of word (v // 32) set for every id v in `ids` (ids >= vocab: error).
+    Built on the host with numpy (admissions build a few per request)."""
+    if isinstance(ids, torch.Tensor):
+        arr = ids.detach().to("cpu", torch.long).numpy().ravel()
+    else:
+        arr = np.asarray(ids if isinstance(ids, (list, tuple)) else list(ids), dtype=np.int64).ravel()
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
+        raise ValueError(f"token ids must lie in [0, {vocab}), got {int(arr.min())}..{int(arr.max())}")
+    words = np.zeros((vocab + 31) // 32, dtype=np.uint32)
+    np.bitwise_or.at(words, arr >> 5, np.left_shift(np.uint32(1), (arr & 31).astype(np.uint32)))
     # the words hold bit patterns up to 2^32 - 1: reinterpret them as int32
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return torch.from_numpy(words.view(np.int32))
 
 
 # ----------------------------------------------------------------------------------------------- launchers

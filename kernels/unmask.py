@@ -145,6 +145,7 @@ def unmask_torch(conf, tokens, k, block_start, canvas, rule="topk", value=None, 
                  unseen: tuple[int, ...] = ()):
     """The same contract in torch (the reference and the CPU path): a fixed number of ops whatever the
     batch, no host synchronization."""
+    one_rule = rule if isinstance(rule, str) else None  # one rule for every row: compute only it
     rule, value, k, block_start, rows = _prepare(conf, tokens, k, block_start, canvas, rule, value, rows, seen)
     B, L = conf.shape
     c = conf.float()
@@ -152,17 +153,24 @@ def unmask_torch(conf, tokens, k, block_start, canvas, rule="topk", value=None, 
     pos = torch.arange(L, device=conf.device)
     ahead = (c[:, None, :] > c[:, :, None]) | ((c[:, None, :] == c[:, :, None]) & (pos[None, None, :] < pos[None, :, None]))
     rank = (ahead & cand[:, None, :]).sum(-1)
-    sel_topk = rank < k[:, None]
-    sel_threshold = (c >= value[:, None]) | (rank == 0)
-    n = rank + 1
-    good = cand & ((n + 1).float() * (1 - c) < value[:, None])
-    count = torch.where(good, n, 0).amax(-1, keepdim=True).clamp(min=1)
-    sel_factor = rank < count
-    r = rule[:, None]
-    sel = cand & torch.where(r == TOPK, sel_topk, torch.where(r == THRESHOLD, sel_threshold, sel_factor))
+    sel = {}
+    if one_rule in (None, "topk"):
+        sel[TOPK] = rank < k[:, None]
+    if one_rule in (None, "threshold"):
+        sel[THRESHOLD] = (c >= value[:, None]) | (rank == 0)
+    if one_rule in (None, "factor"):
+        n = rank + 1
+        good = cand & ((n + 1).float() * (1 - c) < value[:, None])
+        count = torch.where(good, n, 0).amax(-1, keepdim=True).clamp(min=1)
+        sel[FACTOR] = rank < count
+    if one_rule is None:
+        r = rule[:, None]
+        sel = cand & torch.where(r == TOPK, sel[TOPK], torch.where(r == THRESHOLD, sel[THRESHOLD], sel[FACTOR]))
+    else:
+        sel = cand & sel[RULES[one_rule]]
 
     cols = (block_start[:, None] + pos[None, :]).clamp(max=canvas.shape[1] - 1)
-    rr = rows[:, None].expand(B, L)
+    rr = rows[:, None].repeat(1, L)  # materialized: the same ops whatever B and L
     # The write as an added difference: chosen positions receive (token - current), the others 0, so
     # positions named twice (clamped past the end, padding rows sharing a canvas row) add nothing and
     # the result does not depend on the order of the writes; no data-dependent shapes.

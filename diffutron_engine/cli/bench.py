@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
                    help="random weight std; 0.02 gives flat next-token distributions, larger gives peaked ones")
     p.add_argument("--vocab-size", type=int, help="smaller vocabulary for quick checks (default: mmBERT's 256,000)")
     p.add_argument("--cuda-graphs", action="store_true", help="engine modes replay forwards from CUDA graphs")
+    p.add_argument("--overhead", action="store_true",
+                   help="the engine's own cost: its step beside transformers' bare forward on a 1-layer model, "
+                        "at batch 1, 8, 32, 64 (other flags but --threads, --save and --tag are ignored)")
     p.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
     p.add_argument("--tag", default=None, help="file name tag for --save (default: derived from the config)")
     p.set_defaults(func=run)
@@ -35,6 +38,9 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..benchmark import BenchConfig, format_table, run as run_bench, save
+
+    if args.overhead:
+        return _run_overhead(args)
 
     try:
         cfg = BenchConfig(batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
@@ -54,5 +60,21 @@ def run(args) -> int:
     if args.save:
         tag = args.tag or (f"bench-{cfg.device}-b{cfg.batch_size}-t{cfg.temperature:g}-L{cfg.layers}-{cfg.dtype}")
         print(f"saved {save(report, args.save, tag)}", file=sys.stderr)
+    print(json.dumps(report))
+    return 0
+
+
+def _run_overhead(args) -> int:
+    from ..benchmark import save
+    from ..overhead import OverheadConfig, format_table, run as run_overhead
+
+    try:
+        cfg = OverheadConfig(threads=args.threads)
+    except ValueError as exc:
+        raise DiffutronError(str(exc)) from None
+    report = run_overhead(cfg, log=lambda s: print(s, file=sys.stderr))
+    print(format_table(report))
+    if args.save:
+        print(f"saved {save(report, args.save, args.tag or 'overhead-cpu')}", file=sys.stderr)
     print(json.dumps(report))
     return 0

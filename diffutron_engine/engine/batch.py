@@ -14,6 +14,7 @@ grow when a longer request is admitted; `version` then changes, which invalidate
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..kernels.sampling import id_bitmap
@@ -92,52 +93,62 @@ class DeviceBatch:
         self.floats[d] = 0
         self.floats[d, F["penalty"]] = 1.0
 
-    def write(self, slot: int, req: Request) -> None:
-        """Write a newly admitted request into `slot` (host-built rows, a few copies per admission)."""
-        p = req.params
-        n_blocks = len(req.blocks)
-        sched_flat = [n for s in req.schedules for n in s] if req.schedules is not None else []
-        self.ensure(req.length, n_blocks, max(len(sched_flat), 1))
-        dev, L = self.device, req.length
-        self.canvas[slot, :L] = torch.tensor(req.tokens, dtype=torch.long).to(dev)
-        self.canvas[slot, L:] = self.eos_id
-        given = torch.zeros(self.positions, dtype=torch.bool)
-        given[req.given] = True
-        self.given[slot] = given.to(dev)
-        table = block_table(req)
-        self.blocks[slot, :n_blocks] = torch.tensor(table, dtype=torch.long).to(dev)
-        self.blocks[slot, n_blocks:] = 0
-        if sched_flat:
-            self.sched[slot, : len(sched_flat)] = torch.tensor(sched_flat, dtype=torch.long).to(dev)
-        lo, hi, off, nsteps = table[0]
-        rule = {"schedule": RULES["topk"], "threshold": RULES["threshold"], "factor": RULES["factor"]}[p.rule]
-        ints = [0] * len(INT)
-        for name, v in (("length", L), ("lo", lo), ("hi", hi), ("offset", off), ("nsteps", nsteps),
-                        ("shift", int(p.right_shift_logits)), ("rule", rule), ("cfg", int(p.cfg_scale > 0)),
-                        ("random", int(p.remasking == "random")), ("seed", req.seed)):
-            ints[I[name]] = v
-        self.ints[slot] = torch.tensor(ints, dtype=torch.long).to(dev)
-        floats = [0.0] * len(FLOAT)
-        floats[F["temperature"]] = p.temperature
-        floats[F["penalty"]] = p.repetition_penalty
-        floats[F["value"]] = p.threshold if p.threshold is not None else (p.factor or 0.0)
-        # float32 of the double (cfg_scale + 1), as the oracle's Python-float multiplier becomes
-        floats[F["cfg_mult"]] = p.cfg_scale + 1.0
-        self.floats[slot] = torch.tensor(floats, dtype=torch.float32).to(dev)
-        self.seen[slot] = self._seen_bitmap(req.tokens)
-        self.suppress[slot] = id_bitmap(p.suppress_tokens or [], self.vocab).to(dev)
-        self.begin[slot] = id_bitmap(p.begin_suppress_tokens or [], self.vocab).to(dev)
+    def write(self, slots: list[int], reqs: list[Request]) -> None:
+        """Write newly admitted requests into their slots: rows built on the host, then one copy per
+        tensor for all of them."""
+        n_sched = [sum(len(x) for x in r.schedules) if r.schedules is not None else 0 for r in reqs]
+        self.ensure(max(r.length for r in reqs), max(len(r.blocks) for r in reqs), max(max(n_sched), 1))
+        k, P, dev = len(reqs), self.positions, self.device
+        canvas = np.full((k, P + 1), self.eos_id, dtype=np.int64)
+        given = np.zeros((k, P), dtype=np.bool_)
+        blocks = np.zeros((k,) + tuple(self.blocks.shape[1:]), dtype=np.int64)
+        sched = np.zeros((k, self.sched.shape[1]), dtype=np.int64)
+        ints = np.zeros((k, len(INT)), dtype=np.int64)
+        floats = np.zeros((k, len(FLOAT)), dtype=np.float32)
+        seen = np.zeros((k, self.words), dtype=np.int32)
+        suppress = np.zeros((k, self.words), dtype=np.int32)
+        begin = np.zeros((k, self.words), dtype=np.int32)
+        for i, req in enumerate(reqs):
+            p, L = req.params, req.length
+            canvas[i, :L] = req.tokens
+            given[i, req.given] = True
+            table = block_table(req)
+            blocks[i, : len(table)] = table
+            if req.schedules is not None:
+                sched[i, : n_sched[i]] = [n for x in req.schedules for n in x]
+            lo, hi, off, nsteps = table[0]
+            rule = {"schedule": RULES["topk"], "threshold": RULES["threshold"], "factor": RULES["factor"]}[p.rule]
+            for name, v in (("length", L), ("lo", lo), ("hi", hi), ("offset", off), ("nsteps", nsteps),
+                            ("shift", int(p.right_shift_logits)), ("rule", rule), ("cfg", int(p.cfg_scale > 0)),
+                            ("random", int(p.remasking == "random")), ("seed", req.seed)):
+                ints[i, I[name]] = v
+            floats[i, F["temperature"]] = p.temperature
+            floats[i, F["penalty"]] = p.repetition_penalty
+            floats[i, F["value"]] = p.threshold if p.threshold is not None else (p.factor or 0.0)
+            # float32 of the double (cfg_scale + 1), as the oracle's Python-float multiplier becomes
+            floats[i, F["cfg_mult"]] = p.cfg_scale + 1.0
+            seen[i] = self._seen_bitmap(req.tokens)
+            if p.suppress_tokens:
+                suppress[i] = id_bitmap(p.suppress_tokens, self.vocab).numpy()
+            if p.begin_suppress_tokens:
+                begin[i] = id_bitmap(p.begin_suppress_tokens, self.vocab).numpy()
+        idx = torch.tensor(slots, dtype=torch.long, device=dev)
+        for dst, src in ((self.canvas, canvas), (self.given, given), (self.blocks, blocks), (self.sched, sched),
+                         (self.ints, ints), (self.floats, floats), (self.seen, seen), (self.suppress, suppress),
+                         (self.begin, begin)):
+            dst[idx] = torch.from_numpy(src).to(dev)
 
-    def _seen_bitmap(self, tokens: list[int]) -> torch.Tensor:
+    def _seen_bitmap(self, tokens: list[int]) -> np.ndarray:
+        """The repetition penalty's ids: those on the canvas, minus the mask and EOS ids."""
         ids = set(tokens) - {self.mask_id, self.eos_id}
-        return id_bitmap(sorted(ids), self.vocab).to(self.device)
+        return id_bitmap(sorted(ids), self.vocab).numpy()
 
     def sync(self, slot: int, req: Request) -> None:
         """After the host rewrote a request's canvas (Diffutron's stop rule): its canvas, seen ids and
         block progress again, from the host's state (which is then the authority)."""
         L = req.length
         self.canvas[slot, :L] = torch.tensor(req.tokens, dtype=torch.long).to(self.device)
-        self.seen[slot] = self._seen_bitmap(req.tokens)
+        self.seen[slot] = torch.from_numpy(self._seen_bitmap(req.tokens)).to(self.device)
         row = block_table(req)[min(req.block, len(req.blocks) - 1)]
         state = torch.tensor([req.block, req.step, *row], dtype=torch.long)
         cols = [I[n] for n in ("block", "step", "lo", "hi", "offset", "nsteps")]

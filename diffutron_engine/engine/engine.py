@@ -275,8 +275,9 @@ class Engine:
         if params.stop_strings:
             key = tuple(params.stop_strings)
             stop = self._stop_rules.get(key) or self._stop_rules.setdefault(key, StopRule(self.tokenizer, list(key)))
-        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
-        return Request(request_id=rid, index=index, prompt_ids=ids, params=params, seed=seed, tokens=tokens,
+        serial = next(self._ids)
+        rid = str(request_id) if request_id is not None else f"req-{serial}"
+        return Request(request_id=rid, serial=serial, index=index, prompt_ids=ids, params=params, seed=seed, tokens=tokens,
                        blocks=blocks, schedules=schedules, answer_start=start, given=given,
                        answer=AnswerState(self.tokenizer, tokens, start, self.mask_id), stop=stop)
 
@@ -309,9 +310,9 @@ class Engine:
 
     def _schedule(self) -> list[Request]:
         batch = self.scheduler.schedule()
-        for req in batch:
-            if req.slot is None:  # admitted this step
-                self.runner.admit(req)
+        new = [req for req in batch if req.slot is None]  # admitted this step
+        if new:
+            self.runner.admit(new)
         return batch
 
     def _advance(self, batch: list[Request], rec: np.ndarray) -> list[RequestOutput]:

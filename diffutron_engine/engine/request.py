@@ -39,6 +39,7 @@ class Request:
     given: list[int]  # positions CFG's unconditional pass masks
     answer: AnswerState
     stop: StopRule | None = None
+    serial: int = 0  # unique for the engine's lifetime (request ids may be reused once finished)
     arrival: int = 0  # admission order among equals
     status: Status = Status.WAITING
     block: int = 0

@@ -62,6 +62,7 @@ class StepShape:
     queries: int  # cache modes: positions a partial forward recomputes
     flags: SampleFlags
     shift: bool  # some row uses right-shifted logits
+    rule: str | None  # the commit rule when every row uses the same one ("topk", "threshold", "factor")
 
 
 def _select(flag: torch.Tensor, size: int, arange: torch.Tensor):
@@ -100,14 +101,15 @@ class ModelRunner:
         self.signatures: Counter = Counter()  # StepShapes run (tests and benchmarks read it)
 
     # ------------------------------------------------------------------ slots
-    def admit(self, req: Request) -> None:
-        """Give a newly running request a slot and write it there."""
-        req.slot = heapq.heappop(self._free)
+    def admit(self, reqs: list[Request]) -> None:
+        """Give newly running requests slots and write them there (one copy per tensor for all)."""
+        for req in reqs:
+            req.slot = heapq.heappop(self._free)
         db = self.batch
-        n_sched = sum(len(s) for s in req.schedules) if req.schedules is not None else 1
-        db.ensure(length_bucket(req.length), len(req.blocks), max(n_sched, 1))
-        db.write(req.slot, req)
-        if req.params.cfg_scale > 0 and self.cache != "none" and not self._uncond_pool:
+        n_blocks = max(len(r.blocks) for r in reqs)
+        db.ensure(max(length_bucket(r.length) for r in reqs), n_blocks, 1)
+        db.write([r.slot for r in reqs], reqs)
+        if self.cache != "none" and not self._uncond_pool and any(r.params.cfg_scale > 0 for r in reqs):
             self._uncond_pool = True
             self.pool = self._new_pool(self.pool)
 
@@ -143,7 +145,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ one step
     def shape(self, running: list[Request]) -> StepShape:
         """The step's shape, from the host's view of the running requests (no device reads)."""
-        key = tuple(map(id, running))  # the same requests (alive while running) in the same rows
+        key = tuple(r.serial for r in running)  # the same requests in the same rows
         if self._shape_cache is None or self._shape_cache[0] != key:
             params = [r.params for r in running]
             flags = SampleFlags(sample=any(p.temperature > 0 for p in params),
@@ -152,7 +154,10 @@ class ModelRunner:
                                 begin=any(bool(p.begin_suppress_tokens) for p in params),
                                 random=any(p.remasking == "random" for p in params))
             n_cfg = sum(p.cfg_scale > 0 for p in params)
+            rules = {"schedule": "topk"}
+            kinds = {rules.get(p.rule, p.rule) for p in params}
             base = dict(rows=batch_bucket(len(running)), cfg_rows=batch_bucket(n_cfg) if n_cfg else 0,
+                        rule=kinds.pop() if len(kinds) == 1 else None,
                         block=block_bucket(max(max(hi - lo for lo, hi in r.blocks) for r in running)),
                         length=length_bucket(max(r.length for r in running)), flags=flags,
                         shift=any(p.right_shift_logits for p in params))
@@ -216,8 +221,10 @@ class ModelRunner:
         B, L = sh.rows, sh.block
         slots = db.rows[:B]
         active = slots != db.dummy
-        st = db.ints[slots]  # [B, len(INT)]: the rows' progress, gathered once
-        lo, hi, step = st[:, I["lo"]], st[:, I["hi"]], st[:, I["step"]]
+        # the rows' state, gathered once, one contiguous [B] row per field (a copy whatever B is, so the
+        # op sequence does not depend on the shape)
+        st = db.ints[slots].T.clone(memory_format=torch.contiguous_format)  # [len(INT), B]
+        lo, hi, step = st[I["lo"]], st[I["hi"]], st[I["step"]]
         pos = lo[:, None] + ar[:L]  # [B, L] canvas positions of the block
         in_block = pos < hi[:, None]
         cols = torch.where(in_block, pos, db.positions)  # outside the block: the trash column
@@ -229,7 +236,7 @@ class ModelRunner:
             logits = self._guide(sh, logits, slots)
         logits = logits[: B * L]
 
-        rs = slots[:, None].expand(B, L).reshape(-1)  # the slot of each candidate row
+        rs = slots[:, None].repeat(1, L).view(-1)  # the slot of each candidate row
         f = sh.flags
         params = SampleParams(
             temperature=db.floats[rs, F["temperature"]] if f.sample else 0.0,
@@ -243,19 +250,22 @@ class ModelRunner:
         conf = torch.where(valid, conf.view(B, L).float(), -torch.inf)
         ids = ids.view(B, L)
 
-        k = db.sched[slots, (st[:, I["offset"]] + step).clamp(max=db.sched.shape[1] - 1)]
-        chosen = backends.unmask(conf, ids, k, lo, db.canvas, st[:, I["rule"]], db.floats[slots, F["value"]],
-                                 rows=slots, seen=db.seen, unseen=(self.mask_id, self.eos_id))
+        k = db.sched[slots, (st[I["offset"]] + step).clamp(max=db.sched.shape[1] - 1)]
+        rule = sh.rule if sh.rule is not None else st[I["rule"]]  # one rule for all rows: its name
+        value = db.floats[slots, F["value"]] if sh.rule != "topk" else None
+        # the seen bits are read only by rows with a penalty, so they are kept while one runs
+        chosen = backends.unmask(conf, ids, k, lo, db.canvas, rule, value, rows=slots,
+                                 seen=db.seen if f.penalty else None, unseen=(self.mask_id, self.eos_id))
         self._rec[:B, :L].copy_(torch.where(chosen, ids, -1))
 
         # counters, as the host does them (engine/request.py): a block ends when it has no mask left
         # or its steps are spent; the next block's row of the table becomes current
         new_step = step + active.long()
         left = ((db.canvas[slots[:, None], cols] == self.mask_id) & in_block).sum(1)
-        done = active & ((left == 0) | (new_step >= st[:, I["nsteps"]]))
-        block = st[:, I["block"]] + done.long()
+        done = active & ((left == 0) | (new_step >= st[I["nsteps"]]))
+        block = st[I["block"]] + done.long()
         nxt = db.blocks[slots, block.clamp(max=db.blocks.shape[1] - 1)]  # [B, 4]: lo, hi, offset, steps
-        cur = torch.stack([lo, hi, st[:, I["offset"]], st[:, I["nsteps"]]], dim=1)
+        cur = torch.stack([lo, hi, st[I["offset"]], st[I["nsteps"]]], dim=1)
         progress = torch.cat([block[:, None], torch.where(done, 0, new_step)[:, None],
                               torch.where(done[:, None], nxt, cur)], dim=1)
         db.ints[slots[:, None], self._progress_cols] = progress
@@ -278,7 +288,7 @@ class ModelRunner:
         db, ar, m = self.batch, self._arange, self.model
         B, C, L, T = sh.rows, sh.cfg_rows, sh.block, sh.length
         if C:
-            cidx, cok = _select(st[:, I["cfg"]] == 1, C, ar)
+            cidx, cok = _select(st[I["cfg"]] == 1, C, ar)
             self._cfg = (cidx, cok)
             ext = torch.cat([slots, slots[cidx]])  # [E]: the slot of each forward row
             uncond = ar[: B + C] >= B

@@ -57,6 +57,8 @@ class Scheduler:
         if req.status is Status.WAITING:
             req.status = Status.FINISHED  # its queue entries are skipped when met
             self._waiting -= 1
+            if not self._waiting:
+                self._forget()
             return True
         if req.status is Status.RUNNING and req in self.running:
             self.running.remove(req)
@@ -121,4 +123,13 @@ class Scheduler:
             now = now or time.perf_counter()
             req.status, req.started_at = Status.RUNNING, now
             self.running.append(req)
+        if not self._waiting:
+            self._forget()
         return self.running
+
+    def _forget(self) -> None:
+        """Nothing waits: drop the queues' entries of requests that left (they would keep finished
+        requests alive in a long-running process)."""
+        self._arrivals.clear()
+        self._queues.clear()
+        self._keys.clear()

@@ -1,0 +1,193 @@
+"""The engine's own loop: add_request / step / abort / has_unfinished, requests with different
+SamplingParams in one batch, other threads adding and aborting, and no state left behind."""
+
+import threading
+
+import pytest
+import torch
+
+from diffutron_engine import DiffutronError, Engine, SamplerConfig, SamplingParams
+from diffutron_engine.reference import ReferenceSampler
+
+BASE = dict(max_new_tokens=16, block_size=8, steps=16, early_stop=False)
+# one entry per kind of request; each is used with two prompts (24 requests)
+KINDS = [
+    dict(),  # greedy, the schedule's counts
+    dict(temperature=0.8, seed=11),
+    dict(steps=9, block_size=5),
+    dict(max_new_tokens=7, block_size=3, steps=7),
+    dict(repetition_penalty=1.3),
+    dict(repetition_penalty=0.8, temperature=0.5, seed=3),
+    dict(cfg_scale=0.7),
+    dict(cfg_scale=1.5, cfg_keep_tokens=[6], suppress_tokens=[30]),
+    dict(suppress_tokens=[30, 31, 32], begin_suppress_tokens=[33]),
+    dict(right_shift_logits=True, max_new_tokens=12, block_size=4, steps=6),
+    dict(remasking="random", seed=5, stochastic_transfer=True),
+    dict(threshold=0.3, temperature=0.3, seed=8),
+]
+PROMPTS = [[5, 17, 23, 40, 41, 42], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17], [20, 21, 22],
+           [44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54], [60]]
+
+
+def _requests():
+    out = []
+    for i, kind in enumerate(KINDS):
+        for j in range(2):
+            prompt = PROMPTS[(i + 3 * j) % len(PROMPTS)]
+            out.append((prompt, SamplingParams(**{**BASE, **kind, "seed": kind.get("seed", 0) + 100 * j})))
+    return out
+
+
+def _greedy(p: SamplingParams) -> bool:
+    return (p.temperature == 0 and p.remasking == "low_confidence" and not p.stochastic_transfer
+            and p.rule == "schedule")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_mixed_parameters_share_one_batch(golden, backend):
+    """24 requests of 12 kinds through one engine of 8 rows (rows join and leave mid-flight): each gives
+    token for token what it gives alone, and the greedy ones what the oracle gives."""
+    from diffutron_engine.backends import cpp_available, force_backend
+
+    if backend == "cpp" and not cpp_available():
+        pytest.skip("needs the compiled C++ extension")
+    reqs = _requests()
+    assert len(reqs) == 24
+    with force_backend(backend):
+        engine = Engine(golden.model, golden.tokenizer, max_batch=8)
+        together = engine.generate([p for p, _ in reqs], [prm for _, prm in reqs])
+        assert engine.runner.signatures, "nothing ran"
+        assert max(s.rows for s in engine.runner.signatures) == 8
+        alone_engine = Engine(golden.model, golden.tokenizer, max_batch=1)
+        for (prompt, params), got in zip(reqs, together):
+            alone = alone_engine.generate([prompt], [params])[0]
+            assert got.tokens == alone.tokens, params
+    oracle = ReferenceSampler(model=golden.model, tokenizer=golden.tokenizer)
+    checked = 0
+    for (prompt, params), got in zip(reqs, together):
+        if not _greedy(params):
+            continue
+        knobs = {f: getattr(params, f) for f in SamplerConfig.__dataclass_fields__ if hasattr(params, f)}
+        ref = oracle.sample([prompt], SamplerConfig(**knobs))[0].tolist()
+        assert got.tokens == ref, params
+        checked += 1
+    assert checked >= 14
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_mixed_parameters_with_caches_do_not_depend_on_the_batch(golden, cache):
+    reqs = _requests()
+    engine = Engine(golden.model, golden.tokenizer, max_batch=8, cache=cache)
+    together = engine.generate([p for p, _ in reqs], [prm for _, prm in reqs])
+    alone_engine = Engine(golden.model, golden.tokenizer, max_batch=1, cache=cache)
+    for (prompt, params), got in zip(reqs, together):
+        assert got.tokens == alone_engine.generate([prompt], [params])[0].tokens, params
+
+
+def test_the_loop_by_hand(golden):
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    assert not engine.has_unfinished() and engine.step() == []
+    params = SamplingParams(max_new_tokens=8, block_size=4, steps=8, early_stop=False)
+    a = engine.add_request([5, 6, 7], params, request_id="a")
+    b = engine.add_request([8, 9], params)
+    assert a == "a" and b != a and engine.has_unfinished()
+    with pytest.raises(DiffutronError, match="already in use"):
+        engine.add_request([1], params, request_id="a")
+    finished, steps = {}, 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        steps += 1
+        assert {o.request_id for o in outs} <= {a, b}
+        for o in outs:
+            assert o.committed >= 0 and o.forward_passes <= steps
+            if o.finished:
+                finished[o.request_id] = o
+    assert set(finished) == {a, b} and steps == 8
+    assert finished[a].tokens[:3] == [5, 6, 7] and finished[a].finish_reason == "complete"
+    # the same request again gives the same tokens (a finished id can be reused)
+    again = engine.generate([[5, 6, 7]], params)[0]
+    assert again.tokens == finished[a].tokens
+
+
+def test_abort_frees_the_slot_at_once(golden):
+    engine = Engine(golden.model, golden.tokenizer, max_batch=1)
+    params = SamplingParams(max_new_tokens=16, block_size=8, steps=16, early_stop=False)
+    first = engine.add_request([5, 6, 7], params)
+    second = engine.add_request([8, 9], params)
+    engine.step()
+    engine.step()
+    engine.abort(first)
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs[first].finished and outs[first].finish_reason == "abort"
+    assert second in outs and not outs[second].finished  # admitted in the same step
+    engine.abort("no-such-request")  # ignored
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.runner._free == [0]
+
+
+def test_other_threads_add_and_abort_while_one_steps(golden):
+    """A producer thread adds requests and a second one aborts some while the main thread steps: every
+    request ends exactly once; the ones not aborted give their offline tokens."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=4)
+    params = SamplingParams(max_new_tokens=8, block_size=4, steps=8, early_stop=False)
+    prompts = [[5 + i, 6, 7 + i % 3] for i in range(40)]
+    offline = {tuple(p): r.tokens for p, r in zip(prompts, Engine(golden.model, golden.tokenizer, max_batch=8)
+                                                  .generate(prompts, [params] * len(prompts)))}
+    ids: list[str] = []
+    added = threading.Event()
+
+    def produce():
+        for i, p in enumerate(prompts):
+            ids.append(engine.add_request(p, params, request_id=f"r{i}"))
+        added.set()
+
+    def abort():
+        for i in range(0, 40, 7):
+            engine.abort(f"r{i}")
+
+    producer = threading.Thread(target=produce)
+    aborter = threading.Thread(target=abort)
+    producer.start()
+    aborter.start()
+    results = {}
+    while not added.is_set() or engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id not in results, "a request ended twice"
+            if out.finished:
+                results[out.request_id] = out
+    producer.join()
+    aborter.join()
+    assert set(results) == {f"r{i}" for i in range(40)}
+    for i, p in enumerate(prompts):
+        r = results[f"r{i}"]
+        if r.finish_reason != "abort":
+            assert r.tokens == offline[tuple(p)]
+    assert engine.runner._free == [0, 1, 2, 3]
+
+
+def test_no_request_state_remains_after_many_requests(golden):
+    engine = Engine(golden.model, golden.tokenizer, max_batch=8)
+    params = SamplingParams(max_new_tokens=2, block_size=2, steps=2)
+    for _ in range(5):
+        engine.generate([[5, 6, i % 50 + 7] for i in range(200)], params)
+    sched = engine.scheduler
+    assert not engine._live and not engine._inbox and not sched.running and sched.num_waiting == 0
+    assert not sched._arrivals and not sched._queues and not sched._keys
+    assert sorted(engine.runner._free) == list(range(8))
+
+
+def test_bad_params_are_refused_before_anything_is_queued(golden):
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    good = SamplingParams(max_new_tokens=4, block_size=4, steps=4)
+    with pytest.raises(DiffutronError, match="outside the vocabulary"):
+        engine.generate([[5], [6]], [good, good.override(suppress_tokens=[10**6])])
+    with pytest.raises(DiffutronError, match="2 SamplingParams for 3 prompts"):
+        engine.generate([[5], [6], [7]], [good, good])
+    with pytest.raises(DiffutronError, match="must be a SamplingParams"):
+        engine.add_request([5], dict(steps=4))
+    with pytest.raises(DiffutronError, match="block_size must be >= 1 for generation"):
+        engine.add_request([5], good.override(block_size=None))
+    assert not engine.has_unfinished()
+    with pytest.raises(DiffutronError, match="threshold must be in"):
+        SamplingParams(threshold=2.0)
