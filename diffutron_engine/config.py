@@ -12,7 +12,7 @@ from .errors import DiffutronError
 
 REMASKING = ("low_confidence", "random")
 
-# Stop strings of Diffutron's own generation code (see the spec's stop rule).
+# Stop strings of Diffutron's own generation code (docs/sampling.md, the stop rule).
 DIFFUTRON_STOP_STRINGS = ("|USER|>", "<|USER|>", "<s>", "</s>")
 
 
@@ -112,7 +112,7 @@ class SamplerConfig:
         return dataclasses.replace(self, **kwargs)
 
 
-# The two settings published with Diffutron-Instruct (spec: "Generation settings").
+# The two settings published with Diffutron-Instruct (docs/sampling.md, "Published settings").
 PRESETS: dict[str, dict] = {
     "diffutron-long": dict(steps=128, temperature=0.1, block_size=32, repetition_penalty=1.2),
     "diffutron-short": dict(

@@ -15,11 +15,11 @@ strides.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from .engine.probe import count_step_ops, device_step_seconds
 
 
 @dataclass
@@ -41,54 +41,6 @@ class OverheadConfig:
         for name in ("prompt_len", "new_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-
-
-def is_view_op(func) -> bool:
-    """Ops that only make a new view (no kernel, no data): which of them the dispatcher uses depends on
-    strides (a reshape of a size-1 dimension), so they are counted apart."""
-    return func.is_view or func.__name__ in ("_unsafe_view.default", "alias.default", "detach.default")
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen ops that do work (views apart), and those of them issued inside the model."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-        self.views = 0
-        self.inside_model = 0
-        self.depth = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if is_view_op(func):
-            self.views += 1
-        else:
-            self.ops[str(func)] += 1
-            self.inside_model += self.depth > 0
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
-
-def _count_model(counter: OpCounter, runner):
-    """Wrap the runner's model entry points so ops inside them are attributed to the model."""
-    m = runner.model
-    originals = {name: getattr(m, name) for name in ("forward", "forward_partial", "lm_head")}
-
-    def wrap(fn):
-        def inner(*a, **k):
-            counter.depth += 1
-            try:
-                return fn(*a, **k)
-            finally:
-                counter.depth -= 1
-        return inner
-
-    for name, fn in originals.items():
-        setattr(m, name, wrap(fn))
-    return lambda: [setattr(m, name, fn) for name, fn in originals.items()]
 
 
 def _timed(fn, min_seconds: float) -> float:
@@ -117,17 +69,6 @@ def _setup(model, tok, batch: int, cfg: OverheadConfig, block_size: int):
     return engine, ids
 
 
-def count_step_ops(engine) -> OpCounter:
-    counter = OpCounter()
-    restore = _count_model(counter, engine.runner)
-    try:
-        with counter:
-            engine.step()
-    finally:
-        restore()
-    return counter
-
-
 def run(cfg: OverheadConfig, log=print) -> dict:
     from transformers import ModernBertForMaskedLM
 
@@ -154,13 +95,7 @@ def run(cfg: OverheadConfig, log=print) -> dict:
             hf_s = _timed(lambda: model(canvas, attention_mask=mask).logits, cfg.min_seconds)
         # the device step alone, on a second engine (it runs ahead of that engine's host mirror)
         engine2, _ = _setup(model, tok, batch, cfg, cfg.block_size)
-        runner = engine2.runner
-        shape = runner.shape(engine2.scheduler.running)
-        n = max(5, min(steps_budget - 8, 200))  # steps that still commit (the requests' blocks last)
-        t = time.perf_counter()
-        for _ in range(n):
-            runner._device_step(shape)
-        device_s = (time.perf_counter() - t) / n
+        device_s = device_step_seconds(engine2, max(5, min(steps_budget - 8, 200)))
         row = dict(batch=batch, length=canvas.shape[1], hf_ms=1e3 * hf_s, device_step_ms=1e3 * device_s,
                    engine_step_ms=1e3 * step_s, engine_over_hf=step_s / hf_s, ops_per_step=ops.total,
                    ops_outside_model=ops.total - ops.inside_model, view_ops=ops.views)

@@ -1,4 +1,4 @@
-"""The oracle: the exact reference sampler of ../shared/spec/sampler.md.
+"""The oracle: the exact reference sampler (the algorithm is described in docs/sampling.md).
 
 It mirrors dllm's MDLM sampler (v0.1 API) step for step, including every random draw's order, shape and
 dtype, so that the same torch seed gives the same tokens; plus Diffutron's repetition penalty and stop

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffutron_engine import Engine, SamplingParams
 from diffutron_engine.engine.runner import batch_bucket, block_bucket, length_bucket
-from diffutron_engine.overhead import is_view_op
+from diffutron_engine.engine.probe import is_view_op
 
 # ops that read the device from the host or have data-dependent output shapes
 SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.lift_fresh.default",
