@@ -165,7 +165,7 @@ class SamplingParams:
     right_shift_logits: bool = False
     repetition_penalty: float = 1.0
     stop_strings: list[str] | None = None
-    seed: int | None = 0
+    seed: int | None = None
     threshold: float | None = None
     factor: float | None = None
     early_stop: bool = True

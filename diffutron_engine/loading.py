@@ -259,9 +259,23 @@ def decode_answer(tokenizer, row, prompt_len: int) -> tuple[str, int]:
     text = tokenizer.decode(ids, skip_special_tokens=True)
     cut = text.find(END_OF_TURN)
     text = (text[:cut] if cut != -1 else text).strip()
-    # Token count: the shortest prefix of the ids that decodes to the kept text.
-    n = 0
-    while n < len(ids) and tokenizer.decode(ids[:n], skip_special_tokens=True).strip() != text:
-        n += 1
+    # Token count: the shortest prefix of the ids that decodes to the kept text. Prefixes decode to
+    # growing texts, so a binary search on the length finds it in O(log n) decodes; a tokenizer whose
+    # decoding is not prefix-monotone falls back to the linear scan.
+    def prefix(k: int) -> str:
+        return tokenizer.decode(ids[:k], skip_special_tokens=True).strip()
+
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(prefix(mid)) >= len(text):
+            hi = mid
+        else:
+            lo = mid + 1
+    n = lo
+    if prefix(n) != text:
+        n = 0
+        while n < len(ids) and prefix(n) != text:
+            n += 1
     special = set(tokenizer.all_special_ids)
     return text, sum(1 for t in ids[:n] if t not in special)

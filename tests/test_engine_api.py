@@ -163,7 +163,7 @@ def test_other_threads_add_and_abort_while_one_steps(golden):
         r = results[f"r{i}"]
         if r.finish_reason != "abort":
             assert r.tokens == offline[tuple(p)]
-    assert engine.runner._free == [0, 1, 2, 3]
+    assert sorted(engine.runner._free) == [0, 1, 2, 3]
 
 
 def test_no_request_state_remains_after_many_requests(golden):
@@ -191,3 +191,65 @@ def test_bad_params_are_refused_before_anything_is_queued(golden):
     assert not engine.has_unfinished()
     with pytest.raises(DiffutronError, match="threshold must be in"):
         SamplingParams(threshold=2.0)
+
+
+def test_an_abort_that_reaches_the_inbox_before_its_add(golden):
+    """abort() from another thread while add_request() is still building the request (its add lands
+    after the abort in the inbox): the request ends once, as aborted, and nothing is left behind."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    params = SamplingParams(max_new_tokens=4, block_size=4, steps=4)
+    engine.abort("x")  # queued first
+    engine.add_request([5, 6], params, request_id="x")
+    other = engine.add_request([7, 8], params)
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.finished]
+    assert sorted((o.request_id, o.finish_reason) for o in outs) == sorted([("x", "abort"), (other, "complete")])
+    assert engine.scheduler.num_waiting == 0 and sorted(engine.runner._free) == [0, 1]
+    assert engine.step() == []
+
+
+def test_params_are_copied_when_a_request_is_added(golden):
+    """Changing a SamplingParams object after adding it changes nothing for the request."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    params = SamplingParams(max_new_tokens=8, block_size=4, steps=8, temperature=0.9, repetition_penalty=1.3,
+                            seed=4, early_stop=False)
+    expected = Engine(golden.model, golden.tokenizer, max_batch=2).generate([[5, 6, 7]], params)[0].tokens
+    rid = engine.add_request([5, 6, 7], params)
+    params.temperature, params.repetition_penalty, params.seed = 0.0, 1.0, 99
+    engine.add_request([8, 9], params)  # a second request with the changed object joins the batch
+    finals = {}
+    while engine.has_unfinished():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finals[rid].tokens == expected
+
+
+def test_infill_never_stops_early_and_generation_refuses_masks_in_the_prompt(golden):
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    mask, eos = golden.tokenizer.mask_token_id, golden.tokenizer.eos_token_id
+    seq = [5, eos, 7, mask, mask, 9, mask]  # an EOS before the first mask: not an end for infill
+    out = engine.infill([seq], SamplingParams(block_size=4, steps=4, suppress_tokens=[mask]))[0]
+    assert mask not in out.tokens and out.finish_reason == "complete"
+    with pytest.raises(DiffutronError, match="holds the mask token at position 1"):
+        engine.add_request([5, mask, 6], SamplingParams(max_new_tokens=4, block_size=4, steps=4))
+
+
+def test_streamed_text_is_never_taken_back_by_a_stop_string(golden):
+    """With stop strings, text within the stop rule's reach of the settled frontier is held back, so the
+    deltas always add up to the final text, cut or not."""
+    tok = golden.tokenizer
+    engine = Engine(golden.model, tok, max_batch=4)
+    prompts = [[5, 17, 23, 40, 41, 42], [7, 8], [9, 10, 11, 12, 13], [20, 21]]
+    finals = engine.generate(prompts, SamplingParams(max_new_tokens=24, block_size=4, steps=24, early_stop=False))
+    # stop strings taken from the answers themselves, so that the rule fires
+    stops = sorted({r.text[len(r.text) // 2: len(r.text) // 2 + 3] for r in finals if len(r.text) > 6})
+    assert stops
+    params = SamplingParams(max_new_tokens=24, block_size=4, steps=24, stop_strings=stops)
+    pieces, texts = {}, {}
+    for out in engine.stream(prompts, params):
+        pieces.setdefault(out.index, []).append(out.delta)
+        if out.finished:
+            texts[out.index] = out.text
+    assert all("".join(pieces[i]) == texts[i] for i in texts) and len(texts) == 4
+    cut = [i for i in texts if len(texts[i]) < len(finals[i].text)]
+    assert cut  # the rule did cut some answers

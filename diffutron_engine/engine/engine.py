@@ -15,9 +15,11 @@ See docs/architecture.md for a request's whole path.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import threading
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -87,7 +89,7 @@ class Engine:
         self._inbox: deque = deque()  # ("add", Request) | ("abort", request_id), from any thread
         self._live: dict[str, Request] = {}  # added, not yet reported finished
         self._ids = itertools.count()
-        self._stop_rules: dict[tuple, StopRule] = {}
+        self._id_prefix = f"req-{uuid.uuid4().hex[:8]}"
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto",
@@ -146,17 +148,17 @@ class Engine:
                ) -> Iterator[RequestOutput]:
         """Yield each request's outputs as its text grows (non-empty deltas), then its final output."""
         ids = self.add_requests(prompts, params)
-        mine, left = set(ids), len(ids)
+        pending = set(ids)
         try:
-            while left:
+            while pending:
                 for out in self.step():
-                    if out.request_id in mine and (out.delta or out.finished):
-                        left -= out.finished
+                    if out.request_id in pending and (out.delta or out.finished):
+                        if out.finished:
+                            pending.discard(out.request_id)
                         yield out
         finally:
-            if left:  # a consumer that stopped early: its requests end at the next step
-                for rid in ids:
-                    self.abort(rid)
+            for rid in pending:  # a consumer that stopped early: its requests end at the next step
+                self.abort(rid)
 
     def canvas(self, request_id: str) -> list[int]:
         """The current canvas (prompt, committed tokens, masks) of a request not yet reported finished."""
@@ -184,11 +186,12 @@ class Engine:
     # ------------------------------------------------------------------ requests
     @staticmethod
     def _check_params(params) -> SamplingParams:
+        """A private, validated copy: the caller may change or reuse its object afterwards."""
         if params is None:
             return SamplingParams()
         if not isinstance(params, SamplingParams):
             raise DiffutronError(f"params must be a SamplingParams, got {type(params).__name__}")
-        return params
+        return dataclasses.replace(params)
 
     def _make_all(self, prompts, params, infill: bool) -> list[Request]:
         """Requests for a whole call, validated before any is queued (all or nothing)."""
@@ -250,6 +253,10 @@ class Engine:
         else:
             if params.block_size is None:
                 raise DiffutronError("block_size must be >= 1 for generation (None is allowed only for infill)")
+            if self.mask_id in ids:
+                raise DiffutronError(
+                    f"the prompt holds the mask token at position {ids.index(self.mask_id)}; the engine fills "
+                    "only the generated positions (to fill masks inside a sequence, use infill)")
             n, bs = params.max_new_tokens, params.block_size
             check_context(self.model.config, L + n)
             windows = [(L + b * bs, min(L + (b + 1) * bs, L + n)) for b in range(math.ceil(n / bs))]
@@ -271,15 +278,14 @@ class Engine:
             schedules = [row_schedule(m, per_block, params.stochastic_transfer, "cpu", gen) for m in masked if m]
         keep = set(params.cfg_keep_tokens or ())
         given = [p for p, t in enumerate(tokens) if t != self.mask_id and t not in keep]
-        stop = None
-        if params.stop_strings:
-            key = tuple(params.stop_strings)
-            stop = self._stop_rules.get(key) or self._stop_rules.setdefault(key, StopRule(self.tokenizer, list(key)))
+        stop = StopRule(self.tokenizer, params.stop_strings) if params.stop_strings else None
         serial = next(self._ids)
-        rid = str(request_id) if request_id is not None else f"req-{serial}"
-        return Request(request_id=rid, serial=serial, index=index, prompt_ids=ids, params=params, seed=seed, tokens=tokens,
-                       blocks=blocks, schedules=schedules, answer_start=start, given=given,
-                       answer=AnswerState(self.tokenizer, tokens, start, self.mask_id), stop=stop)
+        # generated ids carry this engine's random prefix: they never collide with the caller's own ids
+        rid = str(request_id) if request_id is not None else f"{self._id_prefix}-{serial}"
+        answer = AnswerState(self.tokenizer, tokens, start, self.mask_id, holdback=stop.window if stop else 0)
+        return Request(request_id=rid, serial=serial, index=index, prompt_ids=ids, params=params, seed=seed,
+                       tokens=tokens, blocks=blocks, schedules=schedules, answer_start=start, given=given,
+                       answer=answer, stop=stop, early_stop=params.early_stop and not infill)
 
     # ------------------------------------------------------------------ inside a step
     def _drain_inbox(self) -> list[RequestOutput]:
@@ -301,9 +307,9 @@ class Engine:
                 req = self._live.get(item)
             if req is None or req.status is Status.FINISHED:
                 continue
-            if not self.scheduler.remove(req):  # still in the inbox batch above: mark it
-                req.status = Status.FINISHED
-            self.runner.release(req)
+            if req.status is not Status.NEW:  # NEW: its add comes later in the inbox and is skipped
+                self.scheduler.remove(req)
+                self.runner.release(req)
             req.finish("abort")
             out.append(self._finish_output(req, 0))
         return out
@@ -328,7 +334,7 @@ class Engine:
             reason = None
             if req.done:
                 reason = "complete"
-            elif req.params.early_stop and req.answer.is_final(req.tokens, req.masks_left):
+            elif req.early_stop and req.answer.is_final(req.tokens, req.masks_left):
                 reason = "answer ended"
             if reason is not None:
                 req.finish(reason)

@@ -15,6 +15,7 @@ from .text import AnswerState
 
 
 class Status(enum.Enum):
+    NEW = "new"  # built, in the engine's inbox, not yet queued
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -39,9 +40,10 @@ class Request:
     given: list[int]  # positions CFG's unconditional pass masks
     answer: AnswerState
     stop: StopRule | None = None
+    early_stop: bool = True  # the params' early_stop, never for infill (its "answer" is the whole sequence)
     serial: int = 0  # unique for the engine's lifetime (request ids may be reused once finished)
     arrival: int = 0  # admission order among equals
-    status: Status = Status.WAITING
+    status: Status = Status.NEW
     block: int = 0
     step: int = 0  # steps taken in the current block
     masks_in_block: int = 0
@@ -131,7 +133,7 @@ class Request:
         self.masks_in_block = self._count_masks()
         if self.answer.frontier > pos:  # the settled text changed under the frontier: settle again
             sent = self.answer.sent
-            self.answer = AnswerState(self.answer.tok, self.tokens, self.answer_start, mask)
+            self.answer = AnswerState(self.answer.tok, self.tokens, self.answer_start, mask, self.answer.holdback)
             self.answer.sent = sent
         return True
 

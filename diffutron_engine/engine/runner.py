@@ -56,6 +56,7 @@ class StepShape:
     rows: int  # batch rows (a bucket of the running requests)
     cfg_rows: int  # unconditional copies of CFG rows (a bucket, 0 without CFG)
     block: int  # candidate positions per row (a power of two >= the widest block)
+    candidates: int  # masked block positions of all rows, compacted for the LM head (a bucket)
     length: int  # canvas columns run through the model (a bucket of the longest request)
     refresh: int  # cache modes: rows whose block starts (full forward, K/V stored)
     partial: int  # cache modes: rows that reuse the cache (partial forward)
@@ -87,6 +88,7 @@ class ModelRunner:
                                  self.device)
         self._free = list(range(max_batch))
         self.pool: KVPool | None = None
+        self._pools_made = 0  # a new pool invalidates captured graphs
         self._uncond_pool = False  # the pool holds a second half of slots for CFG's unconditional rows
         self._arange = torch.arange(0)
         self._rec = torch.zeros(0, 0, dtype=torch.int32)
@@ -134,6 +136,7 @@ class ModelRunner:
                 self._rec_host = torch.empty(self._rec.shape, dtype=torch.int32, pin_memory=True)
 
     def _new_pool(self, old: KVPool | None) -> KVPool:
+        self._pools_made += 1
         slots = self.batch.slots * (2 if self._uncond_pool else 1)
         pool = self.model.new_pool(slots, self.batch.positions)
         if old is not None:  # keep what the rows already cached
@@ -163,6 +166,7 @@ class ModelRunner:
                         shift=any(p.right_shift_logits for p in params))
             self._shape_cache = (key, base)
         base = self._shape_cache[1]
+        candidates = batch_bucket(max(1, sum(r.masks_in_block for r in running)))
         refresh = partial = queries = 0
         if self.cache != "none":
             n_ref = n_par = 0
@@ -180,7 +184,7 @@ class ModelRunner:
             partial = batch_bucket(n_par) if n_par else 0
             if n_par:
                 queries = base["block"] + int(base["shift"]) if self.cache == "dual" else length_bucket(longest)
-        return StepShape(refresh=refresh, partial=partial, queries=queries, **base)
+        return StepShape(candidates=candidates, refresh=refresh, partial=partial, queries=queries, **base)
 
     def execute(self, running: list[Request]) -> np.ndarray:
         """Run one step of the running requests (in batch-row order); returns the commit record
@@ -196,7 +200,7 @@ class ModelRunner:
         self.model.ensure_rope(self.batch.positions + 2)  # every position a step can ask for, incl. trash
         self.signatures[sh] += 1
         if self.graphs is not None:
-            version = (self.batch.version, id(self.pool), self._rec.data_ptr(), self._arange.data_ptr(),
+            version = (self.batch.version, self._pools_made, self._rec.data_ptr(), self._arange.data_ptr(),
                        self.model.rope_version)
             if version != self._graph_version:  # tensors a captured graph points at were replaced
                 self.graphs.clear()
@@ -230,25 +234,36 @@ class ModelRunner:
         cols = torch.where(in_block, pos, db.positions)  # outside the block: the trash column
         valid = (db.canvas[slots[:, None], cols] == self.mask_id) & in_block
 
-        hidden = self._candidate_hidden(sh, slots, st, pos)
-        logits = self.model.lm_head(hidden.reshape(-1, hidden.shape[-1]))  # [(B + C) * L, V]
+        # the candidates, compacted: the host knows their count (a bucket of it is the shape), so the
+        # LM head and the sampler see only masked positions, never the block's committed ones
+        N = sh.candidates
+        cidx, cok = _select(valid.reshape(-1), N, ar)
+        row, col = cidx // L, cidx % L
+        hidden = self._candidate_hidden(sh, slots, st, pos)  # [B + C, L, H]
+        h = hidden[row, col]  # [N, H]
         if sh.cfg_rows:
-            logits = self._guide(sh, logits, slots)
-        logits = logits[: B * L]
+            un_row = B + self._cfg_rank[row].clamp(max=sh.cfg_rows - 1)  # the row's unconditional copy
+            h = torch.cat([h, hidden[un_row, col]])
+        logits = self.model.lm_head(h)  # [N (+ N), V]
+        if sh.cfg_rows:
+            logits = self._guide(logits, N, slots[row], self._cfg_rank[row] < sh.cfg_rows)
 
-        rs = slots[:, None].repeat(1, L).view(-1)  # the slot of each candidate row
+        rs = slots[row]  # the slot of each candidate
         f = sh.flags
         params = SampleParams(
             temperature=db.floats[rs, F["temperature"]] if f.sample else 0.0,
             penalty=db.floats[rs, F["penalty"]] if f.penalty else 1.0,
-            seeds=db.ints[rs, I["seed"]], positions=pos.reshape(-1), steps=db.ints[rs, I["step"]],
-            streams=self._zeros[: B * L], seen=db.seen if f.penalty else None, row_request=rs,
+            seeds=db.ints[rs, I["seed"]], positions=pos.reshape(-1)[cidx], steps=db.ints[rs, I["step"]],
+            streams=self._zeros[:N], seen=db.seen if f.penalty else None, row_request=rs,
             suppress=db.suppress if f.suppress else (), begin_suppress=db.begin if f.begin else (),
             random_confidence=db.ints[rs, I["random"]].bool() if f.random else False,
-            valid=valid.reshape(-1), flags=f)
-        ids, conf = backends.sample(logits, params)
-        conf = torch.where(valid, conf.view(B, L).float(), -torch.inf)
-        ids = ids.view(B, L)
+            valid=cok, flags=f)
+        ids_c, conf_c = backends.sample(logits, params)
+        # back to [B, L]; padding candidates land on a trash entry
+        dest = torch.where(cok, cidx, B * L)
+        conf = torch.full((B * L + 1,), -torch.inf, device=self.device).index_copy_(0, dest, conf_c.float())
+        ids = torch.zeros(B * L + 1, dtype=torch.long, device=self.device).index_copy_(0, dest, ids_c)
+        conf, ids = conf[: B * L].view(B, L), ids[: B * L].view(B, L)
 
         k = db.sched[slots, (st[I["offset"]] + step).clamp(max=db.sched.shape[1] - 1)]
         rule = sh.rule if sh.rule is not None else st[I["rule"]]  # one rule for all rows: its name
@@ -289,7 +304,9 @@ class ModelRunner:
         B, C, L, T = sh.rows, sh.cfg_rows, sh.block, sh.length
         if C:
             cidx, cok = _select(st[I["cfg"]] == 1, C, ar)
-            self._cfg = (cidx, cok)
+            # rank of each row among the CFG rows (C for the others): where its unconditional copy is
+            self._cfg_rank = torch.full((B + 1,), C, dtype=torch.long, device=self.device).index_copy_(
+                0, torch.where(cok, cidx, B), ar[:C])[:B]
             ext = torch.cat([slots, slots[cidx]])  # [E]: the slot of each forward row
             uncond = ar[: B + C] >= B
             ok = torch.cat([slots != db.dummy, cok])
@@ -336,19 +353,11 @@ class ModelRunner:
             out.index_copy_(0, torch.where(good, idx, E), h.gather(1, cand[:, :, None].expand(n, L, H)))
         return out[:E]
 
-    def _guide(self, sh: StepShape, logits: torch.Tensor, slots) -> torch.Tensor:
-        """Classifier-free guidance on the CFG rows' candidates: uncond + (scale + 1) * (cond - uncond),
-        rounded as the oracle's tensor arithmetic is; other rows keep their logits."""
-        db, ar = self.batch, self._arange
-        B, C, L = sh.rows, sh.cfg_rows, sh.block
-        cidx, cok = self._cfg
-        cond_rows = (cidx[:, None] * L + ar[:L]).reshape(-1)
-        cond = logits.index_select(0, cond_rows)
-        un = logits[B * L:]
-        mult = db.floats[slots[cidx], F["cfg_mult"]][:, None].expand(C, L).reshape(-1, 1)
+    def _guide(self, logits: torch.Tensor, n: int, slots, has_cfg) -> torch.Tensor:
+        """Classifier-free guidance on candidates [n] (their unconditional logits follow them):
+        uncond + (scale + 1) * (cond - uncond), rounded as the oracle's tensor arithmetic is; candidates
+        of rows without CFG keep their logits."""
+        cond, un = logits[:n], logits[n:]
+        mult = self.batch.floats[slots, F["cfg_mult"]][:, None]
         mixed = un + (mult * (cond - un)).to(logits.dtype)
-        good = cok[:, None].expand(C, L).reshape(-1)
-        # padding entries write their own unconditional rows (no longer needed), never a real row twice
-        dest = torch.where(good, cond_rows, B * L + ar[: C * L])
-        logits.index_copy_(0, dest, mixed)
-        return logits
+        return torch.where(has_cfg[:, None], mixed, cond)

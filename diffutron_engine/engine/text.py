@@ -53,7 +53,9 @@ class IncrementalDetokenizer:
 class AnswerState:
     """The settled part of one request's answer: canvas positions [start, frontier) hold no mask."""
 
-    def __init__(self, tokenizer, tokens: list[int], start: int, mask_id: int):
+    def __init__(self, tokenizer, tokens: list[int], start: int, mask_id: int, holdback: int = 0):
+        """holdback: settled tokens kept out of the streamed text (the stop rule's reach: a stop string
+        found later can rewrite tokens up to that far before the frontier)."""
         self.tok = tokenizer
         self.start = start
         self.mask_id = mask_id
@@ -62,6 +64,8 @@ class AnswerState:
         self.reached_eos = False  # an EOS settled: text recovery cuts there
         self.marker_at: int | None = None  # the end-of-turn marker's offset in the settled text
         self.detok = IncrementalDetokenizer(tokenizer)
+        self.holdback = holdback
+        self.stream = IncrementalDetokenizer(tokenizer) if holdback else self.detok  # what may be shown
         self.sent = ""  # stable text already reported
         self.advance(tokens)
 
@@ -84,6 +88,10 @@ class AnswerState:
             if self.marker_at is None:
                 at = self.detok.text.find(END_OF_TURN, max(0, old - len(END_OF_TURN)))
                 self.marker_at = at if at >= 0 else None
+            if self.holdback:
+                shown, ready = len(self.stream.ids), len(self.detok.ids) - self.holdback
+                if ready > shown:
+                    self.stream.push(self.detok.ids[shown:ready])
 
     def is_final(self, tokens: list[int], masks_left: int) -> bool:
         """Whether the answer's text can no longer change: no mask left in it, an EOS settled, or the
@@ -101,7 +109,7 @@ class AnswerState:
     def stable_text(self) -> str:
         """Settled text that later tokens cannot change: cut at the end-of-turn marker, without trailing
         whitespace or a possibly incomplete marker (the final text is stripped and cut there)."""
-        text = self.detok.text.lstrip()
+        text = self.stream.text.lstrip()
         cut = text.find(END_OF_TURN)
         if cut >= 0:
             return text[:cut].rstrip()

@@ -15,6 +15,7 @@ and config; nothing here requires dllm. It only calls the engine's public API.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,8 +113,15 @@ class DiffutronSampler(_SamplerBase):
         knobs.update(max_new_tokens=max(n, 1), seed=seed)
         params = SamplingParams(**knobs)
 
+        per_request = params
+        if infill and cfg.block_size is not None:
+            # the oracle gives every row ceil(steps / blocks of the longest row) steps per block; the
+            # engine divides a request's steps by its own blocks: scale each request's steps to match
+            per_block = math.ceil(cfg.steps / math.ceil(max(len(p) for p in seqs) / cfg.block_size))
+            per_request = [params.override(steps=per_block * max(1, math.ceil(len(p) / cfg.block_size)),
+                                            seed=(seed + i) % 2**63) for i, p in enumerate(seqs)]
         engine = self._get_engine(len(seqs), cfg.cache)
-        ids = engine.add_requests(seqs, params, infill=infill)
+        ids = engine.add_requests(seqs, per_request, infill=infill)
         width = max(len(p) for p in seqs) + (0 if infill else n)
         eos = engine.tokenizer.eos_token_id
         device = next(self.model.parameters()).device
