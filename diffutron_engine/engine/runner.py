@@ -56,7 +56,8 @@ class StepShape:
     rows: int  # batch rows (a bucket of the running requests)
     cfg_rows: int  # unconditional copies of CFG rows (a bucket, 0 without CFG)
     block: int  # candidate positions per row (a power of two >= the widest block)
-    candidates: int  # masked block positions of all rows, compacted for the LM head (a bucket)
+    candidates: int  # masked block positions of all rows, compacted for the LM head (a bucket; with
+    # CUDA graphs rows * block, so that the count of shapes, and of captures, stays small)
     length: int  # canvas columns run through the model (a bucket of the longest request)
     refresh: int  # cache modes: rows whose block starts (full forward, K/V stored)
     partial: int  # cache modes: rows that reuse the cache (partial forward)
@@ -166,7 +167,10 @@ class ModelRunner:
                         shift=any(p.right_shift_logits for p in params))
             self._shape_cache = (key, base)
         base = self._shape_cache[1]
-        candidates = batch_bucket(max(1, sum(r.masks_in_block for r in running)))
+        if self.graphs is None:
+            candidates = batch_bucket(max(1, sum(r.masks_in_block for r in running)))
+        else:  # replayed graphs: padding to the whole block keeps the number of shapes (captures) small
+            candidates = base["rows"] * base["block"]
         refresh = partial = queries = 0
         if self.cache != "none":
             n_ref = n_par = 0
