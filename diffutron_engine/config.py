@@ -40,6 +40,15 @@ def _check_ids(name: str, value) -> list[int] | None:
     return ids
 
 
+def _override(obj, kwargs: dict, what: str):
+    """A validated copy of dataclass `obj` with the fields in kwargs replaced; unknown names refused."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise DiffutronError(f"unknown {what}(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return dataclasses.replace(obj, **kwargs)
+
+
 @dataclass
 class SamplerConfig:
     """The reference sampler's knobs; defaults are those of dllm's MDLM sampler.
@@ -103,13 +112,7 @@ class SamplerConfig:
 
     def override(self, **kwargs) -> "SamplerConfig":
         """A validated copy with some fields replaced (the `sample(..., **kwargs)` contract)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise DiffutronError(
-                f"unknown sampler option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-            )
-        return dataclasses.replace(self, **kwargs)
+        return _override(self, kwargs, "sampler option")
 
 
 # The two settings published with Diffutron-Instruct (docs/sampling.md, "Published settings").
@@ -195,13 +198,7 @@ class SamplingParams:
 
     def override(self, **kwargs) -> "SamplingParams":
         """A validated copy with some fields replaced."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise DiffutronError(
-                f"unknown sampling parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-            )
-        return dataclasses.replace(self, **kwargs)
+        return _override(self, kwargs, "sampling parameter")
 
     @classmethod
     def from_oracle(cls, config: SamplerConfig, **extra) -> "SamplingParams":
