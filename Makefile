@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TINY_TR := diffutron_engine/models/tiny-tr
 
-.PHONY: demo test venv clean tiny-tr
+.PHONY: demo test test-fast venv clean tiny-tr
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ tiny-tr: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The suite without the tests marked slow (multi-process training, the Triton-interpreter engine run,
+# the GPU suite's self-test, end-to-end benchmarks): for quick iterations; `make test` runs everything.
+test-fast: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info diffutron_engine/_C*.so

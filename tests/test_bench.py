@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from diffutron_engine.cli.main import main
 
 
+@pytest.mark.slow
 def test_bench_reports_every_mode_and_ends_with_json(capsys, tmp_path):
     code = main(["bench", "--layers", "2", "--vocab-size", "2048", "--prompt-len", "8", "--new-tokens", "8",
                  "--block-size", "4", "--steps", "8", "--batch-size", "2", "--modes", "reference,exact,dual,fast",

@@ -59,6 +59,7 @@ BACKEND_CASES = list({c["name"]: c for c in filter(None, [
 ])}.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", [pytest.param("torch"), pytest.param("cpp", marks=pytest.mark.cext),
                                      pytest.param("triton", marks=pytest.mark.triton)])
 def test_exact_mode_on_every_backend(request, golden, backend):
@@ -81,6 +82,7 @@ def test_exact_mode_on_every_backend(request, golden, backend):
             assert r.tokens == row[: len(r.tokens)]
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 def test_triton_backend_matches_torch_with_caches_and_sampling(golden_triton):
     """Dual cache (attention reads the pool in place), threshold rule and temperature: the same tokens
@@ -118,6 +120,7 @@ def test_early_stop_saves_forwards_and_keeps_the_text(golden):
     assert any(r.finish_reason == "answer ended" for r in early)
 
 
+@pytest.mark.slow
 def test_sampling_distribution_matches_softmax(golden):
     """Temperature > 0: many draws of one position against softmax(logits / tau)."""
     eng = Engine(golden.model, golden.tokenizer, max_batch=1024)

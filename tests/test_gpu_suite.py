@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 HERE = os.path.dirname(__file__)
 SUITE = os.path.join(HERE, "..", "bench", "gpu_suite")
 
@@ -18,6 +20,7 @@ def _load():
     return mod
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_its_reports(tmp_path, capsys):
     suite = _load()
     code = suite.main(["--quick", "--skip", "build,tests,end_to_end", "--out", str(tmp_path)])

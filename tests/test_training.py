@@ -171,6 +171,7 @@ def test_cli_train_and_bad_config(tiny_checkpoint, tmp_path):
     assert main(["train", "cpt", "--set", "lr"]) == 2
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tiny_checkpoint, tmp_path):
     """Global batch 8: one process with batch 8, then two gloo processes with batch 4 each."""
     common = ["train", "cpt", "--model", tiny_checkpoint, "--data", TEXT, "--max-length", "32", "--max-steps", "4",
@@ -232,6 +233,7 @@ def test_sft_run_and_eval_through_the_cli(tiny_checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.slow
 def test_torchrun_fsdp_matches_one_process(tiny_checkpoint, tmp_path, lora):
     """FSDP2 (parameters sharded per layer) over 2 gloo processes: the 1-process loss curve, and a final
     checkpoint written from the gathered full state dict."""
