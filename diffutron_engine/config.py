@@ -200,13 +200,6 @@ class SamplingParams:
         """A validated copy with some fields replaced."""
         return _override(self, kwargs, "sampling parameter")
 
-    @classmethod
-    def from_oracle(cls, config: SamplerConfig, **extra) -> "SamplingParams":
-        """The engine's parameters for an oracle config (max_length resolved by the caller)."""
-        fields = {k: getattr(config, k) for k in _ORACLE_KNOBS}
-        fields.update(extra)
-        return cls(**fields)
-
     @property
     def rule(self) -> str:
         """How many positions a step commits: "schedule" (the oracle's), "threshold" or "factor"."""

@@ -32,7 +32,6 @@ class StepGraphs:
         self.eager: set = set()
         self.pool = None
         self.stream = None  # warm-up and capture share one side stream (per-stream lazy state, cuBLAS)
-        self.replays = 0
 
     def run(self, key, fn) -> None:
         if key in self.eager:
@@ -57,7 +56,6 @@ class StepGraphs:
         else:
             self.graphs.move_to_end(key)
         graph.replay()
-        self.replays += 1
 
     def _side(self):
         if self.stream is None:

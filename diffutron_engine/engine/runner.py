@@ -243,14 +243,20 @@ class ModelRunner:
         N = sh.candidates
         cidx, cok = _select(valid.reshape(-1), N, ar)
         row, col = cidx // L, cidx % L
-        hidden = self._candidate_hidden(sh, slots, st, pos)  # [B + C, L, H]
+        cfg = None
+        if sh.cfg_rows:  # the CFG rows, whose unconditional copies follow the B rows in the forward
+            C = sh.cfg_rows
+            cfg = _select(st[I["cfg"]] == 1, C, ar)
+            # rank of each row among the CFG rows (C for the others): where its unconditional copy is
+            rank = torch.full((B + 1,), C, dtype=torch.long, device=self.device).index_copy_(
+                0, torch.where(cfg[1], cfg[0], B), ar[:C])[:B]
+        hidden = self._candidate_hidden(sh, slots, active, pos, cfg)  # [B + C, L, H]
         h = hidden[row, col]  # [N, H]
         if sh.cfg_rows:
-            un_row = B + self._cfg_rank[row].clamp(max=sh.cfg_rows - 1)  # the row's unconditional copy
-            h = torch.cat([h, hidden[un_row, col]])
+            h = torch.cat([h, hidden[B + rank[row].clamp(max=C - 1), col]])
         logits = self.model.lm_head(h)  # [N (+ N), V]
         if sh.cfg_rows:
-            logits = self._guide(logits, N, slots[row], self._cfg_rank[row] < sh.cfg_rows)
+            logits = self._guide(logits, N, slots[row], rank[row] < C)
 
         rs = slots[row]  # the slot of each candidate
         f = sh.flags
@@ -300,23 +306,20 @@ class ModelRunner:
         given = db.given[rows[:, None], cols.clamp(max=db.positions - 1)] & uncond[:, None]
         return torch.where(given, self.mask_id, ids)
 
-    def _candidate_hidden(self, sh: StepShape, slots, st, pos) -> torch.Tensor:
+    def _candidate_hidden(self, sh: StepShape, slots, active, pos, cfg) -> torch.Tensor:
         """Final hidden states of each row's block positions (of the position before, with right
         shift), [B + C, L, H]: CFG rows' unconditional copies (given positions masked) follow the B
         rows. Computed as the cache mode says; rows at a block's first step refresh the cache."""
         db, ar, m = self.batch, self._arange, self.model
         B, C, L, T = sh.rows, sh.cfg_rows, sh.block, sh.length
         if C:
-            cidx, cok = _select(st[I["cfg"]] == 1, C, ar)
-            # rank of each row among the CFG rows (C for the others): where its unconditional copy is
-            self._cfg_rank = torch.full((B + 1,), C, dtype=torch.long, device=self.device).index_copy_(
-                0, torch.where(cok, cidx, B), ar[:C])[:B]
+            cidx, cok = cfg
             ext = torch.cat([slots, slots[cidx]])  # [E]: the slot of each forward row
             uncond = ar[: B + C] >= B
-            ok = torch.cat([slots != db.dummy, cok])
+            ok = torch.cat([active, cok])
             pos = torch.cat([pos, pos[cidx]])
         else:
-            ext, uncond, ok = slots, None, slots != db.dummy
+            ext, uncond, ok = slots, None, active
         E, H = ext.shape[0], m.hidden
         shift = db.ints[ext, I["shift"]]
         src = pos - shift[:, None]  # where each candidate's logits come from

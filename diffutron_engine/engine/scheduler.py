@@ -74,9 +74,6 @@ class Scheduler:
     def num_waiting(self) -> int:
         return self._waiting
 
-    def has_work(self) -> bool:
-        return bool(self._waiting or self.running)
-
     def _head(self, key: int) -> Request | None:
         """The oldest live request of bucket `key` (drops entries of requests that left)."""
         q = self._queues[key]
