@@ -2,7 +2,7 @@
 positions of the current block (top-k by confidence with k from the schedule, or the threshold / factor
 rules of parallel decoding, always at least one; each row its own rule), write the chosen tokens into
 the canvas, set their bits in the row's seen-id bitmap (the repetition penalty's state), and report
-which positions were committed.
+which positions were committed. Contract and rules: docs/kernels.md ("unmask").
 
 Why a kernel: the choice is tiny (a block is 32 positions) but, done per request in Python, it costs a
 host round trip and a handful of launches per row at every step; here it is one launch for the batch,
@@ -15,11 +15,22 @@ the factor), block_start [B] (canvas column of block position 0), rows [B] (the 
 bitmap row, of each batch row: the engine's slots). The ranking is by confidence, ties to the lower
 position (a total order, so "the k most confident" is always well defined). A committed token sets its
 bit in seen[rows[b]] unless it is one of `unseen` (the mask and EOS ids, which the penalty ignores).
+
+How the kernel ranks: each position's confidence becomes an int32 key with the same order; one bitonic
+sort of the row's keys (tl.sort, in registers) gives the confidences by rank, hence the factor rule's
+count and the key at rank n - 1 (the cut). The n most confident are the keys above the cut and, among
+the keys equal to it, the lowest positions (a prefix sum in position order). No L x L comparison matrix
+(which does not fit a program beyond L = 1,024): any L up to MAX_BLOCK, without spills.
+
+Layout: the Triton kernel, its plan and launcher, the configurations it compiles for (compile_plans),
+the torch implementation (the reference, and the backend off CUDA).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .launch import Launch
 
 try:
     import triton
@@ -29,10 +40,32 @@ except ImportError:  # pragma: no cover
 
 TOPK, THRESHOLD, FACTOR = 0, 1, 2
 RULES = {"topk": TOPK, "threshold": THRESHOLD, "factor": FACTOR}
+# The longest block one program ranks: the model's context (8,192 positions for ModernBERT/mmBERT), the
+# largest block the engine accepts (`infill` without a block size commits over the whole canvas).
+MAX_BLOCK = 8192
 
 if triton is not None:
 
     @triton.jit
+    def _order_key(conf_ptr, i, ok):
+        """(confidence, candidate, key) per position. Key: the float's bits as an int32 with the float's
+        order (negative floats have their magnitude bits flipped); non-candidates below every candidate."""
+        c = tl.load(conf_ptr + i, mask=ok, other=float("-inf")).to(tl.float32)
+        cand = c > float("-inf")  # NaN is no candidate either
+        bits = c.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        return c, cand, tl.where(cand, key, -2147483648)
+
+    @triton.jit
+    def _first_n_at_least(key, cut, n):
+        """The n positions ranked first among keys >= cut: every key above the cut, then the lowest
+        positions holding the cut itself (ties rank the lower position first)."""
+        above = key > cut
+        at = (key == cut).to(tl.int32)
+        return above | ((at != 0) & (tl.cumsum(at, axis=0) <= n - tl.sum(above.to(tl.int32), axis=0)))
+
+    # has_seen is a runtime flag (one program with and without the bitmap): never specialized to a constant
+    @triton.jit(do_not_specialize=["has_seen"])
     def _unmask_kernel(
         conf_ptr, conf_stride_b,
         tok_ptr, tok_stride_b,
@@ -40,38 +73,43 @@ if triton is not None:
         canvas_ptr, canvas_stride_r,
         seen_ptr, seen_stride_r,
         chosen_ptr, chosen_stride_b,
-        L, unseen0, unseen1,
-        HAS_SEEN: tl.constexpr, BLOCK_L: tl.constexpr,
+        L, unseen0, unseen1, has_seen,
+        BLOCK_L: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         i = tl.arange(0, BLOCK_L)
         ok = i < L
-        c = tl.load(conf_ptr + b * conf_stride_b + i, mask=ok, other=float("-inf")).to(tl.float32)
-        cand = c > float("-inf")
-        # rank of each position: how many candidates come before it (higher confidence, or equal
-        # confidence at a lower position); rank 0 is the most confident
-        ahead = (c[None, :] > c[:, None]) | ((c[None, :] == c[:, None]) & (i[None, :] < i[:, None]))
-        ahead = ahead & cand[None, :]
-        rank = tl.sum(ahead.to(tl.int32), axis=1)
+        conf_row = conf_ptr + b * conf_stride_b
         rule = tl.load(rule_ptr + b)
         value = tl.load(value_ptr + b)
-        # top-k, k from the schedule (never more than the candidates)
         k = tl.load(k_ptr + b).to(tl.int32)
-        sel_topk = rank < k
-        # every candidate >= threshold, at least the most confident
-        sel_threshold = (c >= value) | (rank == 0)
-        # the n most confident, largest n with (n + 1) * (1 - c_n) < factor, at least one
-        n = rank + 1
-        good = cand & ((n + 1).to(tl.float32) * (1.0 - c) < value)
-        count = tl.maximum(tl.max(tl.where(good, n, 0), axis=0), 1)
-        sel_factor = rank < count
-        sel = cand & tl.where(rule == 0, sel_topk, tl.where(rule == 1, sel_threshold, sel_factor))
+
+        # Phase 1: sort the keys and reduce the ranking to scalars (how many to take, the key at that
+        # rank); nothing of size L outlives it, so large blocks keep their registers.
+        _, cand, key = _order_key(conf_row, i, ok)
+        n_cand = tl.sum(cand.to(tl.int32), axis=0)
+        ranked = tl.sort(key, descending=True)  # ranked[r]: key of the (r + 1)-th most confident
+        r = tl.arange(0, BLOCK_L)
+        # factor rule: the n most confident, largest n with (n + 1) * (1 - c_n) < factor, at least one
+        c_r = tl.where(ranked < 0, ranked ^ 0x7FFFFFFF, ranked).to(tl.float32, bitcast=True)
+        good = (r < n_cand) & ((r + 2).to(tl.float32) * (1.0 - c_r) < value)
+        count = tl.maximum(tl.max(tl.where(good, r + 1, 0), axis=0), 1)
+        # top-k takes k, factor `count`; threshold at least the most confident (rank 0)
+        n_take = tl.minimum(tl.where(rule == 0, k, tl.where(rule == 2, count, 1)), BLOCK_L)
+        # (n_take <= 0, top-k with k = 0: a cut above every key, so nothing passes)
+        cut = tl.where(n_take > 0, tl.sum(tl.where(r == n_take - 1, ranked, 0), axis=0), 2147483647)
+
+        # Phase 2: the keys again (a reload from cache, cheaper than keeping them live), the selection.
+        # n past the candidates: the cut is a non-candidate's key and every candidate passes.
+        c, cand, key = _order_key(conf_row, i, ok)
+        first = _first_n_at_least(key, cut, n_take)
+        sel = cand & tl.where(rule == 1, first | (c >= value), first)
 
         row = tl.load(rows_ptr + b).to(tl.int64)
         start = tl.load(start_ptr + b)
         tok = tl.load(tok_ptr + b * tok_stride_b + i, mask=ok, other=0)
         tl.store(canvas_ptr + row * canvas_stride_r + start + i, tok.to(canvas_ptr.dtype.element_ty), mask=ok & sel)
-        if HAS_SEEN:
+        if has_seen != 0:
             tok32 = tok.to(tl.int32)
             bit = tl.full((BLOCK_L,), 1, tl.int32) << (tok32 % 32)
             keep = ok & sel & (tok32 != unseen0) & (tok32 != unseen1)
@@ -118,6 +156,26 @@ def _prepare(conf, tokens, k, block_start, canvas, rule, value, rows, seen):
             block_start.contiguous(), rows.contiguous())
 
 
+def plan_unmask(conf, tokens, k, block_start, canvas, rule, value, rows, seen, unseen, chosen) -> Launch:
+    """The launch for prepared inputs (see `unmask_triton`); `chosen` [B, L] int8 receives the result."""
+    B, L = conf.shape
+    if L > MAX_BLOCK:
+        raise ValueError(f"the unmask kernel ranks blocks of up to {MAX_BLOCK} positions, got {L}")
+    if conf.stride(1) != 1 or tokens.stride(1) != 1 or canvas.stride(1) != 1:
+        raise ValueError("conf, tokens and canvas must be contiguous along their last dimension")
+    block = max(16, triton.next_power_of_2(L))
+    unseen = tuple(unseen) + (-1, -1)
+    return Launch(_unmask_kernel, (B,), (
+        conf, conf.stride(0), tokens, tokens.stride(0), k, rule, value, block_start, rows,
+        canvas, canvas.stride(0), seen if seen is not None else chosen, seen.stride(0) if seen is not None else 0,
+        chosen, chosen.stride(0), L, unseen[0], unseen[1], int(seen is not None)),
+        # the sort keeps a few int64 values per position live: 8 positions per thread from 2,048 on
+        # keeps them in registers (no spills up to MAX_BLOCK: bench/gpu_compile_check.py); floats are not
+        # contracted, so the factor rule's comparison rounds as in torch
+        dict(BLOCK_L=block, num_warps=min(32, max(4, block // 256)),
+             enable_fp_fusion=False))
+
+
 def unmask_triton(conf, tokens, k, block_start, canvas, rule="topk", value=None, rows=None, seen=None,
                   unseen: tuple[int, ...] = ()):
     """Commit in place into canvas rows `rows` (default: row b for batch row b); returns the chosen mask
@@ -129,39 +187,54 @@ def unmask_triton(conf, tokens, k, block_start, canvas, rule="topk", value=None,
     rule, value, k, block_start, rows = _prepare(conf, tokens, k, block_start, canvas, rule, value, rows, seen)
     B, L = conf.shape
     chosen = torch.zeros((B, L), dtype=torch.int8, device=conf.device)
-    if B == 0 or L == 0:
-        return chosen.bool()
-    unseen = tuple(unseen) + (-1, -1)
-    _unmask_kernel[(B,)](
-        conf, conf.stride(0), tokens, tokens.stride(0), k, rule, value, block_start, rows,
-        canvas, canvas.stride(0), seen if seen is not None else chosen, seen.stride(0) if seen is not None else 0,
-        chosen, chosen.stride(0), L, unseen[0], unseen[1],
-        HAS_SEEN=seen is not None, BLOCK_L=max(16, triton.next_power_of_2(L)),
-    )
+    if B and L:
+        plan_unmask(conf.contiguous(), tokens.contiguous(), k, block_start, canvas, rule, value, rows, seen,
+                    unseen, chosen).run()
     return chosen.bool()
 
 
+def compile_plans(sms: int = 132, batch: int = 64, length: int = 2048, vocab: int = 256_000) -> list[Launch]:
+    """Every configuration the launcher can choose for the engine's inputs, on meta tensors: one block
+    size per BLOCK_L up to MAX_BLOCK (the engine's blocks are powers of two), odd sizes and a single
+    position where blocks usually are. With or without the seen bitmap is a runtime flag (one program);
+    the grid does not depend on the GPU (`sms` is unused)."""
+    meta = torch.device("meta")
+    out = []
+    for L in [1, 31, 32, 33] + [2**e for e in range(6, MAX_BLOCK.bit_length())]:
+        per_row = torch.empty(batch, dtype=torch.long, device=meta)
+        out.append(plan_unmask(
+            torch.empty(batch, L, device=meta), torch.empty(batch, L, dtype=torch.long, device=meta), per_row, per_row,
+            torch.empty(batch, max(length, L), dtype=torch.long, device=meta),
+            torch.empty(batch, dtype=torch.int32, device=meta), torch.empty(batch, device=meta), per_row,
+            torch.empty(batch, (vocab + 31) // 32, dtype=torch.int32, device=meta), (4, 2),
+            torch.empty(batch, L, dtype=torch.int8, device=meta)).labelled(f"L={L}"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- torch
 def unmask_torch(conf, tokens, k, block_start, canvas, rule="topk", value=None, rows=None, seen=None,
                  unseen: tuple[int, ...] = ()):
     """The same contract in torch (the reference and the CPU path): a fixed number of ops whatever the
-    batch, no host synchronization."""
+    batch, no host synchronization, O(L log L) per row (a sort, no L x L matrix)."""
     one_rule = rule if isinstance(rule, str) else None  # one rule for every row: compute only it
     rule, value, k, block_start, rows = _prepare(conf, tokens, k, block_start, canvas, rule, value, rows, seen)
     B, L = conf.shape
     c = conf.float()
     cand = c > -torch.inf
+    c = c.masked_fill(~cand, -torch.inf)  # NaN is no candidate
     pos = torch.arange(L, device=conf.device)
-    ahead = (c[:, None, :] > c[:, :, None]) | ((c[:, None, :] == c[:, :, None]) & (pos[None, None, :] < pos[None, :, None]))
-    rank = (ahead & cand[:, None, :]).sum(-1)
+    # a stable descending sort ranks equal confidences lower position first
+    ranked, order = torch.sort(c, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, pos.expand(B, L))
     sel = {}
     if one_rule in (None, "topk"):
         sel[TOPK] = rank < k[:, None]
     if one_rule in (None, "threshold"):
         sel[THRESHOLD] = (c >= value[:, None]) | (rank == 0)
     if one_rule in (None, "factor"):
-        n = rank + 1
-        good = cand & ((n + 1).float() * (1 - c) < value[:, None])
-        count = torch.where(good, n, 0).amax(-1, keepdim=True).clamp(min=1)
+        n_cand = cand.sum(1, keepdim=True)
+        good = (pos[None, :] < n_cand) & ((pos[None, :] + 2).float() * (1 - ranked) < value[:, None])
+        count = torch.where(good, pos[None, :] + 1, 0).amax(-1, keepdim=True).clamp(min=1)
         sel[FACTOR] = rank < count
     if one_rule is None:
         r = rule[:, None]
@@ -192,9 +265,14 @@ def _set_seen_bits(seen, rr, tokens, sel, unseen) -> None:
     keep = sel.clone()
     for u in unseen:
         keep &= tok != u
-    earlier = torch.ones(L, L, dtype=torch.bool, device=tok.device).tril(-1)  # [i, j]: j before i
-    dup = ((tok[:, :, None] == tok[:, None, :]) & keep[:, None, :] & earlier).any(-1)
-    keep &= ~dup
+    # repeats of a token within the row, after its first kept occurrence: sort the kept tokens (the
+    # others get distinct negative keys), a stable sort puts equal tokens side by side in position order
+    pos = torch.arange(L, device=tok.device)
+    key = torch.where(keep, tok, -1 - pos[None, :])
+    ordered, order = torch.sort(key, dim=1, stable=True)
+    repeat = torch.zeros_like(keep)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    keep &= ~torch.zeros_like(keep).scatter_(1, order, repeat)
     word, shift = tok // 32, tok % 32
     already = (seen[rr, word].long() >> shift) & 1
     bits = torch.where(keep & (already == 0), torch.ones_like(tok) << shift, 0)

@@ -99,6 +99,64 @@ def test_triton_equals_torch_with_mixed_rules_and_seen_bits():
         assert all(torch.equal(x, y) for x, y in zip(*out))
 
 
+def pairwise_selection(conf, rule, value, k):
+    """The rules by their definition, one row at a time: rank = how many candidates come first (higher
+    confidence, or equal confidence at a lower position). O(L^2): a reference for tests only."""
+    out = torch.zeros(conf.shape, dtype=torch.bool)
+    for b, c in enumerate(conf.double()):
+        cand = c > -torch.inf
+        pos = torch.arange(len(c))
+        ahead = ((c[None, :] > c[:, None]) | ((c[None, :] == c[:, None]) & (pos[None, :] < pos[:, None]))) & cand[None, :]
+        rank = ahead.sum(1)
+        if rule[b] == U.TOPK:
+            sel = rank < k[b]
+        elif rule[b] == U.THRESHOLD:
+            sel = (c.float() >= value[b]) | (rank == 0)
+        else:
+            good = cand & ((rank + 2).float() * (1 - c.float()) < value[b])
+            sel = rank < max(int((rank + 1)[good].max()) if good.any() else 0, 1)
+        out[b] = sel & cand
+    return out
+
+
+# the CPU interpreter runs tl.sort element by element: 20 s at L = 1,024 and 107 s at 4,096, so the
+# large Triton cases are in the slow tier (the compiled kernel is checked at every size by
+# bench/gpu_compile_check.py, and the GPU suite runs these tests on the GPU)
+BLOCK_CASES = [pytest.param(fn.values[0], L, id=f"{L}-{fn.id}", marks=list(fn.marks) + (
+    [pytest.mark.slow] if fn.id == "triton" and L >= 1024 else []))
+    for L in (1, 31, 256, 1024, 1025, 4096) for fn in IMPLS]
+
+
+@pytest.mark.parametrize("fn,L", BLOCK_CASES)
+def test_any_block_size_matches_the_definition(fn, L):
+    """Blocks up to the kernel's largest (1,025 crosses a power of two; the kernel's ranking needs no
+    L x L tile): every rule, with ties (confidences on a coarse grid), non-candidates, k past the
+    candidates, against the rules' definition."""
+    g = torch.Generator().manual_seed(L)
+    B = 4
+    conf = (torch.rand(B, L, generator=g) * 16).floor() / 16  # many ties
+    conf[torch.rand(B, L, generator=g) < 0.25] = NEG
+    rule = torch.tensor([U.TOPK, U.TOPK, U.THRESHOLD, U.FACTOR], dtype=torch.int32)
+    value = torch.tensor([0.0, 0.0, 0.9, 0.5 + L / 8])
+    k = torch.tensor([max(1, L // 3), L + 5, 0, 0])
+    tokens = torch.randint(0, 1000, (B, L), generator=g)
+    canvas = torch.full((B, L + 3), -1, dtype=torch.long)
+    start = torch.tensor([0, 1, 2, 3])
+    seen = torch.zeros(B, 32, dtype=torch.int32)
+    chosen = fn(conf.to(DEV), tokens.to(DEV), k.to(DEV), start.to(DEV), canvas.to(DEV), rule.to(DEV),
+                value.to(DEV), seen=seen.to(DEV)).cpu()
+    assert torch.equal(chosen, pairwise_selection(conf, rule, value, k))
+
+
+def test_blocks_past_the_kernels_limit_are_refused():
+    if U.triton is None:
+        pytest.skip("triton not installed")
+    conf = torch.zeros(1, U.MAX_BLOCK + 1)
+    with pytest.raises(ValueError, match="blocks of up to"):
+        U.unmask_triton(conf, conf.long(), torch.ones(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                        torch.zeros(1, U.MAX_BLOCK + 1, dtype=torch.long))
+
+
 @pytest.mark.parametrize("fn", IMPLS)
 def test_per_row_rules_rows_and_seen_bits(fn):
     """Rows of different requests in one launch: each its own rule and value, its canvas row through
