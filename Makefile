@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TINY_TR := diffutron_engine/models/tiny-tr
 
-.PHONY: demo test test-fast venv clean tiny-tr
+.PHONY: demo test test-fast venv clean tiny-tr gpu-compile-check
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,5 +54,27 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
+# Every Triton kernel compiled for sm_80, sm_90 and sm_100 without a GPU (ptxas from the triton wheel):
+# registers, spills, shared memory; fails on a compile error or a spill (bench/gpu_compile_check.py).
+#   make gpu-compile-check                           with the environment's triton
+#   make gpu-compile-check TRITON_SPEC=triton==3.6.0  in an environment of its own with that triton
+#                                                    (3.6.0 is the GPU machine's)
+TRITON_SPEC ?=
+COMPILE_VENV := .venv-$(subst ==,-,$(TRITON_SPEC))
+gpu-compile-check: $(if $(strip $(TRITON_SPEC)),$(COMPILE_VENV)/.installed,$(VENV)/.installed)
+ifeq ($(strip $(TRITON_SPEC)),)
+	env -u TRITON_INTERPRET $(PY) bench/gpu_compile_check.py
+else
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(COMPILE_VENV)/bin/python bench/gpu_compile_check.py
+endif
+
+# the check needs torch (CPU), numpy and the chosen triton; the package runs from the source tree
+$(COMPILE_VENV)/.installed:
+	test -x $(COMPILE_VENV)/bin/python || $(PYTHON) -m venv $(COMPILE_VENV)
+	$(COMPILE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPILE_VENV)/bin/python -c "import torch" 2>/dev/null || $(COMPILE_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(COMPILE_VENV)/bin/python -m pip install -q numpy "$(TRITON_SPEC)"
+	touch $@
+
 clean:
-	rm -rf $(VENV) build *.egg-info diffutron_engine/_C*.so
+	rm -rf $(VENV) .venv-triton-* build *.egg-info diffutron_engine/_C*.so

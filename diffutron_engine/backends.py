@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -72,71 +73,25 @@ def pick(device: torch.device, available: dict[str, bool]) -> str:
     return next(b for b in order if available.get(b, False))
 
 
-# --------------------------------------------------------------------------- the fused sampler
-def sample_cpp(logits: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampler contract (kernels/sampling.py) on float32 CPU logits, through the C++ extension."""
-    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype != torch.float32:
-        raise ValueError(f"the C++ sampler needs float32 CPU logits [N, V], got {logits.dtype} "
-                         f"{tuple(logits.shape)} on {logits.device}")
-    n, v = logits.shape
-    ids = torch.empty(n, dtype=torch.long)
-    conf = torch.empty(n, dtype=torch.float32)
-    if n == 0:
-        return ids, conf
-    r = p.resolve(n, v, "cpu")
-    f = r.flags
-    valid = None if r.valid is None else r.valid.contiguous().view(torch.int8)
-
-    def addr(t, on=True):
-        return t.contiguous().data_ptr() if on and t is not None else 0
-
-    # every argument is contiguous already (made so by resolve) except possibly views the caller gave
-    args = [r.temperature.contiguous(), r.penalty.contiguous(), r.seeds.contiguous(), r.positions.contiguous(),
-            r.steps.contiguous(), r.streams.contiguous(), r.maps.contiguous()]
-    temperature, penalty, seeds, positions, steps, streams, maps = args
-    cpp_extension().fused_sample(
-        logits.data_ptr(), n, v, logits.stride(0), logits.stride(1), temperature.data_ptr(), penalty.data_ptr(),
-        addr(valid), seeds.data_ptr(), positions.data_ptr(), steps.data_ptr(), streams.data_ptr(), maps.data_ptr(),
-        addr(r.seen, f.penalty), r.seen_stride, addr(r.suppress, f.suppress), r.suppress_stride,
-        addr(r.begin, f.begin), r.begin_stride, ids.data_ptr(), conf.data_ptr())
-    return ids, r.with_random_confidence(conf)
-
-
-def sample(logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token choice and confidence per row of logits [N, V] (params: kernels.sampling.SampleParams) on
-    the best available backend: triton on CUDA, C++ for float32 on CPU, torch otherwise."""
-    from .kernels import sampling
-
-    cpu_f32 = logits.device.type == "cpu" and logits.dtype == torch.float32
-    backend = pick(logits.device, {"triton": _triton_usable(logits.device), "cpp": cpu_f32 and cpp_available(),
-                                   "torch": True})
-    if backend == "triton":
-        return sampling.sample_triton(logits if logits.stride(1) == 1 else logits.contiguous(), params)
-    if backend == "cpp":
-        return sample_cpp(logits, params)
-    return sampling.sample_torch(logits, params)
-
-
+# --------------------------------------------------------------------------- per-op choices
 def _triton_usable(device: torch.device) -> bool:
     """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)."""
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     return triton_installed() and (device.type == "cuda" or (interp and device.type == "cpu"))
 
 
-# --------------------------------------------------------------------------- commit (unmask)
-def unmask(conf, tokens, k, block_start, canvas, rule="topk", value=None, rows=None, seen=None,
-           unseen: tuple[int, ...] = ()) -> torch.Tensor:
-    """Commit each row's chosen block positions into its canvas row and set their seen bits
-    (kernels/unmask.py); returns the chosen mask [B, L]. Triton on CUDA, torch elsewhere (a few hundred
-    numbers: nothing for C++ to win)."""
-    from .kernels import unmask as um
-
-    backend = pick(conf.device, {"triton": _triton_usable(conf.device), "torch": True})
-    fn = um.unmask_triton if backend == "triton" else um.unmask_torch
-    return fn(conf, tokens, k, block_start, canvas, rule, value, rows=rows, seen=seen, unseen=unseen)
+def sampler_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The fused sampler (kernels/sampling.py): triton on CUDA, C++ for float32 on CPU, torch otherwise."""
+    cpu_f32 = device.type == "cpu" and dtype == torch.float32
+    return pick(device, {"triton": _triton_usable(device), "cpp": cpu_f32 and cpp_available(), "torch": True})
 
 
-# --------------------------------------------------------------------------- attention
+def unmask_backend(device: torch.device) -> str:
+    """The commit (kernels/unmask.py): triton on CUDA, torch elsewhere (a few hundred numbers per row:
+    nothing for C++ to win)."""
+    return pick(device, {"triton": _triton_usable(device), "torch": True})
+
+
 def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
     """'triton' (kernels/attention.py) for half precision on CUDA, else 'torch' (SDPA with an explicit
     mask). float32 on CUDA stays on SDPA: the kernel's exact float32 dot products are slower than
@@ -144,6 +99,58 @@ def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
     available = {"triton": _triton_usable(device) and (dtype != torch.float32 or forced_backend() == "triton"),
                  "torch": True}
     return pick(device, available)
+
+
+def cross_entropy_backend(device: torch.device) -> str:
+    """The fused linear cross-entropy's passes (kernels/cross_entropy.py): triton on CUDA, torch
+    elsewhere (no C++ version: a forced cpp runs torch)."""
+    return pick(device, {"triton": _triton_usable(device), "torch": True})
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The backend of every op of a step, chosen once for a device and dtype (a runner keeps one, so a
+    step makes no choice and reads no environment)."""
+
+    sampler: str  # "triton", "cpp" or "torch"
+    committer: str  # the unmask op's: "triton" or "torch"
+    attention: str  # "triton" or "torch"
+
+    @classmethod
+    def select(cls, device: torch.device, dtype: torch.dtype) -> "Ops":
+        device = torch.device(device)
+        return cls(sampler_backend(device, dtype), unmask_backend(device), attention_backend(device, dtype))
+
+    def sample(self, logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token choice and confidence per row of logits [N, V] (params: kernels.sampling.SampleParams)."""
+        from .kernels import sampling
+
+        if self.sampler == "triton":
+            return sampling.sample_triton(logits if logits.stride(1) == 1 else logits.contiguous(), params)
+        if self.sampler == "cpp":
+            return sampling.sample_cpp(logits, params)
+        return sampling.sample_torch(logits, params)
+
+    def unmask(self, conf, tokens, k, block_start, canvas, rule="topk", value=None, rows=None, seen=None,
+               unseen: tuple[int, ...] = ()) -> torch.Tensor:
+        """Commit each row's chosen block positions into its canvas row and set their seen bits; returns
+        the chosen mask [B, L]."""
+        from .kernels import unmask as um
+
+        fn = um.unmask_triton if self.committer == "triton" else um.unmask_torch
+        return fn(conf, tokens, k, block_start, canvas, rule, value, rows=rows, seen=seen, unseen=unseen)
+
+
+def sample(logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call of the sampler on the backend `Ops.select` would choose (for callers outside a runner)."""
+    return Ops.select(logits.device, logits.dtype).sample(logits, params)
+
+
+def unmask(conf, tokens, k, block_start, canvas, rule="topk", value=None, rows=None, seen=None,
+           unseen: tuple[int, ...] = ()) -> torch.Tensor:
+    """One commit on the backend `Ops.select` would choose (for callers outside a runner)."""
+    return Ops.select(conf.device, torch.float32).unmask(conf, tokens, k, block_start, canvas, rule, value,
+                                                         rows=rows, seen=seen, unseen=unseen)
 
 
 def describe() -> dict[str, str]:
@@ -159,10 +166,10 @@ def describe() -> dict[str, str]:
     for dev, dtype in devices:
         d = torch.device(dev)
         try:
-            out[f"sampler on {dev}"] = pick(d, {"triton": _triton_usable(d),
-                                                "cpp": dev == "cpu" and cpp_available(), "torch": True})
-            out[f"unmask on {dev}"] = pick(d, {"triton": _triton_usable(d), "torch": True})
-            out[f"attention on {dev} ({str(dtype).split('.')[-1]})"] = attention_backend(d, dtype)
+            ops = Ops.select(d, dtype)
+            out[f"sampler on {dev}"] = ops.sampler
+            out[f"unmask on {dev}"] = ops.committer
+            out[f"attention on {dev} ({str(dtype).split('.')[-1]})"] = ops.attention
         except RuntimeError as exc:  # a forced backend this device cannot run
             out[f"ops on {dev}"] = str(exc)
     if not cuda:

@@ -50,6 +50,7 @@ class BenchConfig:
     init_std: float = 0.02
     vocab_size: int | None = None  # None: mmBERT's 256,000 (smaller only for quick checks)
     cuda_graphs: bool = False  # engine modes replay their forwards from CUDA graphs (CUDA only)
+    fused_head: bool = False  # engine modes compute the LM head inside the Triton sampler (CUDA only)
 
     def __post_init__(self):
         unknown = [m for m in self.modes if m not in MODES]
@@ -182,7 +183,8 @@ def run(cfg: BenchConfig, log=print) -> dict:
         else:
             knobs_mode = dict(MODES[mode])
             cache = knobs_mode.pop("cache", "none")
-            engine = Engine(model, tok, max_batch=cfg.batch_size, cache=cache, cuda_graphs=cfg.cuda_graphs)
+            engine = Engine(model, tok, max_batch=cfg.batch_size, cache=cache, cuda_graphs=cfg.cuda_graphs,
+                            fused_head=cfg.fused_head)
             scfg = SamplingParams(early_stop=False, seed=cfg.seed, **knobs, **knobs_mode)
             engine.generate(prompts[:1], scfg.override(max_new_tokens=cfg.block_size, steps=2))  # warm-up
             with _PeakMemory(cfg.device) as mem:

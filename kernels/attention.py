@@ -16,6 +16,9 @@ triton is imported lazily so that the torch reference works where triton is not 
 import math
 
 import torch
+import torch.nn.functional as F
+
+from .launch import Launch
 
 try:
     import triton
@@ -40,9 +43,11 @@ if triton is not None:
         SLIDING: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        # 64-bit program ids: slot * k_stride_s can exceed 2**31 on a large KV store.
-        pid_m = tl.program_id(0).to(tl.int64)
-        pid_bh = tl.program_id(1).to(tl.int64)
+        # 64-bit program ids: slot * k_stride_s can exceed 2**31 on a large KV store. Batch x heads on
+        # grid axis 0 (up to 2**31 - 1 programs; axis 1 stops at 65,535, which 64 rows x 12 heads x ...
+        # would reach at large batches), query tiles on axis 1.
+        pid_bh = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1).to(tl.int64)
         b = pid_bh // H
         h = pid_bh % H
         slot = tl.load(slots_ptr + b * slots_stride).to(tl.int64)
@@ -149,13 +154,12 @@ def _check_inputs(q, k_cache, v_cache, slots, q_pos, key_valid, half_window):
         raise ValueError(f"all inputs must be on one device; got {sorted(map(str, devices))}")
 
 
-def flash_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=None, scale=None,
-                    *, block_m=None, block_n=None):
+def flash_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=None, scale=None):
     """Masked bidirectional attention with the Triton kernel; see the module docstring.
 
     q [B, H, Q, D], k_cache/v_cache [S, H, P, D] (row b reads slot slots[b]), q_pos [B, Q] int,
-    key_valid [B, T] bool with T <= P. Returns [B, H, Q, D] in q's dtype. ``block_m``/``block_n``
-    override the tile sizes (powers of two >= 16). Slot indices are not range-checked (that
+    key_valid [B, T] bool with T <= P. Returns [B, H, Q, D] in q's dtype; tiles are the launcher's
+    (`plan_attention`). Slot indices are not range-checked (that
     would need a device sync): they must lie in [0, S).
     """
     if triton is None:
@@ -173,20 +177,26 @@ def flash_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=No
         raise ValueError("k_cache and v_cache must have a unit stride in the head dim")
     if q.stride(-1) != 1:
         q = q.contiguous()  # small, per-call tensor: a copy is cheap
-    if block_m is None:
-        block_m = min(64, max(16, triton.next_power_of_2(Q)))  # short queries: no wasted rows
-    if block_n is None:
-        block_n = 64
-    if not (_is_pow2(block_m) and _is_pow2(block_n) and block_m >= 16 and block_n >= 16):
-        raise ValueError(f"block sizes must be powers of two >= 16 (tl.dot); got {block_m}, {block_n}")
-
     out = torch.empty((B, H, Q, D), dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
+    if out.numel():
+        plan_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window, scale, out).run()
+    return out
+
+
+def plan_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window, scale, out) -> Launch:
+    """The launch for checked inputs (see `flash_attention`): 64-key tiles, query tiles of 16 to 64
+    rows (short queries waste no rows), 32 x 32 in float32."""
+    B, H, Q, D = q.shape
+    T = key_valid.shape[1]
+    block_m = min(64, max(16, triton.next_power_of_2(Q)))
+    block_n = 64
+    if q.dtype == torch.float32:
+        # float32 operands are twice the registers (and their IEEE products run on FMA units): 32 x 32
+        # tiles keep them below the ceiling, larger ones spill (bench/gpu_compile_check.py)
+        block_m, block_n = min(block_m, 32), min(block_n, 32)
     scale = D ** -0.5 if scale is None else float(scale)
     valid = key_valid.view(torch.uint8)  # bytes instead of i1 pointers: plain, portable loads
-    grid = (triton.cdiv(Q, block_m), B * H)
-    _attention_fwd_kernel[grid](
+    return Launch(_attention_fwd_kernel, (B * H, triton.cdiv(Q, block_m)), (
         q, q.stride(0), q.stride(1), q.stride(2),
         k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -194,11 +204,57 @@ def flash_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=No
         slots, slots.stride(0),
         q_pos, q_pos.stride(0), q_pos.stride(1),
         valid, valid.stride(0), valid.stride(1),
-        H, Q, T, 0 if half_window is None else half_window, scale * math.log2(math.e),
-        SLIDING=half_window is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4,
-    )
+        H, Q, T, 0 if half_window is None else half_window, scale * math.log2(math.e)),
+        dict(SLIDING=half_window is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+             enable_fp_fusion=True))
+
+
+def compile_plans(sms: int = 132, batch: int = 64, heads: int = 12, head_dim: int = 64, length: int = 2048,
+                  half_window: int = 64) -> list[Launch]:
+    """Every configuration the launcher can choose at the model's shapes, on meta tensors: bfloat16,
+    float16 and float32 (a forced Triton backend on a float32 model), global and sliding layers, queries
+    of one block (the cached steps: 1 to 64 positions) and of the whole canvas, keys read from the
+    per-row stores of a full forward or from the K/V pool's slots."""
+    meta = torch.device("meta")
+    out = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for window in (None, half_window):
+            for Q in (1, 16, 32, 64, length):
+                for pool in (False, True):
+                    slots_n = 2 * batch if pool else batch
+                    kv = torch.empty(slots_n, heads, length, head_dim, dtype=dtype, device=meta)
+                    q = torch.empty(batch, Q, heads, head_dim, dtype=dtype, device=meta).transpose(1, 2)
+                    launch = plan_attention(
+                        q, kv, kv, torch.empty(batch, dtype=torch.long, device=meta),
+                        torch.empty(batch, Q, dtype=torch.long, device=meta),
+                        torch.empty(batch, length, dtype=torch.bool, device=meta), window, None,
+                        torch.empty(batch, heads, Q, head_dim, dtype=dtype, device=meta))
+                    out.append(launch.labelled(f"{str(dtype)[6:]} {'sliding' if window else 'global'} Q={Q} "
+                                               f"{'pool' if pool else 'rows'}"))
     return out
+
+
+def attention_torch(q, k_store, v_store, slots, q_pos, key_valid, half_window, scale, mask=None):
+    """The torch backend: SDPA over the rows' keys with an explicit [B, 1, Q, T] mask (the same contract
+    as `flash_attention`; k_store/v_store are per row [B, H, T, D] when slots is None, else the pool
+    [S, H, P, D] read through slots). `mask` reuses one built by `attention_mask` for the same
+    positions (a forward builds one per layer kind)."""
+    T = key_valid.shape[1]
+    if slots is not None:
+        k_store, v_store = k_store[slots, :, :T], v_store[slots, :, :T]
+    if mask is None:
+        mask = attention_mask(q_pos, key_valid, half_window)
+    return F.scaled_dot_product_attention(q, k_store, v_store, attn_mask=mask, scale=scale)
+
+
+def attention_mask(q_pos, key_valid, half_window):
+    """Boolean [B, 1, Q, T]: key valid, and within +-half_window of the query on sliding layers."""
+    m = key_valid[:, None, None, :]
+    if half_window is not None:
+        keys = torch.arange(key_valid.shape[1], device=key_valid.device)
+        near = (q_pos[:, :, None] - keys[None, None, :]).abs() <= half_window
+        m = m & near[:, None, :, :]
+    return m
 
 
 def attention_reference(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=None, scale=None,

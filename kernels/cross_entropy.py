@@ -35,6 +35,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .launch import Launch
+
 try:
     import triton
     import triton.language as tl
@@ -131,18 +133,51 @@ def _check_block(z, target, *vectors):
         raise ValueError("the logits block and its row vectors must be on one device")
 
 
+def plan_lse(z, target, scale, loss_out, lse_out) -> Launch:
+    """Pass 1's launch on a block of logits z [R, V] (one row per program, the row's tiles in a loop)."""
+    block = min(LSE_BLOCK_V, triton.next_power_of_2(z.shape[1]))
+    return Launch(_ce_lse_kernel, (z.shape[0],), (z, z.stride(0), target, scale, loss_out, lse_out, z.shape[1]),
+                  dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4, enable_fp_fusion=True))
+
+
+def plan_grad(z, col0, target, lse, scale) -> Launch:
+    """Pass 2's launch on a vocabulary slice z [N, W] (one tile per program)."""
+    block = min(GRAD_BLOCK_V, triton.next_power_of_2(z.shape[1]))
+    return Launch(_ce_grad_kernel, (z.shape[0], triton.cdiv(z.shape[1], block)),
+                  (z, z.stride(0), target, lse, scale, col0, z.shape[1]),
+                  dict(BLOCK_V=block, num_warps=4, enable_fp_fusion=True))
+
+
 def _lse_pass_triton(z, target, scale, loss_out, lse_out):
     _check_block(z, target, scale, loss_out, lse_out)
-    block = min(LSE_BLOCK_V, triton.next_power_of_2(z.shape[1]))
-    _ce_lse_kernel[(z.shape[0],)](z, z.stride(0), target, scale, loss_out, lse_out, z.shape[1],
-                                  BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
+    plan_lse(z, target, scale, loss_out, lse_out).run()
 
 
 def _grad_pass_triton(z, col0, target, lse, scale):
     _check_block(z, target, lse, scale)
-    block = min(GRAD_BLOCK_V, triton.next_power_of_2(z.shape[1]))
-    grid = (z.shape[0], triton.cdiv(z.shape[1], block))
-    _ce_grad_kernel[grid](z, z.stride(0), target, lse, scale, col0, z.shape[1], BLOCK_V=block, num_warps=4)
+    plan_grad(z, col0, target, lse, scale).run()
+
+
+def compile_plans(sms: int = 132, rows: int = 8192, vocab: int = 256_000, hidden: int = 768) -> list[Launch]:
+    """The launches of a training step at the model's shapes (N = 8,192 masked positions, V = 256,000),
+    on meta tensors: float32 / bfloat16 / float16 blocks of pass 1 (chunk rows x V) and pass 2 (N x
+    slice width, as `_loss_and_grads` sizes them), and a vocabulary smaller than one tile."""
+    meta = torch.device("meta")
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        size = torch.empty(0, dtype=dtype).element_size()
+        chunk = max(1, LOGITS_BLOCK_BYTES // (vocab * size))
+        width = min(vocab, _round_up(max(64, chunk * vocab // rows), 64))
+        for v, r, w in ((vocab, chunk, width), (1000, 7, 1000)):
+            f32 = dict(dtype=torch.float32, device=meta)
+            target = torch.empty(r, dtype=torch.long, device=meta)
+            out.append(plan_lse(torch.empty(r, v, dtype=dtype, device=meta), target, torch.empty(r, **f32),
+                                torch.empty(r, **f32), torch.empty(r, **f32)).labelled(f"{str(dtype)[6:]} V={v}"))
+            n = rows if v == vocab else r
+            target = torch.empty(n, dtype=torch.long, device=meta)
+            out.append(plan_grad(torch.empty(n, w, dtype=dtype, device=meta), 0, target, torch.empty(n, **f32),
+                                 torch.empty(n, **f32)).labelled(f"{str(dtype)[6:]} slice {w}"))
+    return out
 
 
 def _lse_pass_torch(z, target, scale, loss_out, lse_out):
@@ -263,17 +298,12 @@ def _check_inputs(hidden, weight, target, bias, row_weight, reduction):
         raise ValueError(f"all inputs must be on one device; got {sorted({str(t.device) for t in tensors})}")
 
 
-def _pick_backend(backend, device) -> str:
-    """Explicit argument, else the project's forced backend (no C++ version: cpp means torch), else
-    triton on CUDA when installed, torch otherwise."""
+def _check_backend(backend, device) -> str:
+    """The backend argument: "triton", "torch", or None for triton on CUDA (when installed) and torch
+    elsewhere. The project's dispatch rule (forced backends, the interpreter) is
+    diffutron_engine.backends.cross_entropy_backend: callers pick once with it and pass the result."""
     if backend is None:
-        from diffutron_engine.backends import forced_backend
-
-        forced = forced_backend()
-        if forced is not None:
-            backend = "triton" if forced == "triton" else "torch"
-        else:
-            backend = "triton" if device.type == "cuda" and triton is not None else "torch"
+        backend = "triton" if device.type == "cuda" and triton is not None else "torch"
     if backend not in _PASSES:
         raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")
     if backend == "triton" and triton is None:
@@ -290,10 +320,10 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, row_weight=Non
     gradient. reduction "sum", or "mean" = the sum divided by the number of non-ignored rows (row
     weights do not change that count; no such row: 0). chunk_rows bounds each block of logits to
     chunk_rows x V elements (default: LOGITS_BLOCK_BYTES in the inputs' dtype). backend: "triton",
-    "torch" or None (see _pick_backend). Out-of-range targets raise (one device sync per call).
+    "torch" or None (see _check_backend). Out-of-range targets raise (one device sync per call).
     """
     _check_inputs(hidden, weight, target, bias, row_weight, reduction)
-    backend = _pick_backend(backend, hidden.device)
+    backend = _check_backend(backend, hidden.device)
     n, v = hidden.shape[0], weight.shape[0]
     target = target.to(torch.int64).contiguous()
     valid = target != ignore_index

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .launch import Launch
+
 try:  # triton is optional: the torch implementation below works without it
     import triton
     import triton.language as tl
@@ -85,7 +87,10 @@ if triton is not None:
         word = tl.load(bits_ptr + cols // 32, mask=mask, other=0)
         return ((word >> (cols % 32)) & 1) != 0
 
-    @triton.jit
+    # The feature switches are runtime ints, not constexprs: one compiled program per (dtype, SAMPLE,
+    # FUSE_HEAD) serves every mix of requests (each switch costs one uniform branch per tile), so the
+    # programs the GPU compiles, and bench/gpu_compile_check.py checks, stay few.
+    @triton.jit(do_not_specialize=["has_bias", "has_penalty", "has_suppress", "has_begin", "has_valid"])
     def _sample_partial_kernel(
         x_ptr, x_stride_n,                    # logits [N, V], or hidden [N, H] when FUSE_HEAD
         w_ptr, w_stride_v, b_ptr,             # decoder weight [V, H] and bias [V] (FUSE_HEAD only)
@@ -97,15 +102,15 @@ if triton is not None:
         beg_ptr, beg_stride_r,                # begin-suppressed-id bitmaps [R, W] (stride 0: one for all)
         part_score_ptr, part_id_ptr, part_x_ptr, part_m_ptr, part_s_ptr,  # [N, SPLITS] partials
         N, V, H, tiles_per_split, n_splits,
-        FUSE_HEAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PENALTY: tl.constexpr,
-        HAS_SUPPRESS: tl.constexpr, HAS_BEGIN: tl.constexpr, SAMPLE: tl.constexpr, HAS_VALID: tl.constexpr,
+        has_bias, has_penalty, has_suppress, has_begin, has_valid,
+        FUSE_HEAD: tl.constexpr, SAMPLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0).to(tl.int64)
         pid_s = tl.program_id(1).to(tl.int64)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        if HAS_VALID:
+        if has_valid != 0:
             row_ok = row_ok & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
         out_dtype = x_ptr.dtype.element_ty  # logits (or the LM head's output) carry the model's dtype
 
@@ -119,11 +124,9 @@ if triton is not None:
             c3 = tl.load(stream_ptr + rows, mask=row_ok, other=0).to(tl.uint32)[:, None]
             # rows at temperature 0 in a program of greedy rows skip the draws entirely
             any_sample = tl.max(tl.where(row_ok, temp, 0.0), axis=0) > 0.0
-        if HAS_PENALTY or HAS_SUPPRESS or HAS_BEGIN:
-            bmap = tl.load(map_ptr + rows, mask=row_ok, other=0)
-        if HAS_PENALTY:
-            pen = tl.load(pen_ptr + rows, mask=row_ok, other=1.0)
-            pen_on = row_ok & (pen != 1.0)  # rows without a penalty never read their bitmap
+        bmap = tl.load(map_ptr + rows, mask=row_ok, other=0)
+        pen = tl.load(pen_ptr + rows, mask=row_ok, other=1.0)
+        pen_on = row_ok & (pen != 1.0)  # rows without a penalty never read their bitmap
 
         best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         best_id = tl.zeros((BLOCK_M,), tl.int64)
@@ -131,9 +134,11 @@ if triton is not None:
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         s = tl.zeros((BLOCK_M,), tl.float32)
 
-        # a program whose rows are all invalid does no work
+        # a program whose rows are all invalid does no work (an empty loop); the last split stops at
+        # the vocabulary's last tile
         t_lo = pid_s * tiles_per_split
-        t_hi = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, t_lo + tiles_per_split, t_lo)
+        t_hi = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0,
+                        tl.minimum(t_lo + tiles_per_split, tl.cdiv(V, BLOCK_V)), t_lo)
         for t in range(t_lo, t_hi):
             cols = t * BLOCK_V + tl.arange(0, BLOCK_V)
             col_ok = cols < V
@@ -146,21 +151,22 @@ if triton is not None:
                                 mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
                     w = tl.load(w_ptr + cols[:, None] * w_stride_v + ks[None, :],
                                 mask=col_ok[:, None] & (ks[None, :] < H), other=0.0)
-                    acc += tl.dot(h, tl.trans(w))
-                if HAS_BIAS:
+                    # float32: "ieee" (no TF32 rounding), as the unfused head's matmul computes by default
+                    acc += tl.dot(h, tl.trans(w), input_precision=DOT_PRECISION)
+                if has_bias != 0:
                     acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 # round as the unfused head would store its logits, so both variants see the same values
                 x = tl.where(ok, acc.to(out_dtype).to(tl.float32), float("-inf"))
             else:
                 x = tl.load(x_ptr + rows[:, None] * x_stride_n + cols[None, :], mask=ok,
                             other=float("-inf")).to(tl.float32)
-            if HAS_PENALTY:
+            if has_penalty != 0:
                 word = tl.load(seen_ptr + bmap[:, None] * seen_stride_r + (cols // 32)[None, :],
                                mask=pen_on[:, None] & col_ok[None, :], other=0)
                 seen = ((word >> (cols % 32)[None, :]) & 1) != 0
                 penalized = tl.where(x > 0, x / pen[:, None], x * pen[:, None]).to(out_dtype).to(tl.float32)
                 x = tl.where(seen, penalized, x)
-            if HAS_SUPPRESS:
+            if has_suppress != 0:
                 x = tl.where(_bit_set(sup_ptr + bmap[:, None] * sup_stride_r, cols[None, :], ok), float("-inf"), x)
             score = x
             if SAMPLE:
@@ -173,10 +179,9 @@ if triton is not None:
                                               tl.broadcast_to(k1, (BLOCK_M, BLOCK_V)), ROUNDS)
                     # temperature 0 rows: x + 0 * g == x exactly (g is finite), the greedy choice
                     score = x + temp[:, None] * _gumbel(bits)
-            if HAS_BEGIN:
+            xc = x
+            if has_begin != 0:
                 xc = tl.where(_bit_set(beg_ptr + bmap[:, None] * beg_stride_r, cols[None, :], ok), float("-inf"), x)
-            else:
-                xc = x
             # running choice: strictly greater keeps the first maximum across tiles (torch's tie rule)
             t_best = tl.max(score, axis=1)
             t_arg = tl.argmax(score, axis=1)
@@ -200,29 +205,44 @@ if triton is not None:
 
     @triton.jit
     def _sample_merge_kernel(
-        part_score_ptr, part_id_ptr, part_x_ptr, part_m_ptr, part_s_ptr,
+        part_score_ptr, part_id_ptr, part_x_ptr, part_m_ptr, part_s_ptr,  # [N, n_splits] each
         out_id_ptr, out_conf_ptr, N, n_splits,
         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
+        """Per row, the best split's choice and the log-sum-exp over the splits, read BLOCK_S splits at
+        a time (bounded tiles whatever the split count: no spills)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        j = tl.arange(0, BLOCK_S)
-        ok = (rows < N)[:, None] & (j < n_splits)[None, :]
-        at = rows[:, None] * n_splits + j[None, :]
-        score = tl.load(part_score_ptr + at, mask=ok, other=float("-inf"))
-        ids = tl.load(part_id_ptr + at, mask=ok, other=0)
-        xs = tl.load(part_x_ptr + at, mask=ok, other=float("-inf"))
-        m = tl.load(part_m_ptr + at, mask=ok, other=float("-inf"))
-        s = tl.load(part_s_ptr + at, mask=ok, other=0.0)
-        win = tl.argmax(score, axis=1)  # first split on ties: it holds the smaller ids
-        pick = j[None, :] == win[:, None]
-        best_id = tl.sum(tl.where(pick, ids, 0), axis=1)
-        best_x = tl.sum(tl.where(pick, xs, 0.0), axis=1)
-        m_all = tl.max(m, axis=1)
-        shift = tl.where(m_all == float("-inf"), 0.0, m_all)
-        total = tl.sum(s * tl.exp(m - shift[:, None]), axis=1)
-        conf = tl.exp(best_x - shift) / total
-        tl.store(out_id_ptr + rows, best_id, mask=rows < N)
-        tl.store(out_conf_ptr + rows, conf.to(out_conf_ptr.dtype.element_ty), mask=rows < N)
+        row_ok = rows < N
+        best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        best_id = tl.zeros((BLOCK_R,), tl.int64)
+        best_x = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_R,), tl.float32)
+        for j0 in range(0, n_splits, BLOCK_S):
+            j = j0 + tl.arange(0, BLOCK_S)
+            ok = row_ok[:, None] & (j < n_splits)[None, :]
+            at = rows[:, None] * n_splits + j[None, :]
+            score = tl.load(part_score_ptr + at, mask=ok, other=float("-inf"))
+            # first split on ties (it holds the smaller ids); a later chunk must be strictly better
+            win = tl.argmax(score, axis=1)
+            pick = tl.arange(0, BLOCK_S)[None, :] == win[:, None]
+            c_best = tl.max(score, axis=1)
+            c_id = tl.sum(tl.where(pick, tl.load(part_id_ptr + at, mask=ok, other=0), 0), axis=1)
+            c_x = tl.sum(tl.where(pick, tl.load(part_x_ptr + at, mask=ok, other=float("-inf")), 0.0), axis=1)
+            better = c_best > best
+            best = tl.where(better, c_best, best)
+            best_id = tl.where(better, c_id, best_id)
+            best_x = tl.where(better, c_x, best_x)
+            pm = tl.load(part_m_ptr + at, mask=ok, other=float("-inf"))
+            ps = tl.load(part_s_ptr + at, mask=ok, other=0.0)
+            m_new = tl.maximum(m, tl.max(pm, axis=1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            total = total * tl.exp(m - shift) + tl.sum(ps * tl.exp(pm - shift[:, None]), axis=1)
+            m = m_new
+        shift = tl.where(m == float("-inf"), 0.0, m)
+        conf = tl.exp(best_x - shift) / total  # rows past N divide 0 by 0: never stored
+        tl.store(out_id_ptr + rows, best_id, mask=row_ok)
+        tl.store(out_conf_ptr + rows, conf.to(out_conf_ptr.dtype.element_ty), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------- params
@@ -415,34 +435,51 @@ def id_bitmap(ids, vocab: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-def _splits(n_row_blocks: int, n_tiles: int, device) -> tuple[int, int]:
+# Tiles (fixed: the engine's shapes are what the GPU compiles and the compile check checks).
+# Logits: one row per program (a row's own temperature, penalty and validity decide its work; the
+# vocabulary split keeps the GPU busy), 2,048 ids per tile in 8 warps: 8 per thread, Philox included.
+SAMPLE_BLOCK_V = 2048
+# Fused head: 64 rows (tensor cores need >= 16; 64 reads the weight once for up to 64 rows), 64 ids,
+# 64 of the hidden dimension per step (float32: 32 rows and 16 of the hidden dimension; sampling: 32
+# ids). Wider tiles put the epilogue (penalty, suppression, Philox on every logit) over 255 registers
+# or into spills: bench/gpu_compile_check.py.
+HEAD_BLOCK_M, HEAD_BLOCK_V, HEAD_BLOCK_K = 64, 64, 64
+# Merge: rows x splits read per step.
+MERGE_BLOCK_R, MERGE_BLOCK_S = 32, 32
+
+
+def _splits(n_row_blocks: int, n_tiles: int, sms: int) -> tuple[int, int]:
     """Split each row's vocabulary so that the grid has a few programs per SM (a handful of rows alone
     would leave most of the GPU idle); returns (splits, tiles per split)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     want = max(1, min(n_tiles, triton.cdiv(4 * sms, n_row_blocks)))
     per = triton.cdiv(n_tiles, want)
     return triton.cdiv(n_tiles, per), per
 
 
-def _launch(x, weight, bias, vocab: int, p: SampleParams, block_m: int, block_v: int, block_k: int,
-            conf_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if triton is None:
-        raise RuntimeError("the triton sampler needs the `triton` package (pip install triton)")
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def plan_sample(x, weight, bias, vocab: int, r: "_Resolved", ids, conf, sms: int,
+                dot_precision: str = "ieee") -> list[Launch]:
+    """The two launches (partial sweeps over vocabulary splits, then the per-row merge) for rows x
+    (logits [N, V], or hidden [N, H] with the decoder weight [V, H] and bias), params resolved, outputs
+    ids [N] and conf [N]; `sms`: the GPU's SM count (sets the split)."""
     n, device = x.shape[0], x.device
-    ids = torch.empty(n, dtype=torch.long, device=device)
-    conf = torch.empty(n, dtype=conf_dtype, device=device)
-    if n == 0:
-        return ids, conf
-    r = p.resolve(n, vocab, device)
+    fuse = weight is not None
     f = r.flags
+    block_m, block_v, block_k = (HEAD_BLOCK_M, HEAD_BLOCK_V, HEAD_BLOCK_K) if fuse else (1, SAMPLE_BLOCK_V, 16)
+    if fuse and x.dtype == torch.float32:
+        # IEEE float32 products run on FMA units with both operand tiles in registers
+        block_m, block_k = block_m // 2, block_k // 4
+    if fuse and f.sample:
+        block_v //= 2  # Philox's state for every logit of the tile: half the tile stays below 255 registers
     row_blocks = triton.cdiv(n, block_m)
-    n_tiles = triton.cdiv(vocab, block_v)
-    n_splits, per_split = _splits(row_blocks, n_tiles, device)
+    n_splits, per_split = _splits(row_blocks, triton.cdiv(vocab, block_v), sms)
     parts = [torch.empty(n, n_splits, dtype=dt, device=device)
              for dt in (torch.float32, torch.long, torch.float32, torch.float32, torch.float32)]
-    fuse = weight is not None
     valid = r.valid.view(torch.int8) if r.valid is not None else r.temperature  # a dummy when absent
-    _sample_partial_kernel[(row_blocks, n_splits)](
+    partial = Launch(_sample_partial_kernel, (row_blocks, n_splits), (
         x, x.stride(0),
         weight if fuse else x, weight.stride(0) if fuse else 0, bias if bias is not None else x,
         r.temperature, r.penalty, valid,
@@ -450,14 +487,30 @@ def _launch(x, weight, bias, vocab: int, p: SampleParams, block_m: int, block_v:
         r.seen, r.seen_stride, r.suppress, r.suppress_stride, r.begin, r.begin_stride,
         *parts,
         n, vocab, x.shape[1] if fuse else 0, per_split, n_splits,
-        FUSE_HEAD=fuse, HAS_BIAS=bias is not None, HAS_PENALTY=f.penalty, HAS_SUPPRESS=f.suppress,
-        HAS_BEGIN=f.begin, SAMPLE=f.sample, HAS_VALID=r.valid is not None, ROUNDS=PHILOX_ROUNDS,
-        BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
-        num_warps=8 if fuse or block_v >= 2048 else 4,
-    )
-    block_r = min(1024, max(16, triton.next_power_of_2(n)))  # many rows per program: the merge is tiny
-    _sample_merge_kernel[(triton.cdiv(n, block_r),)](*parts, ids, conf, n, n_splits, BLOCK_R=block_r,
-                                                     BLOCK_S=max(16, triton.next_power_of_2(n_splits)))
+        int(bias is not None), int(f.penalty), int(f.suppress), int(f.begin), int(r.valid is not None)),
+        # no FMA contraction: x + temperature * g rounds twice, as in the torch and C++ backends, so
+        # every backend draws the same token
+        dict(FUSE_HEAD=fuse, SAMPLE=f.sample, DOT_PRECISION=dot_precision, ROUNDS=PHILOX_ROUNDS,
+             BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=8, enable_fp_fusion=False,
+             # fused head: left alone, ptxas holds it to 128 registers and spills (sm_80 to sm_100); 240
+             # gives it room, below the ceiling
+             **({"maxnreg": 240} if fuse else {})))
+    merge = Launch(_sample_merge_kernel, (triton.cdiv(n, MERGE_BLOCK_R),), (*parts, ids, conf, n, n_splits),
+                   dict(BLOCK_R=MERGE_BLOCK_R, BLOCK_S=MERGE_BLOCK_S, num_warps=4))
+    return [partial, merge]
+
+
+def _run(x, weight, bias, vocab: int, p: SampleParams, sms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if triton is None:
+        raise RuntimeError("the triton sampler needs the `triton` package (pip install triton)")
+    n, device = x.shape[0], x.device
+    ids = torch.empty(n, dtype=torch.long, device=device)
+    conf = torch.empty(n, dtype=x.dtype, device=device)
+    if n == 0:
+        return ids, conf
+    r = p.resolve(n, vocab, device)
+    for launch in plan_sample(x, weight, bias, vocab, r, ids, conf, sms or _sm_count(device)):
+        launch.run()
     return ids, r.with_random_confidence(conf)
 
 
@@ -470,33 +523,100 @@ def _check_logits(logits: torch.Tensor, contiguous_rows: bool = False) -> None:
         raise ValueError("logits rows must be contiguous (stride 1 along the vocabulary)")
 
 
-def sample_triton(logits: torch.Tensor, p: SampleParams, block_v: int | None = None, block_m: int = 1):
-    """Token choice and confidence for each row of logits [N, V] (any V), one launch plus a merge.
-    One row per program by default (the vocabulary split keeps the GPU busy, and a row's own
-    temperature, penalty and validity decide its work); block_m > 1 packs rows, which suits many short
-    rows (the interpreter's statistical tests)."""
+def sample_triton(logits: torch.Tensor, p: SampleParams, sms: int | None = None):
+    """Token choice and confidence for each row of logits [N, V] (any V): one partial sweep over
+    vocabulary splits, then a merge. `sms` overrides the SM count the split is sized for (tests use it
+    to exercise several splits on small vocabularies)."""
     _check_logits(logits, contiguous_rows=True)
-    block_v = block_v or 2048
-    return _launch(logits, None, None, logits.shape[1], p, block_m, block_v, 16, logits.dtype)
+    return _run(logits, None, None, logits.shape[1], p, sms)
 
 
-def sample_head_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: SampleParams,
-                       block_v: int | None = None, block_k: int | None = None):
-    """As `sample_triton` on logits = hidden @ weight.T + bias, computed tile by tile and never stored
-    (hidden [N, H], weight [V, H] with rows contiguous, bias [V] or None)."""
+def _check_head(hidden, weight, bias):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V, H] must agree on H, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise ValueError(f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias must share a dtype")
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"the fused head computes in float32, float16 or bfloat16, got {hidden.dtype}")
     if hidden.stride(1) != 1 or weight.stride(1) != 1 or (bias is not None and not bias.is_contiguous()):
         raise ValueError("hidden, weight and bias must be contiguous along their last dimension")
-    n = hidden.shape[0]
-    # tensor cores need >= 16 rows per tile; one row block up to 64 rows reads the weight once
-    block_m = max(16, min(64, triton.next_power_of_2(max(n, 1))))
-    return _launch(hidden, weight, bias, weight.shape[0], p, block_m, block_v or 128, block_k or 64, hidden.dtype)
+
+
+def sample_head_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: SampleParams,
+                       sms: int | None = None):
+    """As `sample_triton` on logits = hidden @ weight.T + bias, computed tile by tile and never stored
+    (hidden [N, H], weight [V, H] with rows contiguous, bias [V] or None). Products accumulate in
+    float32; float32 inputs multiply in IEEE float32 (no TF32), like the unfused head's matmul."""
+    _check_head(hidden, weight, bias)
+    return _run(hidden, weight, bias, weight.shape[0], p, sms)
+
+
+def sample_cpp(logits: torch.Tensor, p: SampleParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler contract on float32 CPU logits, through the C++ extension (csrc/sampler.cpp): the
+    CPU backend. Raises when the extension was not built."""
+    if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype != torch.float32:
+        raise ValueError(f"the C++ sampler needs float32 CPU logits [N, V], got {logits.dtype} "
+                         f"{tuple(logits.shape)} on {logits.device}")
+    try:
+        from .. import _C
+    except ImportError as exc:
+        raise RuntimeError("the C++ extension diffutron_engine._C is not built (pip install -e ., or "
+                           "python setup.py build_ext --inplace)") from exc
+    n, v = logits.shape
+    ids = torch.empty(n, dtype=torch.long)
+    conf = torch.empty(n, dtype=torch.float32)
+    if n == 0:
+        return ids, conf
+    r = p.resolve(n, v, "cpu")
+    f = r.flags
+    valid = None if r.valid is None else r.valid.contiguous().view(torch.int8)
+
+    def addr(t, on=True):
+        return t.contiguous().data_ptr() if on and t is not None else 0
+
+    # every argument is contiguous already (made so by resolve) except possibly views the caller gave
+    temperature, penalty, seeds, positions, steps, streams, maps = (
+        t.contiguous() for t in (r.temperature, r.penalty, r.seeds, r.positions, r.steps, r.streams, r.maps))
+    _C.fused_sample(
+        logits.data_ptr(), n, v, logits.stride(0), logits.stride(1), temperature.data_ptr(), penalty.data_ptr(),
+        addr(valid), seeds.data_ptr(), positions.data_ptr(), steps.data_ptr(), streams.data_ptr(), maps.data_ptr(),
+        addr(r.seen, f.penalty), r.seen_stride, addr(r.suppress, f.suppress), r.suppress_stride,
+        addr(r.begin, f.begin), r.begin_stride, ids.data_ptr(), conf.data_ptr())
+    return ids, r.with_random_confidence(conf)
+
+
+def compile_plans(sms: int = 132, vocab: int = 256_000, hidden: int = 768) -> list[Launch]:
+    """Every configuration the launchers can choose at the model's shapes, on meta tensors: logits and
+    the fused head, float32 / bfloat16 / float16, greedy and sampling, one row to a full batch of
+    candidates (64 x 2,048), with every per-row feature on (they are runtime switches)."""
+    meta = torch.device("meta")
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for sample in (False, True):
+            for n in (1, 64, 64 * 2048):
+                flags = SampleFlags(sample=sample, penalty=True, suppress=True, begin=True, random=False)
+                p = SampleParams(temperature=torch.empty(n, device=meta), penalty=torch.empty(n, device=meta),
+                                 seeds=torch.empty(n, dtype=torch.long, device=meta),
+                                 positions=torch.empty(n, dtype=torch.long, device=meta),
+                                 steps=torch.empty(n, dtype=torch.long, device=meta),
+                                 seen=torch.empty(64, (vocab + 31) // 32, dtype=torch.int32, device=meta),
+                                 row_request=torch.empty(n, dtype=torch.long, device=meta),
+                                 suppress=torch.empty((vocab + 31) // 32, dtype=torch.int32, device=meta),
+                                 begin_suppress=torch.empty((vocab + 31) // 32, dtype=torch.int32, device=meta),
+                                 valid=torch.empty(n, dtype=torch.bool, device=meta), flags=flags)
+                r = p.resolve(n, vocab, meta)
+                ids, conf = torch.empty(n, dtype=torch.long, device=meta), torch.empty(n, dtype=dtype, device=meta)
+                label = f"{str(dtype)[6:]} {'sample' if sample else 'greedy'} N={n}"
+                logits = torch.empty(n, vocab, dtype=dtype, device=meta)
+                out += [pl.labelled(label) for pl in plan_sample(logits, None, None, vocab, r, ids, conf, sms)]
+                h = torch.empty(n, hidden, dtype=dtype, device=meta)
+                w = torch.empty(vocab, hidden, dtype=dtype, device=meta)
+                b = torch.empty(vocab, dtype=dtype, device=meta)
+                out += [pl.labelled("head " + label) for pl in plan_sample(h, w, b, vocab, r, ids, conf, sms)]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- torch

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from diffutron_engine import backends
-from diffutron_engine.backends import force_backend, sample, sample_cpp
+from diffutron_engine.backends import force_backend, sample
+from diffutron_engine.kernels.sampling import sample_cpp
 from diffutron_engine.kernels.sampling import SampleParams
 
 EPS32 = torch.finfo(torch.float32).eps

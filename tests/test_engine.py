@@ -68,8 +68,9 @@ def test_exact_mode_on_every_backend(request, golden, backend):
     from diffutron_engine.backends import force_backend
 
     lm = request.getfixturevalue("golden_triton") if backend == "triton" else golden
-    eng = Engine(lm.model, lm.tokenizer, max_batch=2)
-    with force_backend(backend):
+    with force_backend(backend):  # the engine picks its backends when it is made
+        eng = Engine(lm.model, lm.tokenizer, max_batch=2)
+        assert eng.runner.ops.sampler == backend
         for case in BACKEND_CASES:
             cfg = SamplingParams(early_stop=False, **case["config"])
             run = eng.infill if case.get("kind") == "infill" else eng.generate
@@ -86,18 +87,20 @@ def test_exact_mode_on_every_backend(request, golden, backend):
 @pytest.mark.triton
 def test_triton_backend_matches_torch_with_caches_and_sampling(golden_triton):
     """Dual cache (attention reads the pool in place), threshold rule and temperature: the same tokens
-    on the Triton and torch backends (same Philox draws, same ranking rule)."""
+    on the Triton and torch backends (same Philox draws, same ranking rule), and with the LM head fused
+    into the Triton sampler."""
     from diffutron_engine.backends import force_backend
 
-    eng = Engine(golden_triton.model, golden_triton.tokenizer, max_batch=2, cache="dual")
     cfg = SamplingParams(max_new_tokens=12, block_size=6, steps=12, threshold=0.2, temperature=0.8,
-                         seed=5, early_stop=False)
+                         seed=5, early_stop=False, repetition_penalty=1.2)
     prompts = [[5, 17, 23, 40, 41, 42], [7, 8, 9]]
-    with force_backend("torch"):
-        a = [r.tokens for r in eng.generate(prompts, cfg)]
-    with force_backend("triton"):
-        b = [r.tokens for r in eng.generate(prompts, cfg)]
-    assert a == b
+    runs = []
+    for backend, fused in (("torch", False), ("triton", False), ("triton", True)):
+        with force_backend(backend):
+            eng = Engine(golden_triton.model, golden_triton.tokenizer, max_batch=2, cache="dual", fused_head=fused)
+        assert eng.runner.fused_head == fused
+        runs.append([r.tokens for r in eng.generate(prompts, cfg)])
+    assert runs[0] == runs[1] == runs[2]
 
 
 def test_early_stop_saves_forwards_and_keeps_the_text(golden):

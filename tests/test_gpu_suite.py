@@ -28,7 +28,7 @@ def test_quick_suite_writes_its_reports(tmp_path, capsys):
     [js] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
     assert js.endswith("-quick.json") and os.path.exists(tmp_path / js.replace(".json", ".md"))
     report = json.load(open(tmp_path / js))
-    kinds = {r["kernel"] for r in report["steps"]["kernels"]["result"]}
+    kinds = {r["kernel"] for r in report["steps"]["kernels"]["result"]["rows"]}
     assert kinds == {"sampler", "sampler+head", "attention", "cross_entropy"}
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["status"]["kernels"] == "passed"

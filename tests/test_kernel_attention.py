@@ -30,10 +30,10 @@ def _inputs(B, H, Q, D, S, P, dtype, seed=0):
     return [t.to(DEVICE, dtype) for t in (q, k, v)]
 
 
-def _check(q, k, v, slots, q_pos, key_valid, half_window=None, **blocks):
+def _check(q, k, v, slots, q_pos, key_valid, half_window=None):
     """Run the kernel and assert the flash-attention style error bound; returns the output."""
     args = (slots.to(DEVICE), q_pos.to(DEVICE), key_valid.to(DEVICE), half_window)
-    out = flash_attention(q, k, v, *args, **blocks)
+    out = flash_attention(q, k, v, *args)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     exact = attention_reference(q.double(), k.double(), v.double(), *args)
@@ -54,10 +54,10 @@ def _full_forward(B, T, lengths):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("half_window", [None, 4])
 def test_full_forward_with_padding(dtype, half_window):
-    # T = 37 is not a multiple of the 16-key tile; row 1 has a padded tail. The window of 4
+    # T = 37 is not a multiple of the key tile (32 in float32, 64 in float16); row 1 has a padded tail. The window of 4
     # reaches both sequence edges (positions 0 and 36).
     q, k, v = _inputs(2, 2, 37, 32, 2, 37, dtype)
-    _check(q, k, v, *_full_forward(2, 37, [37, 29]), half_window, block_m=16, block_n=16)
+    _check(q, k, v, *_full_forward(2, 37, [37, 29]), half_window)
 
 
 @pytest.mark.triton
@@ -77,7 +77,7 @@ def test_query_subset_permuted_slots(dtype, half_window):
     q_pos = torch.tensor([[10, 11, 12, 13, 14], [32, 33, 34, 35, 36]])
     key_valid = torch.ones(2, 37, dtype=torch.bool)
     key_valid[1, 30:] = False
-    _check(q, k, v, torch.tensor([2, 0]), q_pos, key_valid, half_window, block_n=16)
+    _check(q, k, v, torch.tensor([2, 0]), q_pos, key_valid, half_window)
 
 
 @pytest.mark.triton
@@ -88,7 +88,7 @@ def test_strided_cache():
     v = torch.randn(2, 24, 2, 16, device=DEVICE).transpose(1, 2)
     q_pos = torch.tensor([[0, 3, 7, 20, 23], [1, 2, 3, 4, 5]])
     key_valid = torch.ones(2, 24, dtype=torch.bool)
-    _check(q, k, v, torch.tensor([1, 0]), q_pos, key_valid, 3, block_n=16)
+    _check(q, k, v, torch.tensor([1, 0]), q_pos, key_valid, 3)
 
 
 @pytest.mark.triton
@@ -99,10 +99,10 @@ def test_fully_masked_rows_are_zero():
     # Row 0: position 20 is more than 2 away from every valid key; -1000 and 10**12 stand for
     # padded queries with arbitrary positions.
     q_pos = torch.tensor([[5, 20, -1000, 10**12], [0, 1, 2, 3]])
-    out = _check(q, k, v, torch.arange(2), q_pos, key_valid, 2, block_n=16)
+    out = _check(q, k, v, torch.arange(2), q_pos, key_valid, 2)
     assert (out[0, :, 1:] == 0).all() and (out[1] == 0).all()
     assert (out[0, :, 0] != 0).any()
-    out = _check(q, k, v, torch.arange(2), q_pos, key_valid, None, block_n=16)
+    out = _check(q, k, v, torch.arange(2), q_pos, key_valid, None)
     assert (out[1] == 0).all()
 
 
@@ -117,15 +117,16 @@ def test_invalid_keys_are_never_read():
     dirty_v[:, :, 20:] = float("nan")
     q_pos = torch.arange(8)[None] * 4
     out = flash_attention(q, dirty_k, dirty_v, torch.zeros(1, dtype=torch.long).to(DEVICE),
-                          q_pos.to(DEVICE), key_valid.to(DEVICE), block_n=16)
-    clean = _check(q, k, v, torch.zeros(1, dtype=torch.long), q_pos, key_valid, block_n=16)
+                          q_pos.to(DEVICE), key_valid.to(DEVICE))
+    clean = _check(q, k, v, torch.zeros(1, dtype=torch.long), q_pos, key_valid)
     assert torch.equal(out, clean)
 
 
 @pytest.mark.triton
 @pytest.mark.parametrize("positions, far", [(range(0, 8), slice(32, 64)), (range(52, 60), slice(0, 32))])
 def test_sliding_skips_far_key_tiles(positions, far):
-    # With w = 4 and 16-key tiles, the tiles in `far` lie entirely outside every query's window.
+    # With w = 4 and the float32 launcher's 32-key tiles, the tiles in `far` lie entirely outside every
+    # query's window.
     # They hold NaN (valid keys, so only skipping keeps them out; masking would give 0 * NaN).
     q, k, v = _inputs(1, 2, 8, 16, 1, 64, torch.float32, seed=6)
     q_pos = torch.tensor([list(positions)])
@@ -134,8 +135,8 @@ def test_sliding_skips_far_key_tiles(positions, far):
     dirty_k[:, :, far] = float("nan")
     dirty_v[:, :, far] = float("nan")
     out = flash_attention(q, dirty_k, dirty_v, torch.zeros(1, dtype=torch.long).to(DEVICE),
-                          q_pos.to(DEVICE), key_valid.to(DEVICE), 4, block_m=16, block_n=16)
-    clean = _check(q, k, v, torch.zeros(1, dtype=torch.long), q_pos, key_valid, 4, block_m=16, block_n=16)
+                          q_pos.to(DEVICE), key_valid.to(DEVICE), 4)
+    clean = _check(q, k, v, torch.zeros(1, dtype=torch.long), q_pos, key_valid, 4)
     assert torch.equal(out, clean)
 
 

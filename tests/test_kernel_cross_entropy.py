@@ -219,6 +219,10 @@ def test_empty_batch():
     pytest.param("triton", "torch", "torch", marks=pytest.mark.triton),  # an explicit argument wins
 ])
 def test_backend_choice(monkeypatch, forced, explicit, expected):
+    """The project's rule (backends.cross_entropy_backend: forced backend, else triton on CUDA) picks
+    the backend once; the kernel runs what it is given."""
+    from diffutron_engine.backends import cross_entropy_backend
+
     monkeypatch.delenv("DIFFUTRON_BACKEND", raising=False)
     used = []
     for name, (lse_pass, grad_pass) in list(ce._PASSES.items()):
@@ -228,7 +232,8 @@ def test_backend_choice(monkeypatch, forced, explicit, expected):
         monkeypatch.setitem(ce._PASSES, name, (recording, grad_pass))
     hidden, weight, _, target, _ = _case(N=3, V=100)
     with force_backend(forced):
-        fused_linear_cross_entropy(hidden, weight, target, backend=explicit)
+        backend = explicit or cross_entropy_backend(hidden.device)
+    fused_linear_cross_entropy(hidden, weight, target, backend=backend)
     assert set(used) == {expected}
 
 

@@ -107,7 +107,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# The paper's recipes (../shared/spec/model.md). Learning rates the paper does not give are marked.
+# The paper's recipes (docs/model.md). Learning rates the paper does not give are marked.
 PRESETS: dict[str, dict] = {
     # LoRA r = alpha = 256 on Wqkv/Wo/Wi; masked-LM; Paged AdamW 8-bit; cosine; batch 64 x 2; length 512
     "paper-cpt": dict(task="cpt", model="jhu-clsp/mmBERT-base", objective="mlm", mlm_probability=0.15, lora=True,

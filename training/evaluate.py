@@ -97,7 +97,10 @@ def _score_batch(model, input_ids, attention_mask, masked, targets, fused: bool)
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     h = model.head(hidden[masked])  # the head's transform only where there is something to score
     weight, bias = model.decoder.weight, model.decoder.bias
-    nll = fused_linear_cross_entropy(h, weight, targets, bias=bias, reduction="sum").item()
+    from diffutron_engine.backends import cross_entropy_backend
+
+    nll = fused_linear_cross_entropy(h, weight, targets, bias=bias, reduction="sum",
+                                     backend=cross_entropy_backend(h.device)).item()
     correct = 0
     for i in range(0, h.shape[0], ARGMAX_CHUNK_ROWS):
         logits = F.linear(h[i:i + ARGMAX_CHUNK_ROWS], weight, bias)

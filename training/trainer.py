@@ -43,6 +43,7 @@ class MaskedLMLoss(torch.nn.Module):
         self.model = model
         # the MaskedLM under a peft wrapper (same modules, kept out of the module tree)
         object.__setattr__(self, "mlm", model.get_base_model() if hasattr(model, "get_base_model") else model)
+        self._ce_backend = None
         if getattr(self.mlm.config, "model_type", None) != "modernbert":
             raise DiffutronError(f"training supports ModernBERT masked LMs, got {self.mlm.config.model_type!r}")
 
@@ -55,7 +56,12 @@ class MaskedLMLoss(torch.nn.Module):
         b = self.mlm.decoder.bias
         w = w.to(h.dtype)  # bfloat16 under autocast; the gradient flows back to the float32 master
         b = None if b is None else b.to(h.dtype)
-        loss = fused_linear_cross_entropy(h, w, targets, bias=b, row_weight=weights, reduction="sum")
+        if self._ce_backend is None:  # chosen once, on the device the first batch runs on
+            from diffutron_engine.backends import cross_entropy_backend
+
+            self._ce_backend = cross_entropy_backend(h.device)
+        loss = fused_linear_cross_entropy(h, w, targets, bias=b, row_weight=weights, reduction="sum",
+                                          backend=self._ce_backend)
         return loss / denominator
 
 

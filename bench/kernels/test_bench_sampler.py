@@ -8,7 +8,8 @@ Modes: greedy; greedy with repetition penalty and suppressed ids; temperature 0.
 import pytest
 import torch
 
-from diffutron_engine.backends import cpp_available, sample_cpp
+from diffutron_engine.backends import cpp_available
+from diffutron_engine.kernels.sampling import sample_cpp
 from diffutron_engine.kernels.sampling import SampleParams, sample_torch
 
 V = 256_000

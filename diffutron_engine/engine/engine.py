@@ -64,11 +64,14 @@ def _draw_seed() -> int:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, cache: str = "none", cuda_graphs: bool = False):
+    def __init__(self, model, tokenizer, max_batch: int = 8, cache: str = "none", cuda_graphs: bool = False,
+                 fused_head: bool = False):
         """cache: "none" (exact: the whole canvas every step), "prefix" (K/V left of the current block
         computed at its first step and reused for its other steps) or "dual" (the masked suffix right of
         the block is cached too); the two caches are faster approximations. cuda_graphs: replay each
-        step from a CUDA graph captured per step shape (CUDA only; ignored on CPU)."""
+        step from a CUDA graph captured per step shape (CUDA only; ignored on CPU). fused_head: compute
+        the LM head inside the Triton sampler, never storing the logits (where the Triton sampler runs;
+        ignored elsewhere). Every op's backend is chosen here, once (diffutron_engine.backends)."""
         if getattr(model.config, "model_type", None) != "modernbert":
             raise DiffutronError(
                 f"the engine runs ModernBERT checkpoints; this one is {model.config.model_type!r} "
@@ -83,7 +86,8 @@ class Engine:
         self.mask_id = self.tokenizer.mask_token_id
         self.max_batch = max_batch
         self.cache = cache
-        self.runner = ModelRunner(model, self.tokenizer, max_batch, cache=cache, cuda_graphs=cuda_graphs)
+        self.runner = ModelRunner(model, self.tokenizer, max_batch, cache=cache, cuda_graphs=cuda_graphs,
+                                  fused_head=fused_head)
         self.scheduler = Scheduler(max_batch)
         self._lock = threading.Lock()
         self._inbox: deque = deque()  # ("add", Request) | ("abort", request_id), from any thread
@@ -93,9 +97,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto",
-                        max_batch: int = 8, cache: str = "none", cuda_graphs: bool = False) -> "Engine":
+                        max_batch: int = 8, cache: str = "none", cuda_graphs: bool = False,
+                        fused_head: bool = False) -> "Engine":
         lm = load_model(name_or_path, dtype=dtype, device=device)
-        return cls(lm.model, lm.tokenizer, max_batch=max_batch, cache=cache, cuda_graphs=cuda_graphs)
+        return cls(lm.model, lm.tokenizer, max_batch=max_batch, cache=cache, cuda_graphs=cuda_graphs,
+                   fused_head=fused_head)
 
     # ------------------------------------------------------------------ the loop
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None, *,

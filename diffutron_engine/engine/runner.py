@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import backends
-from ..kernels.sampling import SampleFlags, SampleParams
+from ..kernels.sampling import SampleFlags, SampleParams, sample_head_triton
 from ..model import KVPool, ModernBertRunner
 from .batch import BLOCK, F, I, DeviceBatch
 from .graphs import StepGraphs
@@ -78,8 +78,16 @@ def _select(flag: torch.Tensor, size: int, arange: torch.Tensor):
 
 
 class ModelRunner:
-    def __init__(self, model, tokenizer, max_batch: int, cache: str = "none", cuda_graphs: bool = False):
-        self.model = ModernBertRunner(model)
+    def __init__(self, model, tokenizer, max_batch: int, cache: str = "none", cuda_graphs: bool = False,
+                 fused_head: bool = False):
+        weight = model.get_input_embeddings().weight
+        # every op's backend, chosen once (a forced backend applies to runners made while it is forced)
+        self.ops = backends.Ops.select(weight.device, weight.dtype)
+        self.model = ModernBertRunner(model, attention=self.ops.attention)
+        # LM head and sampler as one Triton kernel (kernels/sampling.py, sample_head_triton): the [N, V]
+        # logits are never stored. Only with the Triton sampler, and not for CFG rows (guidance mixes
+        # two rows' logits).
+        self.fused_head = fused_head and self.ops.sampler == "triton"
         self.mask_id, self.eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
         self.device = self.model.device
         self.cache = cache
@@ -254,9 +262,11 @@ class ModelRunner:
         h = hidden[row, col]  # [N, H]
         if sh.cfg_rows:
             h = torch.cat([h, hidden[B + rank[row].clamp(max=C - 1), col]])
-        logits = self.model.lm_head(h)  # [N (+ N), V]
-        if sh.cfg_rows:
-            logits = self._guide(logits, N, slots[row], rank[row] < C)
+        fused = self.fused_head and not sh.cfg_rows
+        if not fused:
+            logits = self.model.lm_head(h)  # [N (+ N), V]
+            if sh.cfg_rows:
+                logits = self._guide(logits, N, slots[row], rank[row] < C)
 
         rs = slots[row]  # the slot of each candidate
         f = sh.flags
@@ -268,7 +278,11 @@ class ModelRunner:
             suppress=db.suppress if f.suppress else (), begin_suppress=db.begin if f.begin else (),
             random_confidence=db.ints[rs, I["random"]].bool() if f.random else False,
             valid=cok, flags=f)
-        ids_c, conf_c = backends.sample(logits, params)
+        if fused:
+            dec = self.model.decoder
+            ids_c, conf_c = sample_head_triton(self.model.head_transform(h).contiguous(), dec.weight, dec.bias, params)
+        else:
+            ids_c, conf_c = self.ops.sample(logits, params)
         # back to [B, L]; padding candidates land on a trash entry
         dest = torch.where(cok, cidx, B * L)
         conf = torch.full((B * L + 1,), -torch.inf, device=self.device).index_copy_(0, dest, conf_c.float())
@@ -279,7 +293,7 @@ class ModelRunner:
         rule = sh.rule if sh.rule is not None else st[I["rule"]]  # one rule for all rows: its name
         value = db.floats[slots, F["value"]] if sh.rule != "topk" else None
         # the seen bits are read only by rows with a penalty, so they are kept while one runs
-        chosen = backends.unmask(conf, ids, k, lo, db.canvas, rule, value, rows=slots,
+        chosen = self.ops.unmask(conf, ids, k, lo, db.canvas, rule, value, rows=slots,
                                  seen=db.seen if f.penalty else None, unseen=(self.mask_id, self.eos_id))
         self._rec[:B, :L].copy_(torch.where(chosen, ids, -1))
 

@@ -64,7 +64,9 @@ class KVPool:
 class ModernBertRunner:
     """Runs a loaded HF ModernBertForMaskedLM's weights with row selection and K/V reuse."""
 
-    def __init__(self, hf_model):
+    def __init__(self, hf_model, attention: str | None = None):
+        """attention: "triton" or "torch" (kernels/attention.py), chosen once by the caller (the engine's
+        runner picks its backends together); None picks the default for the model's device and dtype."""
         cfg = hf_model.config
         if getattr(cfg, "model_type", None) != "modernbert":
             raise ValueError(f"ModernBertRunner needs a ModernBERT model, got {getattr(cfg, 'model_type', None)!r}")
@@ -89,6 +91,13 @@ class ModernBertRunner:
         self.device = self.embed.weight.device
         self.dtype = self.embed.weight.dtype
         self.vocab_size = self.decoder.weight.shape[0]
+        if attention is None:
+            from ..backends import attention_backend
+
+            attention = attention_backend(self.device, self.dtype)
+        if attention not in ("triton", "torch"):
+            raise ValueError(f"attention backend must be 'triton' or 'torch', got {attention!r}")
+        self.attention = attention
         # cos/sin tables per layer type, computed like transformers (float32 freqs, then cast)
         self._rope = {}
         for t in ("full_attention", "sliding_attention"):
@@ -136,35 +145,22 @@ class ModernBertRunner:
         cos, sin = rope[layer.is_global]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
 
-    def _mask(self, layer: _Layer, q_pos: torch.Tensor, k_pos: torch.Tensor, key_valid: torch.Tensor):
-        """Boolean [B, 1, Q, K]: key valid, and within the window on sliding layers."""
-        m = key_valid[:, None, None, :]
-        if not layer.is_global:
-            near = (q_pos[:, :, None] - k_pos[None, None, :]).abs() <= self.half_window
-            m = m & near[:, None, :, :]
-        return m
-
     def _attend(self, layer: _Layer, q, k_store, v_store, slots, q_pos, key_valid, masks: dict):
         """Attention of queries q [B, H, Q, D] at positions q_pos [B, Q] over keys 0..T-1 (T =
         key_valid.shape[1]) held in k_store/v_store: per row ([B, H, T, D], slots None) or in the pool's
-        slots [S, H, P, D]. The Triton kernel reads the pool in place; SDPA needs the rows gathered and
-        an explicit mask (built once per layer kind and forward, in `masks`)."""
-        from ..backends import attention_backend
+        slots [S, H, P, D]. The Triton kernel reads the pool in place; the torch path gathers the rows
+        and needs an explicit mask (built once per layer kind and forward, in `masks`)."""
+        from ..kernels.attention import attention_mask, attention_torch, flash_attention  # triton: on first use
 
-        T = key_valid.shape[1]
         window = None if layer.is_global else self.half_window
-        if attention_backend(q.device, q.dtype) == "triton":
-            from ..kernels.attention import flash_attention
-
+        scale = self.head_dim**-0.5
+        if self.attention == "triton":
             if slots is None:
                 slots = torch.arange(q.shape[0], device=q.device)
-            return flash_attention(q, k_store, v_store, slots, q_pos, key_valid, window, self.head_dim**-0.5)
-        if slots is not None:
-            k_store, v_store = k_store[slots, :, :T], v_store[slots, :, :T]
+            return flash_attention(q, k_store, v_store, slots, q_pos, key_valid, window, scale)
         if layer.is_global not in masks:
-            masks[layer.is_global] = self._mask(layer, q_pos, torch.arange(T, device=q.device), key_valid)
-        return F.scaled_dot_product_attention(q, k_store, v_store, attn_mask=masks[layer.is_global],
-                                              scale=self.head_dim**-0.5)
+            masks[layer.is_global] = attention_mask(q_pos, key_valid, window)
+        return attention_torch(q, k_store, v_store, slots, q_pos, key_valid, window, scale, masks[layer.is_global])
 
     def _finish_layer(self, layer: _Layer, h, attn):
         B, Q, _ = h.shape
@@ -221,10 +217,15 @@ class ModernBertRunner:
         return self.final_norm(h)
 
     @torch.no_grad()
+    def head_transform(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        """The head before the decoder (dense -> activation -> LayerNorm): [N, H] -> [N, H]."""
+        return self.head_norm(self.head_act(self.head_dense(hidden_rows)))
+
+    @torch.no_grad()
     def lm_head(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] for hidden states [N, H] (only the rows that need a prediction); possibly a
         non-contiguous view."""
-        h = self.head_norm(self.head_act(self.head_dense(hidden_rows)))
+        h = self.head_transform(hidden_rows)
         if h.device.type == "cpu" and h.shape[0] <= 64:
             # Few rows: the product as [V, H] x [H, N] streams the 256k x 768 weight about twice as fast
             # through MKL as linear() does (measured: 16 rows, 155 vs 300 ms in float32).
