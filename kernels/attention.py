@@ -10,7 +10,9 @@ Semantics (shared by the kernel and `attention_reference`): key j of row b is at
 query at absolute position p iff ``j < T and key_valid[b, j] and (half_window is None or
 |p - j| <= half_window)``. A query with no attendable key gets a zero output (never NaN).
 
-triton is imported lazily so that the torch reference works where triton is not installed.
+Layout: the kernel, its plan and launcher, compile_plans, the torch backend (SDPA with an explicit
+mask) and the reference. Contract and tiles: docs/kernels.md. triton is optional: the torch paths
+work where it is not installed.
 """
 
 import math

@@ -23,9 +23,10 @@ backward only scales the stored gradients by the incoming scalar (in place, so o
 backward through the same loss raises). Under torch.no_grad, or when no input needs a gradient,
 pass 2 is skipped: that is also the perplexity evaluation path.
 
-Layout: the Triton kernels, their launchers, the torch versions of the two passes (the CPU backend,
-same algorithm, in-place ops on the block), the autograd.Function, the public function, and the plain
-torch reference. triton is optional: without it the torch backend still works.
+Layout: the Triton kernels, their plans and launchers, compile_plans, the torch versions of the two
+passes (the CPU backend, same algorithm, in-place ops on the block), the autograd.Function, the public
+function, and the plain torch reference. triton is optional: without it the torch backend still
+works. See docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ tile order or the backend, and replays identically under CUDA graphs. The same g
 in torch here and in csrc/sampler.cpp, so every backend draws the same numbers.
 
 Layout: the Triton kernels (partial sweep over a split of the vocabulary, then a merge per row), their
-launchers, and the pure-torch implementation beside them (the torch backend, and in float64 the
-reference the tests measure the others against).
+plans and launchers (and the C++ launcher), the configurations they compile for (compile_plans), and
+the pure-torch implementation (the torch backend, and in float64 the reference the tests measure the
+others against). Contract, tiles and precision: docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -170,6 +170,26 @@ def test_edges(backend):
     assert ids.tolist() == [299, 299]
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("head", [False, True], ids=["logits", "head"])
+def test_vocabulary_splits_and_partial_tiles(head):
+    """The launcher's own tiles over a vocabulary of three tiles and a few ids (the last tile partial),
+    swept in several splits (sized for 8 SMs) and merged: the maximum in the partial last tile, equal
+    maxima in two splits (the lower id wins, as torch.argmax), rows of one call with and without draws."""
+    v = 3 * S.SAMPLE_BLOCK_V + 5
+    logits, h = problem(n=4, v=v, h=8, seed=6)
+    if not head:
+        logits[0, v - 1] = 50.0  # in the partial last tile
+        logits[1, 7] = logits[1, 2 * S.SAMPLE_BLOCK_V + 3] = 60.0  # a tie across splits
+    p = params(4, logits, temperature=torch.tensor([0.0, 0.0, 0.9, 1.5]))
+    ids, conf = run("triton-head" if head else "triton", logits, p, h, sms=8)
+    torch_logits = torch.addmm(h[2], h[0], h[1].T) if head else logits
+    ref_ids, _ = S.sample_torch(torch_logits, p)
+    assert torch.equal(ids.cpu(), ref_ids)
+    if not head:
+        assert ids[:2].tolist() == [v - 1, 7]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_draws_do_not_depend_on_the_batch(backend):
     logits, (h, w, b) = problem(n=6, v=1000)
