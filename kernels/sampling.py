@@ -441,12 +441,12 @@ def id_bitmap(ids, vocab: int) -> torch.Tensor:
 # vocabulary split keeps the GPU busy), 2,048 ids per tile in 8 warps: 8 per thread, Philox included.
 SAMPLE_BLOCK_V = 2048
 # Fused head: 64 rows (tensor cores need >= 16; 64 reads the weight once for up to 64 rows), 64 ids,
-# 64 of the hidden dimension per step (float32: 32 rows and 16 of the hidden dimension; sampling: 32
-# ids). Wider tiles put the epilogue (penalty, suppression, Philox on every logit) over 255 registers
-# or into spills: bench/gpu_compile_check.py.
+# 64 of the hidden dimension per step; float32 halves rows and ids and takes 16 of the hidden dimension,
+# sampling halves rows and ids again. Wider tiles put the epilogue (penalty, suppression, Philox on every
+# logit) into spills with triton 3.6 or 3.9 on some target: bench/gpu_compile_check.py.
 HEAD_BLOCK_M, HEAD_BLOCK_V, HEAD_BLOCK_K = 64, 64, 64
 # Merge: rows x splits read per step.
-MERGE_BLOCK_R, MERGE_BLOCK_S = 32, 32
+MERGE_BLOCK_R, MERGE_BLOCK_S = 16, 32  # 32 rows spill on sm_100 with triton 3.9
 
 
 def _splits(n_row_blocks: int, n_tiles: int, sms: int) -> tuple[int, int]:
@@ -472,9 +472,10 @@ def plan_sample(x, weight, bias, vocab: int, r: "_Resolved", ids, conf, sms: int
     block_m, block_v, block_k = (HEAD_BLOCK_M, HEAD_BLOCK_V, HEAD_BLOCK_K) if fuse else (1, SAMPLE_BLOCK_V, 16)
     if fuse and x.dtype == torch.float32:
         # IEEE float32 products run on FMA units with both operand tiles in registers
-        block_m, block_k = block_m // 2, block_k // 4
+        block_m, block_v, block_k = block_m // 2, block_v // 2, block_k // 4
     if fuse and f.sample:
-        block_v //= 2  # Philox's state for every logit of the tile: half the tile stays below 255 registers
+        # Philox's state for every logit of the tile: a quarter of the tile stays in registers
+        block_m, block_v = max(16, block_m // 2), max(16, block_v // 2)
     row_blocks = triton.cdiv(n, block_m)
     n_splits, per_split = _splits(row_blocks, triton.cdiv(vocab, block_v), sms)
     parts = [torch.empty(n, n_splits, dtype=dt, device=device)

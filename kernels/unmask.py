@@ -169,10 +169,11 @@ def plan_unmask(conf, tokens, k, block_start, canvas, rule, value, rows, seen, u
         conf, conf.stride(0), tokens, tokens.stride(0), k, rule, value, block_start, rows,
         canvas, canvas.stride(0), seen if seen is not None else chosen, seen.stride(0) if seen is not None else 0,
         chosen, chosen.stride(0), L, unseen[0], unseen[1], int(seen is not None)),
-        # the sort keeps a few int64 values per position live: 8 positions per thread from 2,048 on
-        # keeps them in registers (no spills up to MAX_BLOCK: bench/gpu_compile_check.py); floats are not
+        # the sort keeps a few values per position live: 8 positions per thread from 2,048 on, 16 at
+        # 8,192 (32 warps would cap a thread at 64 registers and spill) keep them in registers: no
+        # spills up to MAX_BLOCK (bench/gpu_compile_check.py); floats are not
         # contracted, so the factor rule's comparison rounds as in torch
-        dict(BLOCK_L=block, num_warps=min(32, max(4, block // 256)),
+        dict(BLOCK_L=block, num_warps=min(16, max(4, block // 256)),
              enable_fp_fusion=False))
 
 
