@@ -36,10 +36,7 @@ def _check(*args, timeout=600):
 
 
 @needs_ptxas
-@pytest.mark.parametrize("kernels", [
-    "cross_entropy",
-    pytest.param("unmask,sampling,attention", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("kernels", ["cross_entropy"])  # the other kernels: make gpu-compile-check (CI)
 def test_kernels_compile_for_sm90_without_spills(kernels, tmp_path):
     out = tmp_path / "rows.json"
     proc = _check("--targets", "90", "--kernels", kernels, "--jobs", "2", "--json-out", str(out))
