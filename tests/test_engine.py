@@ -94,13 +94,19 @@ def test_triton_backend_matches_torch_with_caches_and_sampling(golden_triton):
     cfg = SamplingParams(max_new_tokens=12, block_size=6, steps=12, threshold=0.2, temperature=0.8,
                          seed=5, early_stop=False, repetition_penalty=1.2)
     prompts = [[5, 17, 23, 40, 41, 42], [7, 8, 9]]
+    guided = cfg.override(cfg_scale=0.5)  # CFG rows take the unfused head (guidance mixes two rows' logits)
     runs = []
     for backend, fused in (("torch", False), ("triton", False), ("triton", True)):
         with force_backend(backend):
             eng = Engine(golden_triton.model, golden_triton.tokenizer, max_batch=2, cache="dual", fused_head=fused)
         assert eng.runner.fused_head == fused
-        runs.append([r.tokens for r in eng.generate(prompts, cfg)])
+        runs.append([r.tokens for r in eng.generate(prompts, [cfg, guided])])
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_fused_head_only_where_the_triton_sampler_runs(golden):
+    eng = Engine(golden.model, golden.tokenizer, max_batch=1, fused_head=True)
+    assert eng.runner.ops.sampler in ("cpp", "torch") and not eng.runner.fused_head
 
 
 def test_early_stop_saves_forwards_and_keeps_the_text(golden):
