@@ -1,0 +1,121 @@
+"""The server's engine loop: one thread steps one Engine; HTTP handlers (on the asyncio event loop) add
+requests and await their outputs.
+
+Why a thread: a step is a blocking call into torch (milliseconds to seconds on CPU); running it on the
+event loop would stall every connection. The engine's add_request/abort are thread-safe (a locked
+inbox drained by step()), so handlers call them directly; outputs travel back through one asyncio queue
+per request, filled with loop.call_soon_threadsafe. Requests that arrive mid-flight join the running
+batch at the engine's next admission (its block boundary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..engine import Engine, RequestOutput
+
+log = logging.getLogger("diffutron_engine.server")
+
+
+@dataclass
+class StepStats:
+    """What the loop measured, for /metrics (read without a lock: plain counters, torn reads harmless)."""
+
+    steps: int = 0
+    step_seconds: list[float] = field(default_factory=list)  # since the last scrape
+    running: int = 0  # requests the last step touched
+    failed_steps: int = 0
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, idle_wait: float = 0.05):
+        self.engine = engine
+        self.stats = StepStats()
+        self._idle_wait = idle_wait
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="diffutron-engine-loop", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop stepping (after the current step); requests still live are aborted."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._queues)
+
+    # ------------------------------------------------------------------ requests (event-loop side)
+    def submit(self, prompt, params, prefix: str = "cmpl") -> tuple[str, asyncio.Queue]:
+        """Queue a prompt; returns its id and the queue its outputs arrive on. Bad input raises the
+        engine's DiffutronError here, before anything is registered."""
+        loop = asyncio.get_running_loop()
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:  # registered before the engine can report on it
+            self._queues[rid] = (loop, queue)
+        try:
+            self.engine.add_request(prompt, params, request_id=rid)
+        except BaseException:
+            with self._lock:
+                self._queues.pop(rid, None)
+            raise
+        self._wake.set()
+        return rid, queue
+
+    def abort(self, rid: str) -> None:
+        """Stop a request (a client that went away): its slot is freed at the next step."""
+        self.engine.abort(rid)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop (its own thread)
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            if not self.engine.has_unfinished():
+                self._wake.wait(self._idle_wait)
+                self._wake.clear()
+                continue
+            t = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # the step failed: its requests get the error, the loop goes on
+                log.exception("engine step failed")
+                self.stats.failed_steps += 1
+                self._fail_all(exc)
+                continue
+            self.stats.steps += 1
+            self.stats.step_seconds.append(time.perf_counter() - t)
+            self.stats.running = len(outputs)
+            self._deliver(outputs)
+        self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                target = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)
+            if target is not None:
+                loop, queue = target
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            targets, self._queues = list(self._queues.items()), {}
+        for rid, (loop, queue) in targets:
+            self.engine.abort(rid)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            except RuntimeError:  # its event loop is closed: nobody is waiting
+                pass
