@@ -19,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, env, generate, train
+    from . import bench, env, generate, serve, train
     from . import eval as eval_cmd
 
     parser = _Parser(
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     eval_cmd.add_parser(sub)
     env.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 
