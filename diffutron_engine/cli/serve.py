@@ -24,6 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--cache", choices=CACHE_MODES, help="K/V reuse across the steps of a block (default: none)")
     p.add_argument("--fast", action="store_true",
                    help=f"the measured fast setting: {', '.join(f'{k}={v}' for k, v in FAST_PRESET.items())}")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: no key)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429 (default: 256)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="on SIGTERM/SIGINT, seconds to finish the requests in flight (default: 60)")
     p.set_defaults(func=run)
 
 
@@ -40,15 +44,20 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise DiffutronError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_queue < 1 or args.drain_timeout < 0:
+        raise DiffutronError("--max-queue must be >= 1 and --drain-timeout >= 0")
     cache = args.cache or (FAST_PRESET["cache"] if args.fast else "none")
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
                                     cache=cache)
     loop = EngineLoop(engine)
     loop.start()
-    app = create_app(loop, args.served_model_name or args.model)
+    app = create_app(loop, args.served_model_name or args.model, api_key=args.api_key, max_queue=args.max_queue)
     print(f"diffutron-engine: serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        # SIGTERM/SIGINT: uvicorn stops accepting, lets the requests in flight finish (up to the drain
+        # timeout), then returns
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=args.drain_timeout)
     finally:
         loop.stop(timeout=30)
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,8 @@ from ..config import SamplingParams
 from ..errors import DiffutronError
 from ..loading import encode_prompt
 from .loop import EngineLoop
+
+log = logging.getLogger("diffutron_engine.server")
 
 # request fields the API takes besides the diffusion knobs (SamplingParams' own names)
 OPENAI_FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "seed", "stop",
@@ -52,17 +55,50 @@ def sampling_params(body: dict) -> SamplingParams:
         raise ApiError(400, str(exc)) from None
 
 
-def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
+def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, max_queue: int = 256,
+               max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="diffutron-engine")
     tokenizer = loop.engine.tokenizer
+    metrics = Metrics(loop)
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        """Bearer key on /v1 (when one is set), and the body limit, before any handler runs."""
+        if api_key is not None and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                metrics.outcome("unauthorized")
+                return JSONResponse(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                             code="invalid_api_key").body, status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            metrics.outcome("too_large")
+            return JSONResponse(ApiError(413, f"the request body is over {max_body_bytes} bytes").body, status_code=413)
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
+        metrics.outcome("rejected" if exc.status < 500 else "failed")
         return JSONResponse(exc.body, status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):  # a bug: logged, never a traceback in the response
+        log.exception("unexpected error")
+        metrics.outcome("failed")
+        return JSONResponse(ApiError(500, "internal error", type_="server_error").body, status_code=500)
+
+    @app.get("/metrics")
+    async def prometheus():
+        from fastapi.responses import PlainTextResponse
+
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
     async def _body(request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > max_body_bytes:  # no (or a false) Content-Length
+            raise ApiError(413, f"the request body is over {max_body_bytes} bytes")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -98,6 +134,9 @@ def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
         n = body.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
             raise ApiError(400, "n must be an integer in [1, 16]", param="n")
+        if loop.in_flight + len(prompts) * n > max_queue:
+            raise ApiError(429, f"the server has {loop.in_flight} requests in flight (at most {max_queue}); retry later",
+                           type_="rate_limit_error")
         jobs = []
         try:
             for i, prompt in enumerate(prompts):
@@ -113,15 +152,23 @@ def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
         created, rid0 = int(time.time()), jobs[0][1]
         if body.get("stream"):
             return StreamingResponse(_stream(request, jobs, chat, created, rid0), media_type="text/event-stream")
+        gathered = asyncio.ensure_future(asyncio.gather(*(_final(q) for _, _, q in jobs)))
         try:
-            finals = await asyncio.gather(*(_final(q) for _, _, q in jobs))
-        except asyncio.CancelledError:  # the client went away
+            while not gathered.done():  # a client that goes away frees its slots at once
+                await asyncio.wait([gathered], timeout=0.1)
+                if not gathered.done() and await request.is_disconnected():
+                    gathered.cancel()
+                    metrics.outcome("disconnected")
+                    raise ApiError(499, "the client closed the connection")
+            finals = gathered.result()
+        finally:
             for _, rid, _ in jobs:
-                loop.abort(rid)
-            raise
+                loop.abort(rid)  # finished ones are ignored by the engine
         choices = [_choice(idx, out.text, _reason(out), chat) for (idx, _, _), out in zip(jobs, finals)]
         prompt_tokens = sum(len(out.prompt_token_ids) for out in finals[::n])
         completion = sum(out.new_tokens for out in finals)
+        metrics.outcome("ok")
+        metrics.tokens(prompt_tokens, completion)
         return {"id": rid0, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": model_name, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -162,6 +209,48 @@ def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
         return await _complete(request, chat=True)
 
     return app
+
+
+class Metrics:
+    """Prometheus text for /metrics: requests by outcome, tokens, queue length, running batch size and a
+    histogram of step times."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self, loop: EngineLoop):
+        self.loop = loop
+        self.outcomes: dict[str, int] = {}
+        self.prompt_tokens = self.generated_tokens = 0
+        self.hist = [0] * (len(self.BUCKETS) + 1)
+        self.step_sum = 0.0
+
+    def outcome(self, name: str) -> None:
+        self.outcomes[name] = self.outcomes.get(name, 0) + 1
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        self.prompt_tokens += prompt
+        self.generated_tokens += generated
+
+    def render(self) -> str:
+        stats = self.loop.stats
+        times, stats.step_seconds = stats.step_seconds, []
+        for t in times:
+            self.step_sum += t
+            self.hist[next((i for i, b in enumerate(self.BUCKETS) if t <= b), len(self.BUCKETS))] += 1
+        lines = ["# TYPE diffutron_requests_total counter"]
+        lines += [f'diffutron_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.outcomes.items())]
+        lines += ["# TYPE diffutron_prompt_tokens_total counter", f"diffutron_prompt_tokens_total {self.prompt_tokens}",
+                  "# TYPE diffutron_generation_tokens_total counter",
+                  f"diffutron_generation_tokens_total {self.generated_tokens}",
+                  "# TYPE diffutron_requests_in_flight gauge", f"diffutron_requests_in_flight {self.loop.in_flight}",
+                  "# TYPE diffutron_running_batch_size gauge", f"diffutron_running_batch_size {stats.running}",
+                  "# TYPE diffutron_step_seconds histogram"]
+        total = 0
+        for b, c in zip(self.BUCKETS + (float("inf"),), self.hist):
+            total += c
+            lines.append(f'diffutron_step_seconds_bucket{{le="{"+Inf" if b == float("inf") else b}"}} {total}')
+        lines += [f"diffutron_step_seconds_sum {self.step_sum}", f"diffutron_step_seconds_count {total}"]
+        return "\n".join(lines) + "\n"
 
 
 async def _final(queue: asyncio.Queue):
