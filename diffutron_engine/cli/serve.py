@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..config import CACHE_MODES, FAST_PRESET
@@ -53,9 +54,12 @@ def run(args: argparse.Namespace) -> int:
     loop.start()
     app = create_app(loop, args.served_model_name or args.model, api_key=args.api_key, max_queue=args.max_queue)
     print(f"diffutron-engine: serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    # SIGTERM/SIGINT: uvicorn stops accepting, lets the requests in flight finish (up to the drain
+    # timeout), then hands the signal to the handler that was there before it; that one does nothing,
+    # so the drained server exits 0 instead of dying of the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     try:
-        # SIGTERM/SIGINT: uvicorn stops accepting, lets the requests in flight finish (up to the drain
-        # timeout), then returns
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                     timeout_graceful_shutdown=args.drain_timeout)
     finally:

@@ -1,0 +1,133 @@
+"""`diffutron-engine serve` (WIP, issue 11): the official openai client against a real server on a free
+loopback port (started and stopped by the test), bad requests, disconnects, SIGTERM."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KNOBS = dict(steps=8, block_size=8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *flags):
+        self.port = _free_port()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("TRITON_INTERPRET", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "diffutron_engine.cli.main", "serve", "--model", "tiny-tr",
+                                      "--port", str(self.port), "--max-batch", "8", *flags],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stdout.read().decode()[-2000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server did not start within 120 s")
+
+    def post(self, path, body: bytes, headers=None):
+        req = urllib.request.Request(self.url + path, data=body, method="POST",
+                                     headers={"content-type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--api-key", "sekret")
+    yield s
+    s.stop()
+
+
+def _client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="sekret", max_retries=0)
+
+
+def test_openai_client_completions_chat_streaming_n_seed(server):
+    c = _client(server)
+    assert [m.id for m in c.models.list().data] == ["tiny-tr"]
+    r = c.completions.create(model="tiny-tr", prompt=["Bu işlev", "Seçili"], max_tokens=8, temperature=0,
+                             extra_body=KNOBS)
+    assert len(r.choices) == 2 and r.usage.completion_tokens > 0
+    again = c.completions.create(model="tiny-tr", prompt=["Bu işlev", "Seçili"], max_tokens=8, temperature=0,
+                                 extra_body=KNOBS)
+    assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]
+    chat = c.chat.completions.create(model="tiny-tr", messages=[{"role": "user", "content": "Belgeyi"}], max_tokens=8,
+                                     n=2, seed=5, temperature=0.8, extra_body=KNOBS)
+    chat2 = c.chat.completions.create(model="tiny-tr", messages=[{"role": "user", "content": "Belgeyi"}], max_tokens=8,
+                                      n=2, seed=5, temperature=0.8, extra_body=KNOBS)
+    assert [ch.message.content for ch in chat.choices] == [ch.message.content for ch in chat2.choices]
+    pieces = [ch.choices[0].text for ch in c.completions.create(model="tiny-tr", prompt="Bu işlev", max_tokens=8,
+                                                                 temperature=0, stream=True, extra_body=KNOBS)]
+    assert "".join(pieces) == r.choices[0].text
+
+
+def test_bad_requests_get_the_error_shape(server):
+    c = _client(server)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="gpt-9", prompt="x", max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="tiny-tr", prompt="x", max_tokens=-1)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    auth = {"authorization": "Bearer sekret"}
+    for body, status in ((b"{not json", 400), (b"[1, 2]", 400), (json.dumps({"prompt": 5}).encode(), 400),
+                         (json.dumps({"prompt": "x", "steps": "many"}).encode(), 400),
+                         (b"{" + b" " * (2 << 20) + b"}", 413)):
+        code, payload = server.post("/v1/completions", body, auth)
+        assert code == status and set(payload["error"]) == {"message", "type", "param", "code"}, (body[:40], payload)
+
+
+def test_sigterm_finishes_the_requests_in_flight():
+    import threading
+
+    s = Server()
+    results = []
+
+    def ask():
+        results.append(s.post("/v1/completions", json.dumps({"prompt": "Bu işlev", "max_tokens": 16, "steps": 64,
+                                                             "block_size": 16}).encode()))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    s.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert s.proc.wait(60) == 0
+    assert [code for code, _ in results] == [200] * 4
