@@ -131,3 +131,31 @@ def test_sigterm_finishes_the_requests_in_flight():
         t.join(60)
     assert s.proc.wait(60) == 0
     assert [code for code, _ in results] == [200] * 4
+
+
+def test_a_client_that_disconnects_frees_its_slot():
+    """One slot (--max-batch 1): a long streaming request holds it, a short one waits; the first client
+    goes away after its first chunk and the short one is admitted and answered at once."""
+    import http.client
+    import threading
+
+    s = Server("--max-batch", "1")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "Bu işlev", "max_tokens": 400, "steps": 400, "early_stop": False,
+                                                            "block_size": 16, "stream": True}),
+                     {"content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")  # streaming: it holds the slot
+        done = []
+        waiter = threading.Thread(target=lambda: done.append(s.post("/v1/completions", json.dumps(
+            {"prompt": "Seçili", "max_tokens": 8, **KNOBS}).encode())))
+        waiter.start()
+        time.sleep(0.5)
+        assert not done  # waiting behind the long request
+        t = time.time()
+        conn.close()  # the client goes away mid-stream
+        waiter.join(30)
+        assert done and done[0][0] == 200 and time.time() - t < 10
+    finally:
+        s.stop()
