@@ -151,7 +151,9 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             raise ApiError(400, str(exc)) from None
         created, rid0 = int(time.time()), jobs[0][1]
         if body.get("stream"):
-            return StreamingResponse(_stream(request, jobs, chat, created, rid0), media_type="text/event-stream")
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_stream(request, jobs, chat, created, rid0, usage, n),
+                                     media_type="text/event-stream")
         gathered = asyncio.ensure_future(asyncio.gather(*(_final(q) for _, _, q in jobs)))
         try:
             while not gathered.done():  # a client that goes away frees its slots at once
@@ -174,9 +176,10 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                           "total_tokens": prompt_tokens + completion}}
 
-    async def _stream(request, jobs, chat, created, rid0):
+    async def _stream(request, jobs, chat, created, rid0, include_usage=False, n=1):
         kind = "chat.completion.chunk" if chat else "text_completion"
         pending = {rid: (idx, q) for idx, rid, q in jobs}
+        finals = {}
         try:
             waiters = {asyncio.ensure_future(q.get()): rid for rid, (_, q) in pending.items()}
             while waiters:
@@ -193,6 +196,17 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                         yield f"data: {json.dumps({'id': rid0, 'object': kind, 'created': created, 'model': model_name, 'choices': [choice]})}\n\n"
                     if not out.finished:
                         waiters[asyncio.ensure_future(pending[rid][1].get())] = rid
+                    else:
+                        finals[rid] = out
+            prompt_tokens = sum(len(finals[rid].prompt_token_ids) for idx, rid, _ in jobs if idx % n == 0)
+            completion = sum(out.new_tokens for out in finals.values())
+            metrics.outcome("ok")
+            metrics.tokens(prompt_tokens, completion)
+            if include_usage:  # OpenAI's last chunk: no choices, the usage
+                yield "data: " + json.dumps({"id": rid0, "object": kind, "created": created, "model": model_name,
+                                             "choices": [], "usage": {"prompt_tokens": prompt_tokens,
+                                                                      "completion_tokens": completion,
+                                                                      "total_tokens": prompt_tokens + completion}}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for fut in list(locals().get("waiters", {})):
