@@ -1,0 +1,123 @@
+"""Load benchmark of a running server (WIP, issue 11; to become `diffutron-engine bench serve`).
+
+    python -m diffutron_engine.bench_serve --url http://127.0.0.1:8000 --num-requests 200 --concurrency 16
+
+Sends streaming completions (prompts from a JSONL file, {"prompt": ...} per line, or generated), at a
+fixed concurrency or a Poisson request rate, and reports requests/s, output tokens/s, time to first chunk
+and end-to-end latency (p50, p90, p99) and errors; a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+
+
+def _percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"p50": None, "p90": None, "p99": None}
+    xs = sorted(xs)
+
+    def q(p):
+        return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}
+
+
+async def _one(client, url: str, body: dict, headers: dict) -> dict:
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                return {"ok": False, "error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text") and first is None:
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except Exception as exc:  # noqa: BLE001 - every failure is counted, the run goes on
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "ttfc": first if first is not None else time.perf_counter() - t0,
+            "latency": time.perf_counter() - t0, "tokens": tokens}
+
+
+async def run(args) -> dict:
+    import httpx
+
+    prompts = _prompts(args)
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    extra = json.loads(args.extra_body) if args.extra_body else {}
+    sem = asyncio.Semaphore(args.concurrency)
+    rng = random.Random(0)
+
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=args.concurrency + 4)) as client:
+        async def job(i):
+            body = {"prompt": prompts[i % len(prompts)], "max_tokens": args.max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}, **extra}
+            async with sem:
+                return await _one(client, args.url, body, headers)
+
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(args.num_requests):
+            tasks.append(asyncio.ensure_future(job(i)))
+            if args.request_rate:
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"requests": args.num_requests, "concurrency": args.concurrency, "request_rate": args.request_rate,
+            "errors": len(results) - len(ok), "seconds": wall, "requests_per_s": len(ok) / wall,
+            "output_tokens_per_s": tokens / wall, "ttfc_s": _percentiles([r["ttfc"] for r in ok]),
+            "latency_s": _percentiles([r["latency"] for r in ok]),
+            "error_samples": [r["error"] for r in results if not r["ok"]][:3]}
+
+
+def _prompts(args) -> list[str]:
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            rows = [json.loads(line)["prompt"] for line in f if line.strip()]
+        if not rows:
+            raise SystemExit(f"error: {args.prompts} has no prompts")
+        return rows
+    return [f"Bu işlev {i}" for i in range(64)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--num-requests", type=int, default=100)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--request-rate", type=float, help="requests per second (Poisson); default: all at once")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompts", help="JSONL file with a {\"prompt\": ...} per line")
+    ap.add_argument("--extra-body", help="JSON object merged into every request (diffusion knobs)")
+    ap.add_argument("--api-key")
+    args = ap.parse_args(argv)
+    if args.num_requests < 1 or args.concurrency < 1 or (args.request_rate is not None and args.request_rate <= 0):
+        print("error: --num-requests and --concurrency must be >= 1, --request-rate > 0", file=sys.stderr)
+        return 2
+    report = asyncio.run(run(args))
+    print(f"{'requests':<10} {'errors':>6} {'req/s':>8} {'out tok/s':>10} {'TTFC p50/p99 s':>16} {'latency p50/p99 s':>18}")
+    t, lat = report["ttfc_s"], report["latency_s"]
+    fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
+    print(f"{report['requests']:<10} {report['errors']:>6} {report['requests_per_s']:>8.2f} "
+          f"{report['output_tokens_per_s']:>10.1f} {fmt(t['p50']) + '/' + fmt(t['p99']):>16} "
+          f"{fmt(lat['p50']) + '/' + fmt(lat['p99']):>18}")
+    print(json.dumps(report))
+    return 0 if report["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
