@@ -94,8 +94,8 @@ def _prompts(args) -> list[str]:
     return [f"Bu işlev {i}" for i in range(64)]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--num-requests", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=16)

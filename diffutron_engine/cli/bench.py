@@ -12,7 +12,8 @@ from ..errors import DiffutronError
 def add_parser(sub) -> None:
     from ..benchmark import DEFAULT_MODES, MODES
 
-    p = sub.add_parser("bench", help="end-to-end throughput: oracle vs engine modes (random mmBERT weights)")
+    p = sub.add_parser("bench", help="end-to-end throughput: oracle vs engine modes (random mmBERT weights); "
+                       "`bench serve --help`: load benchmark of a running server")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "serve"]:  # the load benchmark of a running server has flags of its own
+        from ..bench_serve import main as bench_serve
+
+        return bench_serve(argv[2:], prog="diffutron-engine bench serve")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -51,8 +51,8 @@ def sampling_params(body: dict) -> SamplingParams:
         knobs["stop"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
     try:
         return SamplingParams(**knobs)
-    except (DiffutronError, TypeError, ValueError) as exc:
-        raise ApiError(400, str(exc)) from None
+    except (DiffutronError, TypeError, ValueError) as exc:  # in the API's names
+        raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens")) from None
 
 
 def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, max_queue: int = 256,
@@ -148,7 +148,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
         except DiffutronError as exc:
             for _, rid, _ in jobs:
                 loop.abort(rid)
-            raise ApiError(400, str(exc)) from None
+            raise ApiError(400, str(exc).replace("max_new_tokens", "max_tokens")) from None
         created, rid0 = int(time.time()), jobs[0][1]
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
