@@ -104,6 +104,8 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--prompts", help="JSONL file with a {\"prompt\": ...} per line")
     ap.add_argument("--extra-body", help="JSON object merged into every request (diffusion knobs)")
     ap.add_argument("--api-key")
+    ap.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
+    ap.add_argument("--tag", default="serve", help="file name tag for --save")
     args = ap.parse_args(argv)
     if args.num_requests < 1 or args.concurrency < 1 or (args.request_rate is not None and args.request_rate <= 0):
         print("error: --num-requests and --concurrency must be >= 1, --request-rate > 0", file=sys.stderr)
@@ -115,6 +117,15 @@ def main(argv=None, prog: str | None = None) -> int:
     print(f"{report['requests']:<10} {report['errors']:>6} {report['requests_per_s']:>8.2f} "
           f"{report['output_tokens_per_s']:>10.1f} {fmt(t['p50']) + '/' + fmt(t['p99']):>16} "
           f"{fmt(lat['p50']) + '/' + fmt(lat['p99']):>18}")
+    if args.save:
+        import datetime
+        import os
+
+        os.makedirs(args.save, exist_ok=True)
+        path = os.path.join(args.save, f"{datetime.date.today().isoformat()}-{args.tag}-c{args.concurrency}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"args": vars(args), **report}, f, indent=1)
+        os.replace(path + ".tmp", path)  # never a half-written report
     print(json.dumps(report))
     return 0 if report["errors"] == 0 else 1
 

@@ -159,3 +159,40 @@ def test_a_client_that_disconnects_frees_its_slot():
         assert done and done[0][0] == 200 and time.time() - t < 10
     finally:
         s.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from /proc")
+def test_a_thousand_requests_at_concurrency_64():
+    """1,000 greedy requests, 64 at a time: all succeed, each answer equals its offline result, and the
+    server's resident memory after the run is within 10% of after a warm-up of the same load."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diffutron_engine import Engine, SamplingParams
+    from diffutron_engine.loading import encode_prompt
+
+    prompts = [f"Bu işlev {i}" for i in range(1000)]
+    body = {"max_tokens": 4, "steps": 4, "block_size": 4, "temperature": 0}
+    eng = Engine.from_pretrained("tiny-tr", max_batch=64)
+    offline = eng.generate([encode_prompt(eng.tokenizer, p, chat=False) for p in prompts],
+                           SamplingParams(max_new_tokens=4, steps=4, block_size=4))
+    s = Server("--max-batch", "64", "--max-queue", "1024")
+    try:
+        def ask(p):
+            return s.post("/v1/completions", json.dumps({"prompt": p, **body}).encode())
+
+        with ThreadPoolExecutor(64) as pool:
+            list(pool.map(ask, prompts[:128]))  # warm-up
+            warm = _rss_mb(s.proc.pid)
+            answers = list(pool.map(ask, prompts))
+        after = _rss_mb(s.proc.pid)
+    finally:
+        s.stop()
+    assert all(code == 200 for code, _ in answers)
+    assert [a["choices"][0]["text"] for _, a in answers] == [o.text for o in offline]
+    assert after <= 1.10 * warm, (warm, after)
