@@ -112,6 +112,7 @@ def test_bad_requests_get_the_error_shape(server):
         assert code == status and set(payload["error"]) == {"message", "type", "param", "code"}, (body[:40], payload)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_requests_in_flight():
     import threading
 
@@ -133,6 +134,7 @@ def test_sigterm_finishes_the_requests_in_flight():
     assert [code for code, _ in results] == [200] * 4
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_frees_its_slot():
     """One slot (--max-batch 1): a long streaming request holds it, a short one waits; the first client
     goes away after its first chunk and the short one is admitted and answered at once."""
