@@ -110,6 +110,9 @@ def test_bad_requests_get_the_error_shape(server):
                          (b"{" + b" " * (2 << 20) + b"}", 413)):
         code, payload = server.post("/v1/completions", body, auth)
         assert code == status and set(payload["error"]) == {"message", "type", "param", "code"}, (body[:40], payload)
+    for messages in ("hi", [], [1, 2], [{"role": "user"}], [{"role": "user", "content": 5}]):
+        code, payload = server.post("/v1/chat/completions", json.dumps({"messages": messages}).encode(), auth)
+        assert code == 400 and payload["error"]["param"] == "messages", (messages, payload)
 
 
 @pytest.mark.slow

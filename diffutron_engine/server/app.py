@@ -124,6 +124,10 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ApiError(400, "messages must be a non-empty list", param="messages")
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages):
+                raise ApiError(400, 'each message must be an object with a string "role" and "content"',
+                               param="messages")
             prompts = [messages]
         else:
             prompt = body.get("prompt")
