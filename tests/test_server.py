@@ -110,6 +110,11 @@ def test_bad_requests_get_the_error_shape(server):
                          (b"{" + b" " * (2 << 20) + b"}", 413)):
         code, payload = server.post("/v1/completions", body, auth)
         assert code == status and set(payload["error"]) == {"message", "type", "param", "code"}, (body[:40], payload)
+    code, payload = server.post("/v1/completions", json.dumps({"prompt": "Bu", "max_tokens": 4, "top_p": 1,
+                                                              "logprobs": None, **KNOBS}).encode(), auth)
+    assert code == 200  # OpenAI fields at their neutral values are accepted
+    code, payload = server.post("/v1/completions", json.dumps({"prompt": "Bu", "top_p": 0.5}).encode(), auth)
+    assert code == 400 and payload["error"]["param"] == "top_p"
     for messages in ("hi", [], [1, 2], [{"role": "user"}], [{"role": "user", "content": 5}]):
         code, payload = server.post("/v1/chat/completions", json.dumps({"messages": messages}).encode(), auth)
         assert code == 400 and payload["error"]["param"] == "messages", (messages, payload)

@@ -32,11 +32,24 @@ class ApiError(Exception):
         self.status, self.body = status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# OpenAI fields the engine has no counterpart for: accepted at their neutral values (clients send them by
+# default), refused with a clear message otherwise
+NEUTRAL = {"top_p": (1, 1.0, None), "frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
+           "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+           "logit_bias": (None, {}), "suffix": (None,)}
+
+
 def sampling_params(body: dict) -> SamplingParams:
     """SamplingParams from a request body: OpenAI's fields, and any SamplingParams field as an extra."""
     knobs = {}
     for key, value in body.items():
         if key in OPENAI_FIELDS:
+            continue
+        if key in NEUTRAL:
+            if not any(value == v and type(value) is type(v) for v in NEUTRAL[key] if v is not None) \
+                    and value is not None:
+                raise ApiError(400, f"{key}={value!r} is not supported by a masked diffusion sampler "
+                               f"(leave it out; repetition_penalty, temperature and the commit rules are)", param=key)
             continue
         if key not in SamplingParams.__dataclass_fields__:
             raise ApiError(400, f"unknown field {key!r}", param=key)
