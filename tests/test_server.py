@@ -94,6 +94,10 @@ def test_openai_client_completions_chat_streaming_n_seed(server):
     pieces = [ch.choices[0].text for ch in c.completions.create(model="tiny-tr", prompt="Bu işlev", max_tokens=8,
                                                                  temperature=0, stream=True, extra_body=KNOBS)]
     assert "".join(pieces) == r.choices[0].text
+    metrics = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    for name in ('diffutron_requests_total{outcome="ok"}', "diffutron_generation_tokens_total",
+                 "diffutron_requests_in_flight 0", 'diffutron_step_seconds_bucket{le="+Inf"}'):
+        assert name in metrics, name
 
 
 def test_bad_requests_get_the_error_shape(server):
