@@ -13,6 +13,9 @@ import urllib.request
 
 import pytest
 
+# every test here starts a server process (model load included): the slow tier, like the torchrun tests
+pytestmark = pytest.mark.slow
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -124,7 +127,6 @@ def test_bad_requests_get_the_error_shape(server):
         assert code == 400 and payload["error"]["param"] == "messages", (messages, payload)
 
 
-@pytest.mark.slow
 def test_sigterm_finishes_the_requests_in_flight():
     import threading
 
@@ -146,7 +148,6 @@ def test_sigterm_finishes_the_requests_in_flight():
     assert [code for code, _ in results] == [200] * 4
 
 
-@pytest.mark.slow
 def test_a_client_that_disconnects_frees_its_slot():
     """One slot (--max-batch 1): a long streaming request holds it, a short one waits; the first client
     goes away after its first chunk and the short one is admitted and answered at once."""
@@ -180,7 +181,6 @@ def _rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from /proc")
 def test_a_thousand_requests_at_concurrency_64():
     """1,000 greedy requests, 64 at a time: all succeed, each answer equals its offline result, and the
