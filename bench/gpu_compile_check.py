@@ -40,16 +40,15 @@ TARGETS = {80: ("A100", 166912), 90: ("H100/H200", 232448), 100: ("B200", 232448
 SMS = {80: 108, 90: 132, 100: 148}
 KERNEL_FILES = ("sampling", "unmask", "attention", "cross_entropy")
 
-_PLANS: list = []  # (kernel file, Launch), filled before the worker pool forks
+_PLANS: list = []  # (kernel file, Launch, ASTSource, options), filled before the worker pool forks
 
 
 def _compile_one(job):
     """Compile plan `index` for compute capability `cc`; returns a result row (run in a worker)."""
     index, cc, timeout = job
-    kernel_file, launch = _PLANS[index]
+    kernel_file, launch, src, options = _PLANS[index]
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
 
     row = {"kernel": launch.name, "file": kernel_file, "config": launch.describe(), "target": f"sm_{cc}"}
     t0 = time.monotonic()
@@ -60,10 +59,7 @@ def _compile_one(job):
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(timeout)
     try:
-        target = GPUTarget("cuda", cc, 32)
-        backend = make_backend(target)
-        src, options = _source(launch, backend, ASTSource)
-        compiled = triton.compile(src, target=target, options=options)
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
         signal.alarm(0)
         row.update(_resources(compiled.asm["cubin"]), shared=int(compiled.metadata.shared))
         row["tf32"] = bool(re.search(r"\.tf32", compiled.asm.get("ptx", "")))
@@ -98,12 +94,8 @@ def _source(launch, backend, ASTSource):
     return ASTSource(fn, signature, constexprs, attrs), options.__dict__
 
 
-def _key(launch, cc) -> str:
+def _key(src, options, cc) -> str:
     """Identity of the compiled program (two plans with the same key compile to the same binary)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-
-    src, options = _source(launch, make_backend(GPUTarget("cuda", cc, 32)), ASTSource)
     return f"{cc}:{src.hash()}:{sorted(options.items())}"
 
 
@@ -178,15 +170,19 @@ def main(argv=None) -> int:
     # a fresh cache: every configuration is really compiled (and timed), not read back
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffutron-compile-check-")
 
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
     t0 = time.monotonic()
     jobs, seen = [], set()
     for cc in targets:
-        plans = collect(kernel_files, SMS[cc])
-        for launch in plans:
-            key = _key(launch[1], cc)
+        backend = make_backend(GPUTarget("cuda", cc, 32))
+        for kernel_file, launch in collect(kernel_files, SMS[cc]):
+            src, options = _source(launch, backend, ASTSource)  # specialized once: keyed here, compiled by a worker
+            key = _key(src, options, cc)
             if key not in seen:
                 seen.add(key)
-                _PLANS.append(launch)
+                _PLANS.append((kernel_file, launch, src, options))
                 jobs.append((len(_PLANS) - 1, cc, args.compile_timeout))
     print(f"[compile-check] triton {triton.__version__}: {len(jobs)} configurations on {len(targets)} targets, "
           f"{args.jobs} at a time", file=sys.stderr, flush=True)

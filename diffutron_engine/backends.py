@@ -146,13 +146,6 @@ def sample(logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
     return Ops.select(logits.device, logits.dtype).sample(logits, params)
 
 
-def unmask(conf, tokens, k, block_start, canvas, rule="topk", value=None, rows=None, seen=None,
-           unseen: tuple[int, ...] = ()) -> torch.Tensor:
-    """One commit on the backend `Ops.select` would choose (for callers outside a runner)."""
-    return Ops.select(conf.device, torch.float32).unmask(conf, tokens, k, block_start, canvas, rule, value,
-                                                         rows=rows, seen=seen, unseen=unseen)
-
-
 def describe() -> dict[str, str]:
     """Backend status and the backend each op runs on, for `diffutron-engine env`."""
     cuda = torch.cuda.is_available()

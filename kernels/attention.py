@@ -277,11 +277,7 @@ def attention_reference(q, k_cache, v_cache, slots, q_pos, key_valid, half_windo
     v = v_cache[slots.long(), :, :T].to(compute_dtype)
     v = v.masked_fill(~key_valid[:, None, :, None], 0.0)  # like the kernel: never read invalid V
 
-    mask = key_valid[:, None, None, :]  # [B, 1, 1, T]
-    if half_window is not None:
-        keys = torch.arange(T, device=q.device)
-        mask = mask & ((q_pos.long()[:, None, :, None] - keys).abs() <= half_window)
-    mask = mask.expand(q.shape[0], 1, q.shape[2], T)
+    mask = attention_mask(q_pos.long(), key_valid, half_window).expand(q.shape[0], 1, q.shape[2], T)
 
     scores = (q.to(compute_dtype) @ k.transpose(-1, -2)) * scale
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)

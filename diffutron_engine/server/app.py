@@ -180,9 +180,10 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                     metrics.outcome("disconnected")
                     raise ApiError(499, "the client closed the connection")
             finals = gathered.result()
-        finally:
+        except BaseException:  # the client left, or a request failed: the others stop at the next step
             for _, rid, _ in jobs:
-                loop.abort(rid)  # finished ones are ignored by the engine
+                loop.abort(rid)
+            raise
         choices = [_choice(idx, out.text, _reason(out), chat) for (idx, _, _), out in zip(jobs, finals)]
         prompt_tokens = sum(len(out.prompt_token_ids) for out in finals[::n])
         completion = sum(out.new_tokens for out in finals)
@@ -196,9 +197,9 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
     async def _stream(request, jobs, chat, created, rid0, include_usage=False, n=1):
         kind = "chat.completion.chunk" if chat else "text_completion"
         pending = {rid: (idx, q) for idx, rid, q in jobs}
-        finals = {}
+        finals, waiters = {}, {}
         try:
-            waiters = {asyncio.ensure_future(q.get()): rid for rid, (_, q) in pending.items()}
+            waiters.update({asyncio.ensure_future(q.get()): rid for rid, (_, q) in pending.items()})
             while waiters:
                 done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 for fut in done:
@@ -225,11 +226,11 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
                                                                       "completion_tokens": completion,
                                                                       "total_tokens": prompt_tokens + completion}}) + "\n\n"
             yield "data: [DONE]\n\n"
-        finally:
-            for fut in list(locals().get("waiters", {})):
+        finally:  # also when the client goes away mid-stream: what has not finished stops at the next step
+            for fut in waiters:
                 fut.cancel()
-            for rid in pending:
-                loop.abort(rid)  # finished ones are ignored by the engine
+            for rid in pending.keys() - finals.keys():
+                loop.abort(rid)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
