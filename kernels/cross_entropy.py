@@ -209,16 +209,24 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _loss_and_grads(hidden, weight, bias, target, scale, chunk_rows, backend, need_h, need_w, need_b):
-    """Both passes. Returns the fp32 loss and (grad_h, grad_W, grad_b), None where not needed."""
-    lse_pass, grad_pass = _PASSES[backend]
-    n, v = hidden.shape[0], weight.shape[0]
-    dev = hidden.device
-    loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
+def _loss_rows(hidden, weight, bias, target, scale, chunk_rows, backend):
+    """Pass 1 alone: the fp32 per-row losses s_i * (lse_i - z_i[target_i]) and lse, [N] each."""
+    lse_pass = _PASSES[backend][0]
+    n = hidden.shape[0]
+    loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     for r0 in range(0, n, chunk_rows):
         r1 = min(n, r0 + chunk_rows)
         lse_pass(F.linear(hidden[r0:r1], weight, bias), target[r0:r1], scale[r0:r1], loss_rows[r0:r1], lse[r0:r1])
+    return loss_rows, lse
+
+
+def _loss_and_grads(hidden, weight, bias, target, scale, chunk_rows, backend, need_h, need_w, need_b):
+    """Both passes. Returns the fp32 loss and (grad_h, grad_W, grad_b), None where not needed."""
+    grad_pass = _PASSES[backend][1]
+    n, v = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    loss_rows, lse = _loss_rows(hidden, weight, bias, target, scale, chunk_rows, backend)
     loss = loss_rows.sum()
     if not (need_h or need_w or need_b):
         return loss, (None, None, None)
@@ -292,8 +300,8 @@ def _check_inputs(hidden, weight, target, bias, row_weight, reduction):
     if row_weight is not None and (row_weight.shape != (n,) or not row_weight.dtype.is_floating_point):
         raise ValueError(f"row_weight must be a float tensor of shape [{n}]; got {tuple(row_weight.shape)} "
                          f"{row_weight.dtype}")
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' or 'mean'; got {reduction!r}")
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"reduction must be 'sum', 'mean' or 'none'; got {reduction!r}")
     tensors = [t for t in (hidden, weight, target, bias, row_weight) if t is not None]
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"all inputs must be on one device; got {sorted({str(t.device) for t in tensors})}")
@@ -319,7 +327,8 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, row_weight=Non
     hidden [N, H], weight [V, H], bias [V] (one float dtype), target [N] int, row_weight [N] float
     (not differentiated; default 1). Rows with target == ignore_index contribute 0 loss and 0
     gradient. reduction "sum", or "mean" = the sum divided by the number of non-ignored rows (row
-    weights do not change that count; no such row: 0). chunk_rows bounds each block of logits to
+    weights do not change that count; no such row: 0), or "none": the [N] fp32 per-row losses, for
+    evaluation only (no gradient: it raises when one is wanted). chunk_rows bounds each block of logits to
     chunk_rows x V elements (default: LOGITS_BLOCK_BYTES in the inputs' dtype). backend: "triton",
     "torch" or None (see _check_backend). Out-of-range targets raise (one device sync per call).
     """
@@ -343,7 +352,12 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, row_weight=Non
 
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if reduction == "none" and grad_wanted:
+        raise ValueError("reduction='none' (per-row losses) is for evaluation: it has no gradient; run it "
+                         "under torch.no_grad(), or use 'sum' or 'mean' to train")
     with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs run in the inputs' dtype
+        if reduction == "none":  # evaluation: the fp32 per-row losses (0 on ignored rows), no sum
+            return _loss_rows(hidden, weight, bias, target, scale, chunk_rows, backend)[0]
         if not grad_wanted:  # evaluation: loss pass only
             return _loss_and_grads(hidden, weight, bias, target, scale, chunk_rows, backend, *(False,) * 3)[0]
         return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, scale, chunk_rows, backend)
@@ -365,6 +379,8 @@ def linear_cross_entropy_reference(hidden, weight, target, bias=None, row_weight
     loss = F.cross_entropy(logits, target, reduction="none", ignore_index=ignore_index)
     if row_weight is not None:
         loss = loss * torch.where(valid, row_weight.detach().to(loss.dtype), 0.0)
+    if reduction == "none":
+        return loss
     total = loss.sum()
     if reduction == "mean":
         total = total / valid.sum().clamp_min(1)

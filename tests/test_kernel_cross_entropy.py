@@ -176,6 +176,25 @@ def test_no_grad_computes_the_loss_only(backend, monkeypatch):
         assert abs(got.double() - exact) <= 2 * abs(naive.double() - exact) + EPS * abs(exact)
 
 
+@pytest.mark.usefixtures("small_tiles")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_row_losses_for_evaluation(backend):
+    """reduction="none": each row's weighted loss (0 on ignored rows) within the rule, row by row; and
+    it refuses a gradient rather than silently returning a tensor that cannot be backpropagated."""
+    hidden, weight, bias, target, row_weight = _case(N=9, seed=7)
+    args = [t.to(DEVICE) for t in (hidden, weight, target)]
+    kw = dict(bias=bias.to(DEVICE), row_weight=row_weight.to(DEVICE), reduction="none")
+    with torch.no_grad():
+        got = fused_linear_cross_entropy(*args, chunk_rows=4, backend=backend, **kw).double()
+    naive = linear_cross_entropy_reference(*args, **kw).double()
+    exact = linear_cross_entropy_reference(*(t.double() if t.is_floating_point() else t for t in args),
+                                           bias=bias.double(), row_weight=row_weight.double(), reduction="none")
+    assert got.shape == (9,) and got[3] == 0 and got[8] == 0
+    assert ((got - exact).abs() <= 2 * (naive - exact).abs() + EPS * exact.abs().max()).all()
+    with pytest.raises(ValueError, match="no gradient"):
+        fused_linear_cross_entropy(_leaf(hidden), *args[1:], backend=backend, **kw)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_inputs_that_need_it_get_a_gradient(backend):
     hidden0, weight0, bias0, target, row_weight = _case(N=6, V=200, seed=7)
@@ -255,7 +274,7 @@ def _bad(**changes):
     _bad(target=torch.tensor([0, 1, 50, 2])),
     _bad(target=torch.tensor([0, -1, 2, 3])),
     _bad(row_weight=torch.ones(3)),
-    _bad(reduction="none"),
+    _bad(reduction="avg"),
     _bad(chunk_rows=0),
     _bad(backend="cuda"),
 ], ids=["hidden-1d", "hidden-size", "dtype-mismatch", "float64", "bias-shape", "target-shape", "target-float",
