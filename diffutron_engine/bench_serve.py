@@ -1,6 +1,6 @@
-"""Load benchmark of a running server (WIP, issue 11; to become `diffutron-engine bench serve`).
+"""`diffutron-engine bench serve`: load benchmark of a running server.
 
-    python -m diffutron_engine.bench_serve --url http://127.0.0.1:8000 --num-requests 200 --concurrency 16
+    diffutron-engine bench serve --url http://127.0.0.1:8000 --num-requests 200 --concurrency 16
 
 Sends streaming completions (prompts from a JSONL file, {"prompt": ...} per line, or generated), at a
 fixed concurrency or a Poisson request rate, and reports requests/s, output tokens/s, time to first chunk

@@ -1,7 +1,8 @@
 """`diffutron-engine eval KIND`: intrinsic metrics of a checkpoint on a text file.
 
-KIND is `perplexity` for now (the Diffutron paper's masked-LM perplexity and masked-token accuracy,
-see diffutron_engine.training.evaluate); other kinds get their own nested subcommand here.
+KIND is `perplexity` (the Diffutron paper's masked-LM perplexity and masked-token accuracy, see
+diffutron_engine.training.evaluate) or `lm-eval` (lm-evaluation-harness's own CLI with the `diffutron`
+model registered: diffutron_engine.integrations.lm_eval; dispatched in cli/main.py).
 Input and flags are checked before the model is loaded, so bad input fails fast with exit code 2.
 """
 
@@ -33,6 +34,9 @@ def add_parser(sub) -> None:
     q.add_argument("--max-sequences", type=int, metavar="N", help="score only the first N sequences")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=run)
+    # dispatched before this parser runs (cli/main.py): lm-eval parses its own arguments
+    kinds.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the `diffutron` model (CETVEL "
+                     "tasks, MC likelihood): diffutron-engine eval lm-eval --model_args pretrained=... --tasks ...")
 
 
 def run(args) -> int:

@@ -39,13 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["bench", "serve"]:  # the load benchmark of a running server has flags of its own
-        from ..bench_serve import main as bench_serve
-
-        return bench_serve(argv[2:], prog="diffutron-engine bench serve")
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        # commands with argument parsers of their own: a server's load benchmark, the likelihood
+        # benchmark, and lm-evaluation-harness's CLI
+        if argv[:2] == ["bench", "serve"]:
+            from ..bench_serve import main as bench_serve
+
+            return bench_serve(argv[2:], prog="diffutron-engine bench serve")
+        if argv[:2] == ["bench", "eval"]:
+            from ..bench_eval import main as bench_eval
+
+            return bench_eval(argv[2:], prog="diffutron-engine bench eval")
+        if argv[:2] == ["eval", "lm-eval"]:
+            from ..integrations.lm_eval import cli_main
+
+            return cli_main(argv[2:])
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except DiffutronError as exc:
         print(f"diffutron-engine: error: {exc}", file=sys.stderr)

@@ -1,0 +1,164 @@
+"""`diffutron-engine bench eval`: the masked-diffusion Monte-Carlo likelihood, plain vs batched.
+
+    diffutron-engine bench eval                           # mmBERT width and vocabulary, 2 layers, CPU
+    diffutron-engine bench eval --layers 22 --device cuda --save bench/results
+
+The same multiple-choice requests (Turkish contexts, four continuations each) are scored twice from
+the same seed: by the plain implementation of the estimator (full [B, T, V] logits, one request at a
+time, as dllm's harness computes it: integrations/mc_likelihood.loglikelihood_plain) and by the batched
+one that DiffutronLM uses (copies of all requests packed by length, the LM head only at scored positions
+through the fused cross-entropy). Reports requests/s of each, the speed-up, forwards, peak working memory
+and the largest difference between the two sets of numbers (absolute and relative); a table, then one
+JSON line. The model is the real mmBERT architecture with random weights (`--layers` fewer to fit a CPU);
+its numbers measure speed and agreement, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .errors import DiffutronError
+
+
+def _requests(tokenizer, n: int) -> list[tuple[str, str]]:
+    """n (context, continuation) pairs in the style of a multiple-choice task: each context of a few
+    sentences of the built-in Turkish text, four candidate endings each."""
+    from .random_model import _CORPUS
+
+    lines = [l.strip() for l in _CORPUS.splitlines() if len(l.split()) >= 6 and not l.startswith("[")]
+    out = []
+    for i in range(0, n, 4):
+        base = lines[(i // 4) % len(lines)]
+        words = base.split()
+        context = " ".join(lines[(i // 4 + 1) % len(lines)].split()) + " Soru: " + " ".join(words[:-3]) + " Cevap:"
+        for j in range(4):
+            other = lines[(i // 4 + j) % len(lines)].split()
+            out.append((context, " " + " ".join(other[-3 + (j % 2):])))
+    return out[:n]
+
+
+def run(layers: int = 2, requests: int = 16, mc_num: int = 32, batch_size: int = 32, vocab: int = 256_000,
+        device: str = "cpu", dtype: str = "float32", seed: int = 0, token_budget: int | None = None,
+        log=print) -> dict:
+    from .benchmark import _PeakMemory, machine_info
+    from .integrations.mc_likelihood import (check_mc, check_requests, encode_pair, loglikelihood_batched,
+                                             loglikelihood_plain)
+    from .loading import resolve_device, resolve_dtype
+    from .model.modernbert import ModernBertRunner
+    from .random_model import MMBERT_BASE, build_tokenizer, random_mmbert
+
+    check_mc(mc_num, batch_size)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    tok = build_tokenizer(1000)
+    model = random_mmbert(layers=layers, vocab_size=vocab, seed=seed, dtype=torch_dtype, device=device)
+    texts = _requests(tok, requests)
+    pairs = [encode_pair(tok, c, x) for c, x in texts]
+    check_requests(pairs, model.config.max_position_embeddings, texts)
+    runner = ModernBertRunner(model)
+    budget = token_budget or (65536 if device.startswith("cuda") else 8192)
+    log(f"{len(pairs)} requests, context {min(len(p.context) for p in pairs)}-{max(len(p.context) for p in pairs)} "
+        f"tokens, continuation {min(len(p.target) for p in pairs)}-{max(len(p.target) for p in pairs)}; "
+        f"mc_num {mc_num}, batch {batch_size}; {layers} layers, vocab {vocab:,}, {device} {dtype}")
+
+    def timed(fn):
+        torch.manual_seed(seed)  # the same masks for both: the estimator consumes torch's generators
+        with _PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                vals = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            secs = time.perf_counter() - t0
+        return vals, secs, mem.peak
+
+    scored = sum(len(p.target) for p in pairs)
+    forwards = {"plain": len(pairs) * (mc_num // batch_size)}
+    rows_tokens = sorted((p.length for p in pairs for _ in range(mc_num)), reverse=True)
+    n, i = 0, 0
+    while i < len(rows_tokens):
+        i += max(1, budget // rows_tokens[i])
+        n += 1
+    forwards["batched"] = n
+    # warm-up of each path on one request (first-call allocations, MKL initialization)
+    loglikelihood_plain(model, pairs[:1], tok.mask_token_id, batch_size, batch_size)
+    loglikelihood_batched(runner, pairs[:1], tok.mask_token_id, tok.pad_token_id, batch_size, batch_size, budget)
+    plain, t_plain, m_plain = timed(lambda: loglikelihood_plain(model, pairs, tok.mask_token_id, mc_num, batch_size))
+    fast, t_fast, m_fast = timed(lambda: loglikelihood_batched(runner, pairs, tok.mask_token_id, tok.pad_token_id,
+                                                               mc_num, batch_size, budget))
+    abs_diff = max(abs(a - b) for a, b in zip(plain, fast))
+    rel_diff = max(abs(a - b) / max(abs(a), 1e-30) for a, b in zip(plain, fast))
+
+    def row(name, secs, peak):
+        return {"name": name, "seconds": round(secs, 3), "requests_per_s": round(len(pairs) / secs, 3),
+                "forwards": forwards[name], "peak_mem_mb": None if peak is None else round(peak, 1)}
+
+    return {
+        "bench": "eval-likelihood",
+        "config": {"layers": layers, "requests": len(pairs), "mc_num": mc_num, "batch_size": batch_size,
+                   "vocab": vocab, "hidden": MMBERT_BASE["hidden_size"], "device": device, "dtype": dtype,
+                   "seed": seed, "token_budget": budget, "continuation_tokens": scored},
+        "machine": machine_info(device),
+        "results": [row("plain", t_plain, m_plain), row("batched", t_fast, m_fast)],
+        "speedup": round(t_plain / t_fast, 2),
+        "max_abs_diff": abs_diff,
+        "max_rel_diff": rel_diff,
+        "loglikelihoods": {"plain": plain, "batched": fast},
+    }
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'implementation':<16} {'req/s':>8} {'seconds':>9} {'forwards':>9} {'peak MB':>9}"]
+    for r in report["results"]:
+        peak = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        lines.append(f"{r['name']:<16} {r['requests_per_s']:>8.3f} {r['seconds']:>9.2f} {r['forwards']:>9} {peak:>9}")
+    lines.append(f"speed-up {report['speedup']:.2f}x; largest difference {report['max_abs_diff']:.3g} "
+                 f"(relative {report['max_rel_diff']:.2g})")
+    return "\n".join(lines)
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog or "diffutron-engine bench eval",
+                                 description="Monte-Carlo likelihood of masked diffusion LMs: the plain "
+                                 "implementation vs the batched one of the lm-eval model, same requests and seed.")
+    ap.add_argument("--layers", type=int, default=2, help="transformer layers of the random mmBERT (default: 2)")
+    ap.add_argument("--requests", type=int, default=16, help="(context, continuation) pairs (default: 16)")
+    ap.add_argument("--mc-num", type=int, default=32, help="noisy copies per request (default: 32)")
+    ap.add_argument("--batch-size", type=int, default=32, help="copies per stratified draw (default: 32)")
+    ap.add_argument("--vocab", type=int, default=256_000, help="vocabulary size, >= 1000 (the "
+                    "benchmark tokenizer's; default: mmBERT's 256,000)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    ap.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
+    ap.add_argument("--token-budget", type=int, default=None, help="tokens per batched forward (default: 8192 "
+                    "on CPU, 65536 on CUDA)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
+    ap.add_argument("--tag", default=None, help="file name tag for --save (default: eval-<device>-l<layers>)")
+    args = ap.parse_args(argv)
+    for flag, v, least in (("--layers", args.layers, 1), ("--requests", args.requests, 1), ("--vocab", args.vocab, 1000),
+                           ("--token-budget", args.token_budget, 1), ("--threads", args.threads, 1),
+                           ("--seed", args.seed, 0)):
+        if v is not None and v < least:
+            raise DiffutronError(f"{flag} must be >= {least}, got {v}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run(args.layers, args.requests, args.mc_num, args.batch_size, args.vocab, args.device, args.dtype,
+                 args.seed, args.token_budget, log=lambda m: print(m, file=sys.stderr))
+    print(format_table(report))
+    if args.save:
+        from .benchmark import save
+
+        tag = args.tag or f"eval-{report['config']['device'].split(':')[0]}-l{args.layers}"
+        print(f"saved {save(report, args.save, tag)}", file=sys.stderr)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

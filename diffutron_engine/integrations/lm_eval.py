@@ -1,0 +1,296 @@
+"""lm-evaluation-harness model `diffutron`: Diffutron checkpoints evaluated fast and exactly.
+
+    diffutron-engine eval lm-eval --model_args pretrained=diffutron/DiffutronLM-0.3B-Instruct,mc_num=128 \\
+        --tasks ...                       # registers the model, then runs lm-eval's own CLI
+
+    from diffutron_engine.integrations.lm_eval import DiffutronLM   # registers "diffutron" with lm-eval
+    lm = DiffutronLM(pretrained=..., mc_num=128, batch_size=32, device="cuda", dtype="bfloat16")
+    lm_eval.simple_evaluate(model=lm, tasks=[...])
+
+- `loglikelihood`: the masked-diffusion Monte-Carlo estimate (mc_likelihood.py says how and why it is
+  the same number as dllm's one-request-at-a-time harness for the same seed and request order), with
+  the copies of all requests batched by length up to `token_budget` tokens per forward and the LM head
+  only at scored positions. `batch_size` keeps the estimator's meaning: copies per stratified draw.
+  `is_check_greedy=True` also runs the harness's greedy check (the masked continuation filled one most
+  confident token per step, on the engine, all requests batched); otherwise the flag is False.
+- `generate_until`: the engine in exact mode (cache "none"): lm-eval's `until` strings stop and cut the
+  answer, `max_gen_toks` replaces `max_new_tokens` (the steps scale with it), greedy unless the task
+  samples (`do_sample` with a temperature), requests batched up to `max_batch`.
+- `loglikelihood_rolling`: the same estimator over windows: the text's tokens cut into windows of half
+  the model's context, window i scored as the continuation of the up to half-context tokens before it
+  (none for the first); the sum over windows (an ELBO, like every number here: a lower bound).
+- chat: `apply_chat_template` renders Diffutron-Instruct's template (loading.render_chat) when lm-eval
+  is run with --apply_chat_template.
+
+Unknown model arguments, an mc_num that is not a multiple of batch_size, a request longer than the
+context and an empty continuation raise DiffutronError naming the problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import sys
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as exc:  # an optional extra
+    from ..errors import DiffutronError
+
+    raise DiffutronError("lm-evaluation-harness is not installed: pip install 'diffutron-engine[eval]' "
+                         f"(or pip install lm_eval) ({exc})") from exc
+
+from ..errors import DiffutronError
+from ..loading import DEFAULT_MODEL, DTYPES, load_model, render_chat
+from .mc_likelihood import Scored, check_mc, check_requests, encode_pair, loglikelihood_batched
+
+log = logging.getLogger(__name__)
+
+# model arguments and their defaults (dllm's harness defaults for the estimator)
+DEFAULTS = dict(
+    pretrained=DEFAULT_MODEL, mc_num=128, batch_size=32, device="auto", dtype="auto", is_check_greedy=False,
+    max_new_tokens=128, steps=128, block_size=32, temperature=0.0, remasking="low_confidence", seed=0,
+    token_budget=None, max_batch=16, max_batch_size=None,
+)
+# token budget of one likelihood forward (rows x padded length): large enough to keep the matmuls
+# efficient, small enough that the activations stay far below the weights' size
+_BUDGET = {"cpu": 8192, "cuda": 65536}
+
+
+def _int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DiffutronError(f"model argument {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise DiffutronError(f"model argument {name} must be true or false, got {value!r}")
+
+
+@register_model("diffutron")
+class DiffutronLM(LM):
+    def __init__(self, **kwargs):
+        super().__init__()
+        unknown = sorted(set(kwargs) - set(DEFAULTS))
+        if unknown:
+            hints = [f"{u!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, DEFAULTS, 1))
+                                 else "") for u in unknown]
+            raise DiffutronError(f"unknown model argument(s) for diffutron: {', '.join(hints)}; known: "
+                                 f"{', '.join(sorted(DEFAULTS))}")
+        a = {**DEFAULTS, **kwargs}
+        if a["batch_size"] in ("auto",) or str(a["batch_size"]).startswith("auto:"):
+            a["batch_size"] = DEFAULTS["batch_size"]  # lm-eval's "pick for me": the estimator's default
+        self.mc_num, self.batch_size = check_mc(_int("mc_num", a["mc_num"]), _int("batch_size", a["batch_size"]))
+        self.is_check_greedy = _bool("is_check_greedy", a["is_check_greedy"])
+        self.max_new_tokens = _int("max_new_tokens", a["max_new_tokens"])
+        self.steps = _int("steps", a["steps"])
+        self.block_size = _int("block_size", a["block_size"])
+        self.seed = _int("seed", a["seed"], minimum=0)
+        self.max_batch = _int("max_batch", a["max_batch"])
+        try:
+            self.temperature = float(a["temperature"])
+        except (TypeError, ValueError):
+            raise DiffutronError(f"model argument temperature must be a number >= 0, got {a['temperature']!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise DiffutronError(f"model argument temperature must be a finite number >= 0, got {self.temperature}")
+        self.remasking = str(a["remasking"])
+        dtype = a["dtype"]
+        if not isinstance(dtype, str):  # a torch.dtype, as lm-eval's Python API may pass
+            dtype = str(dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise DiffutronError(f"model argument dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        from ..config import SamplingParams
+
+        SamplingParams(max_new_tokens=self.max_new_tokens, steps=self.steps, block_size=self.block_size,
+                       temperature=self.temperature, remasking=self.remasking)  # the sampling args, checked early
+        self.pretrained = str(a["pretrained"])
+        lm = load_model(self.pretrained, dtype=dtype, device=str(a["device"]))
+        if lm.model.config.model_type != "modernbert":
+            raise DiffutronError(f"{self.pretrained!r} is a {lm.model.config.model_type!r} model; the diffutron "
+                                 "evaluator runs ModernBERT checkpoints (the Diffutron family)")
+        self.model, self.tokenizer, self._device = lm.model, lm.tokenizer, lm.device
+        self.max_length = lm.max_context or None
+        budget = a["token_budget"]
+        self.token_budget = (_BUDGET["cuda" if str(self._device).startswith("cuda") else "cpu"] if budget is None
+                             else _int("token_budget", budget))
+        from ..model.modernbert import ModernBertRunner
+
+        self.runner = ModernBertRunner(self.model)
+        self._engine = None
+
+    # ------------------------------------------------------------------ construction as lm-eval does it
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "DiffutronLM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string or ""), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "DiffutronLM":
+        """--model_args win over lm-eval's own --batch_size/--device (whose defaults, 1 and cuda:0, are
+        not choices made for this model); max_batch_size has no use here (the engine sizes its forwards)."""
+        args = dict(arg_dict)
+        for k, v in (additional_config or {}).items():
+            if v is not None and k not in args and k in DEFAULTS:
+                args[k] = v
+        return cls(**args)
+
+    # ------------------------------------------------------------------ lm-eval's interface
+    @property
+    def tokenizer_name(self) -> str:
+        return self.pretrained.replace("/", "__")
+
+    def chat_template(self, chat_template=False) -> str:
+        return "diffutron-instruct ([SYS]/[Question]/[Answer] markers)" if chat_template else ""
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        if add_generation_prompt or not chat_history or chat_history[-1].get("role") != "assistant":
+            return render_chat(chat_history, add_generation_prompt=add_generation_prompt)
+        # continue the final assistant message: its turn stays open
+        head = render_chat(chat_history[:-1], add_generation_prompt=True) if len(chat_history) > 1 else "[Answer]\n"
+        return head + str(chat_history[-1].get("content", "")).strip()
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        texts = [tuple(r.args) for r in requests]
+        pairs = [encode_pair(self.tokenizer, c, x) for c, x in texts]
+        check_requests(pairs, self.max_length, texts)
+        lls = loglikelihood_batched(self.runner, pairs, self.tokenizer.mask_token_id, self.tokenizer.pad_token_id,
+                                    self.mc_num, self.batch_size, self.token_budget)
+        greedy = self._greedy(pairs) if self.is_check_greedy else [False] * len(pairs)
+        out = list(zip(lls, greedy))
+        for r, o in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood", tuple(r.args), o)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        if not self.max_length or self.max_length < 2:
+            raise DiffutronError("loglikelihood_rolling needs the model's context length (max_position_embeddings)")
+        half = self.max_length // 2
+        pairs, owner = [], []
+        for i, r in enumerate(requests):
+            ids = list(self.tokenizer(r.args[0])["input_ids"])
+            for lo in range(0, len(ids), half):
+                pairs.append(Scored(ids[max(0, lo - half):lo], ids[lo:lo + half]))
+                owner.append(i)
+        lls = loglikelihood_batched(self.runner, pairs, self.tokenizer.mask_token_id, self.tokenizer.pad_token_id,
+                                    self.mc_num, self.batch_size, self.token_budget)
+        totals = [0.0] * len(requests)  # an empty text has nothing to score: 0
+        for i, ll in zip(owner, lls):
+            totals[i] += ll
+        for r, t in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", tuple(r.args), t)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from ..config import SamplingParams
+
+        prompts, params, ignored = [], [], set()
+        for i, r in enumerate(requests):
+            context, kwargs = r.args[0], dict(r.args[1] or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else [s for s in until if s]
+            n = _int("max_gen_toks", kwargs.pop("max_gen_toks", self.max_new_tokens))
+            # lm-eval's convention: greedy unless the task samples; then its temperature (default 1)
+            do_sample = _bool("do_sample", kwargs.pop("do_sample", False))
+            asked = kwargs.pop("temperature", None)
+            temp = (1.0 if asked is None else float(asked)) if do_sample else self.temperature
+            ignored.update(kwargs)
+            steps = max(1, round(self.steps * n / self.max_new_tokens))
+            ids = self.tokenizer.encode(context, add_special_tokens=False)
+            if self.max_length and len(ids) + n > self.max_length:
+                raise DiffutronError(f"generation request {i} needs {len(ids)} prompt + {n} new tokens, beyond the "
+                                     f"model's context of {self.max_length}; lower max_gen_toks or the few-shot count")
+            prompts.append(ids)
+            params.append(SamplingParams(max_new_tokens=n, steps=steps, block_size=min(self.block_size, n),
+                                         temperature=temp, remasking=self.remasking, stop_strings=until or None,
+                                         seed=(self.seed + i) % 2**63))
+        if ignored:
+            log.warning("diffutron: generation arguments without a counterpart here were ignored: %s",
+                        ", ".join(sorted(ignored)))
+        outs = self.engine.generate(prompts, params) if prompts else []
+        texts = []
+        for r, p, o in zip(requests, params, outs):
+            text = o.text
+            for stop in p.stop_strings or []:
+                text = text.split(stop)[0]
+            texts.append(text)
+            self.cache_hook.add_partial("generate_until", tuple((r.args[0], r.args[1])), text)
+        return texts
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def engine(self):
+        """The engine for generation and the greedy check, built on first use (exact mode)."""
+        if self._engine is None:
+            from ..engine import Engine
+
+            self._engine = Engine(self.model, self.tokenizer, max_batch=self.max_batch, cache="none")
+        return self._engine
+
+    def _greedy(self, pairs: list[Scored]) -> list[bool]:
+        """The harness's greedy check for every pair, on the engine: the continuation masked, one block,
+        one token per step (the most confident argmax), compared with the continuation."""
+        from ..config import SamplingParams
+
+        mask = self.tokenizer.mask_token_id
+        seqs = [p.context + [mask] * len(p.target) for p in pairs]
+        params = [SamplingParams(max_new_tokens=len(p.target), steps=len(p.target), block_size=None,
+                                 temperature=0.0, remasking="low_confidence", early_stop=False) for p in pairs]
+        outs = self.engine.infill(seqs, params)
+        return [list(o.tokens[len(p.context):]) == p.target for p, o in zip(pairs, outs)]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def cli_main(argv: list[str]) -> int:
+    """`diffutron-engine eval lm-eval ARGS`: lm-eval's own CLI with the diffutron model registered.
+    `--model` defaults to diffutron; lm-eval's --device and --batch_size default to this model's
+    (auto, and the batch_size of --model_args or 32) rather than lm-eval's cuda:0 and 1."""
+    import lm_eval.__main__ as lm_main
+
+    argv = list(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else "run"
+    if command == "run" and not any(a in ("-h", "--help") for a in argv):
+        flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+        if "--model" not in flags:
+            argv += ["--model", "diffutron"]
+        if "--device" not in flags:
+            argv += ["--device", "auto"]
+        if not flags & {"--batch_size", "-b"}:
+            argv += ["--batch_size", str(_model_arg(argv, "batch_size") or DEFAULTS["batch_size"])]
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        lm_main.cli_evaluate()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _model_arg(argv: list[str], key: str) -> str | None:
+    """The value of `key` inside --model_args k=v,... (or None)."""
+    for i, a in enumerate(argv):
+        if a == "--model_args" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif a.startswith("--model_args="):
+            spec = a.split("=", 1)[1]
+        else:
+            continue
+        for part in spec.split(","):
+            k, _, v = part.partition("=")
+            if k.strip() == key:
+                return v.strip()
+    return None

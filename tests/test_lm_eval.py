@@ -1,0 +1,291 @@
+"""The lm-evaluation-harness model `diffutron` and the Monte-Carlo likelihood behind it.
+
+The batched estimator is checked against the plain one-request-at-a-time implementation (same seed,
+same requests: same numbers within 1e-4 relative in float32), the noise draw by its definition, the
+greedy check against a plain loop, generation against the engine's contract, bad input by its
+messages; end to end through lm-eval's evaluator and `diffutron-engine eval lm-eval` on the task YAMLs
+in tests/data/lm_eval (slow tier: lm-eval indexes its task folders).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from diffutron_engine.errors import DiffutronError  # noqa: E402
+from diffutron_engine.integrations import mc_likelihood as mc  # noqa: E402
+from diffutron_engine.model.modernbert import ModernBertRunner  # noqa: E402
+
+HERE = os.path.dirname(__file__)
+TASKS = os.path.join(HERE, "data", "lm_eval")
+PAIRS_TEXT = [("Türkiye'nin başkenti ", "Ankara'dır."), ("Hava bugün", " güneşli"),
+              ("Çay, Türk kültüründe misafirperverliğin simgesidir. Bir dil modeli", " kelimelerin olasılıklarını öğrenir"),
+              ("", "Merhaba dünya"), ("Bilgisayarlar verileri işler  ", "ve paylaşır.")]
+
+
+class _Req:
+    """The part of lm-eval's Instance the model reads."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_checkpoint):
+    from diffutron_engine.integrations.lm_eval import DiffutronLM
+
+    return DiffutronLM(pretrained=tiny_checkpoint, mc_num=8, batch_size=4, device="cpu", dtype="float32",
+                       max_new_tokens=8, steps=8, block_size=8, token_budget=64)
+
+
+def _rel(a, b):
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+
+
+def test_noise_draw_follows_its_definition():
+    torch.manual_seed(3)
+    for length, copies in ((1, 4), (5, 4), (7, 32), (40, 3)):
+        masks, ratios = mc.draw_masks(length, copies, "cpu")
+        counts = masks.sum(1)
+        assert masks.shape == (copies, length) and ((1 <= counts) & (counts <= length)).all()
+        assert torch.equal(ratios, counts / length)
+        # stratified: the counts are k, k + L/B, k + 2L/B, ... wrapped into 1..L, so they cover the range
+        spread = sorted(counts.tolist())
+        assert spread[-1] - spread[0] >= min(length - 1, (copies - 1) * length // copies) - 1 or length == 1
+
+
+def test_encode_pair_moves_trailing_spaces_and_splits_by_the_context_length(tiny):
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny.tokenizer
+    p = mc.encode_pair(tok, "Hava bugün  ", "güneşli")
+    assert p.context == tok("Hava bugün")["input_ids"]
+    assert p.context + p.target == tok("Hava bugün  güneşli")["input_ids"]
+    # with special tokens around every encoding, the split is by the context's length (its eos included)
+    framed = type(tok)(tokenizer_object=tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str()))
+    framed.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A <eos>",
+                                                                 special_tokens=[("<bos>", 2), ("<eos>", 1)])
+    q = mc.encode_pair(framed, "Hava bugün", " güneşli")
+    whole = framed("Hava bugün güneşli")["input_ids"]
+    assert q.context[0] == 2 and q.context[-1] == 1 and q.target == whole[len(q.context):]
+
+
+@pytest.mark.parametrize("budget", [16, 4096])
+def test_batched_estimate_equals_the_plain_implementation(tiny, budget):
+    """Same seed, same requests in the same order: the same numbers, however the copies are packed."""
+    pairs = [mc.encode_pair(tiny.tokenizer, c, x) for c, x in PAIRS_TEXT]
+    mask, pad = tiny.tokenizer.mask_token_id, tiny.tokenizer.pad_token_id
+    torch.manual_seed(11)
+    plain = mc.loglikelihood_plain(tiny.model, pairs, mask, mc_num=8, batch_size=4)
+    torch.manual_seed(11)
+    fast = mc.loglikelihood_batched(ModernBertRunner(tiny.model), pairs, mask, pad, 8, 4, token_budget=budget)
+    assert _rel(plain, fast) <= 1e-4
+    assert all(v < 0 for v in fast)
+    torch.manual_seed(12)  # another seed: other masks, other numbers (the draw is really used)
+    assert mc.loglikelihood_batched(ModernBertRunner(tiny.model), pairs, mask, pad, 8, 4) != fast
+
+
+def test_the_estimate_converges_with_more_copies(tiny):
+    """The estimator's spread shrinks as mc_num grows (a Monte-Carlo estimate, not a constant)."""
+    pair = [mc.encode_pair(tiny.tokenizer, "Bir dil modeli", " kelimelerin olasılıklarını öğrenir ve yeni cümleler")]
+    runner, mask, pad = ModernBertRunner(tiny.model), tiny.tokenizer.mask_token_id, tiny.tokenizer.pad_token_id
+
+    def spread(mc_num):
+        vals = []
+        for s in range(6):
+            torch.manual_seed(s)
+            vals += mc.loglikelihood_batched(runner, pair, mask, pad, mc_num, 4)
+        return torch.tensor(vals).std().item()
+
+    assert spread(64) < spread(4)
+
+
+def test_loglikelihood_through_the_lm_class(lm, tiny):
+    reqs = [_Req(c, x) for c, x in PAIRS_TEXT]
+    torch.manual_seed(5)
+    got = lm.loglikelihood(reqs)
+    pairs = [mc.encode_pair(tiny.tokenizer, c, x) for c, x in PAIRS_TEXT]
+    torch.manual_seed(5)
+    plain = mc.loglikelihood_plain(tiny.model, pairs, tiny.tokenizer.mask_token_id, 8, 4)
+    assert _rel([g for g, _ in got], plain) <= 1e-4
+    assert all(flag is False for _, flag in got)  # no greedy check unless asked
+
+
+def test_greedy_check_matches_the_plain_loop(lm, tiny):
+    """is_check_greedy: the engine's infill answers as the harness's one-token-per-step loop does, and a
+    continuation equal to the model's own greedy fill is reported greedy."""
+    mask = tiny.tokenizer.mask_token_id
+    pairs = [mc.encode_pair(tiny.tokenizer, c, x) for c, x in PAIRS_TEXT]
+    # the model's own greedy fill of 3 tokens after a context: greedy by construction
+    ctx = pairs[2].context
+    seq = ctx + [mask] * 3
+    for _ in range(3):
+        where = [i for i, t in enumerate(seq) if t == mask]
+        probs = tiny.model(input_ids=torch.tensor([seq])).logits[0, where].softmax(-1)
+        conf, tok = probs.max(-1)
+        seq[where[int(conf.argmax())]] = int(tok[int(conf.argmax())])
+    pairs.append(mc.Scored(ctx, seq[len(ctx):]))
+    lm.is_check_greedy = True
+    try:
+        flags = lm._greedy(pairs)
+    finally:
+        lm.is_check_greedy = False
+    assert flags == [mc.greedy_plain(tiny.model, p, mask) for p in pairs]
+    assert flags[-1] is True
+
+
+def test_generate_until_cuts_at_until_and_honours_max_gen_toks(lm):
+    reqs = [_Req("Soru: Türkiye'nin başkenti neresidir?\nCevap:", {"until": ["\n"], "max_gen_toks": 6}),
+            _Req("Bir dil modeli", {"until": "a", "max_gen_toks": 4, "do_sample": False}),
+            _Req("Hava bugün", {"max_gen_toks": 5, "do_sample": True, "temperature": 0.7})]
+    engine, seen = lm.engine, []
+    real = engine.generate
+
+    def spy(prompts, params):
+        seen.append(params)
+        outs = real(prompts, params)
+        seen.append(outs)
+        return outs
+
+    engine.generate = spy
+    try:
+        outs = lm.generate_until(reqs)
+        again = lm.generate_until(reqs[:2])
+    finally:
+        del engine.generate
+    params, raw = seen[0], seen[1]
+    assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
+    assert "\n" not in outs[0] and "a" not in outs[1]
+    assert [p.max_new_tokens for p in params] == [6, 4, 5] and [p.steps for p in params] == [6, 4, 5]
+    assert [p.temperature for p in params] == [0.0, 0.0, 0.7]
+    assert params[0].stop_strings == ["\n"] and params[1].stop_strings == ["a"] and params[2].stop_strings is None
+    assert all(len(o.token_ids) <= p.max_new_tokens for o, p in zip(raw, params))
+    assert again == outs[:2]  # greedy: deterministic
+
+
+def test_loglikelihood_rolling_sums_windows(lm, tiny):
+    """Rolling: windows of half the context, each scored after the half-context before it; the sum."""
+    text = " ".join(["Kitap okumak insanın hayal gücünü geliştirir ve yeni dünyalar açar."] * 6)
+    ids = tiny.tokenizer(text)["input_ids"]
+    saved, lm.max_length = lm.max_length, 40  # windows of 20 tokens: several of them
+    try:
+        torch.manual_seed(2)
+        got = lm.loglikelihood_rolling([_Req(text), _Req("")])
+    finally:
+        lm.max_length = saved
+    windows = [mc.Scored(ids[max(0, lo - 20):lo], ids[lo:lo + 20]) for lo in range(0, len(ids), 20)]
+    assert len(windows) >= 3
+    torch.manual_seed(2)
+    plain = mc.loglikelihood_plain(tiny.model, windows, tiny.tokenizer.mask_token_id, 8, 4)
+    assert got[1] == 0.0 and abs(got[0] - sum(plain)) <= 1e-4 * abs(sum(plain))
+
+
+def test_chat_template_renders_diffutron_markers(lm):
+    msgs = [{"role": "system", "content": "Kısa cevap ver."}, {"role": "user", "content": "Başkent?"}]
+    assert lm.apply_chat_template(msgs).endswith("[Question]\nBaşkent?\n[/Question]\n\n[Answer]\n")
+    cont = lm.apply_chat_template(msgs + [{"role": "assistant", "content": "Ank"}], add_generation_prompt=False)
+    assert cont.endswith("[Answer]\nAnk")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mc_num=10, batch_size=4), "multiple of batch_size"),
+    (dict(mc_nmu=8), "did you mean 'mc_num'"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(dtype="float64"), "dtype must be one of"),
+    (dict(temperature=-1), "temperature"),
+])
+def test_bad_model_arguments_are_named(tiny_checkpoint, kwargs, message):
+    from diffutron_engine.integrations.lm_eval import DiffutronLM
+
+    with pytest.raises(DiffutronError, match=message):
+        DiffutronLM(pretrained=tiny_checkpoint, device="cpu", **kwargs)
+
+
+def test_bad_requests_are_named(lm):
+    with pytest.raises(DiffutronError, match="empty continuation"):
+        lm.loglikelihood([_Req("Hava bugün", "")])
+    with pytest.raises(DiffutronError, match="beyond the model's context of 512"):
+        lm.loglikelihood([_Req("kelime " * 600, " güneşli")])
+    with pytest.raises(DiffutronError, match="beyond the model's context"):
+        lm.generate_until([_Req("kelime " * 600, {"max_gen_toks": 8})])
+
+
+def test_lm_eval_arguments_lose_to_model_args(tiny_checkpoint):
+    """lm-eval's CLI always sends its own batch_size (default 1) and device: --model_args win."""
+    from diffutron_engine.integrations.lm_eval import DiffutronLM
+
+    lm = DiffutronLM.create_from_arg_string(f"pretrained={tiny_checkpoint},mc_num=8,batch_size=4,device=cpu",
+                                            {"batch_size": 1, "device": "cuda:0", "max_batch_size": None})
+    assert (lm.mc_num, lm.batch_size, lm.device) == (8, 4, "cpu")
+    lm = DiffutronLM.create_from_arg_string(f"pretrained={tiny_checkpoint},mc_num=64", {"batch_size": "auto",
+                                                                                       "device": "cpu"})
+    assert lm.batch_size == 32  # "auto": the estimator's default
+    lm = DiffutronLM.create_from_arg_string(f"pretrained={tiny_checkpoint},mc_num=16", {"batch_size": "8",
+                                                                                       "device": "cpu"})
+    assert lm.batch_size == 8  # lm-eval's --batch_size (a string on its CLI) when --model_args has none
+
+
+@pytest.mark.slow
+def test_cli_unknown_model_arg_is_one_line_exit_2(tiny_checkpoint):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "diffutron_engine", "eval", "lm-eval", "--model_args",
+                        f"pretrained={tiny_checkpoint},mc_nmu=8", "--tasks", "diffutron_tr_mc",
+                        "--include_path", TASKS], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert "error: unknown model argument(s) for diffutron: 'mc_nmu' (did you mean 'mc_num'?)" in r.stderr
+
+
+@pytest.mark.slow
+def test_end_to_end_through_lm_eval_evaluator(tiny_checkpoint, tmp_path, monkeypatch):
+    """lm-eval's own evaluator on the shipped tasks: a multiple-choice task (acc) and a generation task
+    (exact match), offline; the numbers are the model's own (a random model: chance level)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from diffutron_engine.integrations.lm_eval import DiffutronLM
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds"))
+    lm = DiffutronLM(pretrained=tiny_checkpoint, mc_num=8, batch_size=4, device="cpu", max_new_tokens=8, steps=8,
+                     block_size=8, is_check_greedy=True)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["diffutron_tr_mc", "diffutron_tr_gen"],
+                                  task_manager=TaskManager(include_path=TASKS), random_seed=0, numpy_random_seed=0,
+                                  torch_random_seed=0, fewshot_random_seed=0, log_samples=True)
+    mcq, gen = out["results"]["diffutron_tr_mc"], out["results"]["diffutron_tr_gen"]
+    assert 0.0 <= mcq["acc,none"] <= 1.0 and 0.0 <= gen["exact_match,none"] <= 1.0
+    samples = out["samples"]["diffutron_tr_mc"]
+    assert len(samples) == 6 and all(len(s["resps"]) == 4 for s in samples)
+    for s in samples:  # each choice: a finite log-likelihood estimate and the greedy flag
+        for (ll, greedy), in s["resps"]:
+            assert float(ll) < 0 and str(greedy) in ("True", "False")
+
+
+@pytest.mark.slow
+def test_end_to_end_through_the_cli(tiny_checkpoint, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "ds"))
+    r = subprocess.run([sys.executable, "-m", "diffutron_engine", "eval", "lm-eval", "--model_args",
+                        f"pretrained={tiny_checkpoint},mc_num=8,batch_size=4,max_new_tokens=8,steps=8,block_size=8",
+                        "--tasks", "diffutron_tr_mc,diffutron_tr_gen", "--include_path", TASKS,
+                        "--output_path", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "diffutron_tr_mc" in r.stdout and "acc" in r.stdout and "exact_match" in r.stdout
+    results = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs if f.startswith("results")]
+    report = json.load(open(results[0]))
+    assert report["config"]["batch_size"] in (4, "4")  # the estimator's batch size, not lm-eval's default 1
+    assert report["results"]["diffutron_tr_mc"]["alias"] == "diffutron_tr_mc"
+
+
+def test_bench_eval_small_run_reports_identical_numbers():
+    from diffutron_engine.bench_eval import format_table, run
+
+    report = run(layers=1, requests=4, mc_num=8, batch_size=4, vocab=1024, seed=1, log=lambda m: None)
+    assert report["max_rel_diff"] <= 1e-4
+    assert [r["name"] for r in report["results"]] == ["plain", "batched"]
+    assert report["results"][0]["forwards"] == 4 * 2 and report["results"][1]["forwards"] == 1
+    assert report["speedup"] > 0 and "speed-up" in format_table(report)
+    json.dumps(report)
