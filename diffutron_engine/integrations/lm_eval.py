@@ -167,7 +167,7 @@ class DiffutronLM(LM):
         pairs = [encode_pair(self.tokenizer, c, x) for c, x in texts]
         check_requests(pairs, self.max_length, texts)
         lls = loglikelihood_batched(self.runner, pairs, self.tokenizer.mask_token_id, self.tokenizer.pad_token_id,
-                                    self.mc_num, self.batch_size, self.token_budget)
+                                    self.mc_num, self.batch_size, self.token_budget, progress=not disable_tqdm)
         greedy = self._greedy(pairs) if self.is_check_greedy else [False] * len(pairs)
         out = list(zip(lls, greedy))
         for r, o in zip(requests, out):
@@ -185,7 +185,7 @@ class DiffutronLM(LM):
                 pairs.append(Scored(ids[max(0, lo - half):lo], ids[lo:lo + half]))
                 owner.append(i)
         lls = loglikelihood_batched(self.runner, pairs, self.tokenizer.mask_token_id, self.tokenizer.pad_token_id,
-                                    self.mc_num, self.batch_size, self.token_budget)
+                                    self.mc_num, self.batch_size, self.token_budget, progress=not disable_tqdm)
         totals = [0.0] * len(requests)  # an empty text has nothing to score: 0
         for i, ll in zip(owner, lls):
             totals[i] += ll

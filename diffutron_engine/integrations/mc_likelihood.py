@@ -127,8 +127,10 @@ def _ratio_tensor(ratios: list[float]) -> torch.Tensor:
 
 
 def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int, mc_num: int, batch_size: int,
-                          token_budget: int = 8192, ce_backend: str | None = None) -> list[float]:
-    """The estimate for every pair (module docstring), batched; runner: a ModernBertRunner."""
+                          token_budget: int = 8192, ce_backend: str | None = None, progress: bool = False
+                          ) -> list[float]:
+    """The estimate for every pair (module docstring), batched; runner: a ModernBertRunner. progress: a
+    tqdm bar over the scored copies (lm-eval runs can be long)."""
     check_mc(mc_num, batch_size)
     if not pairs:
         return []
@@ -144,6 +146,11 @@ def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int
     order = sorted(range(len(rows.request)), key=lambda i: -pairs[rows.request[i]].length)
     totals = torch.zeros(len(pairs), dtype=torch.float64)
     weight, bias = runner.decoder.weight, runner.decoder.bias
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(order), desc="diffutron likelihood (copies)", unit="copy")
     start = 0
     while start < len(order):
         width = pairs[rows.request[order[start]]].length
@@ -170,6 +177,10 @@ def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int
             loss = fused_linear_cross_entropy(h, weight, targets.to(device), bias=bias, row_weight=scale.to(device),
                                               reduction="none", backend=ce_backend)
         totals.index_add_(0, owner, loss.double().cpu())
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
     draws = mc_num // batch_size
     return [-(t / (draws * batch_size)) for t in totals.tolist()]
 
