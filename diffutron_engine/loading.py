@@ -97,6 +97,23 @@ def _resolve_bundled(name_or_path: str) -> str:
     return path
 
 
+def resolve_model_path(name_or_path: str) -> str:
+    """What every command loads for --model: a bundled model's folder for its short name (tiny-tr), else
+    the local folder or hub id as given."""
+    return _resolve_bundled(name_or_path)
+
+
+def check_finite(model, name: str) -> None:
+    """Refuse weights that hold NaN or inf (they would only give empty or garbage answers): one
+    DiffutronError naming the first bad tensor."""
+    import torch
+
+    for pname, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise DiffutronError(f"the weights of {name!r} hold NaN or inf values (first in {pname}): the "
+                                 "checkpoint is corrupt or was saved from a diverged run; use another one")
+
+
 def _check_local_path(name_or_path: str) -> None:
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(
         name_or_path

@@ -132,7 +132,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_checkpoint, tmp_path,
     real = MaskedLMLoss.forward
 
     def poisoned(self, *args):
-        calls["n"] += 1
+        calls["n"] += torch.is_grad_enabled()  # training forwards only (not the pre-save health probe)
         loss = real(self, *args)
         return loss * float("nan") if calls["n"] > 3 else loss
 

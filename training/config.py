@@ -7,6 +7,9 @@ Precedence: preset < YAML file < --set key=value overrides (and the CLI's named 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import typing
 from dataclasses import dataclass, field
 
 from ..errors import DiffutronError
@@ -62,49 +65,120 @@ class TrainConfig:
     resume: str | None = None  # "latest" or a checkpoint directory
 
     def __post_init__(self):
+        # Every value is converted to its declared type first, whatever its source (a YAML file, where
+        # YAML 1.1 reads 1e-4 as a string; --set; flags; Python), then every range is checked: each bad
+        # value is one DiffutronError naming the field, the value and what is allowed.
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _convert(f.name, getattr(self, f.name), _FIELD_TYPES[f.name]))
+
         def bad(msg):
             raise DiffutronError(f"invalid training config: {msg}")
 
-        if self.task not in TASKS:
-            bad(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.objective not in OBJECTIVES:
-            bad(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.optimizer not in OPTIMIZERS:
-            bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.strategy not in STRATEGIES:
-            bad(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        def need(name, ok, allowed):
+            if not ok:
+                bad(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        for name, choices in (("task", TASKS), ("objective", OBJECTIVES), ("optimizer", OPTIMIZERS),
+                              ("strategy", STRATEGIES), ("precision", PRECISIONS)):
+            need(name, getattr(self, name) in choices, f"one of {', '.join(choices)}")
         if self.strategy == "fsdp" and self.resume:
             bad("resuming an FSDP run is not supported yet: resume with strategy ddp (checkpoints are plain)")
-        if self.precision not in PRECISIONS:
-            bad(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not 0 < self.mlm_probability < 1:
-            bad(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
-        if not 0 < self.t_min < 1:
-            bad(f"t_min must be in (0, 1), got {self.t_min}")
-        if self.max_length < 8:
-            bad(f"max_length must be >= 8, got {self.max_length}")
-        for name in ("batch_size", "grad_accum", "save_every", "keep_last", "log_every", "lora_r"):
-            if getattr(self, name) < 1:
-                bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.epochs <= 0:
-            bad(f"epochs must be > 0, got {self.epochs}")
-        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.clip_grad < 0:
-            bad("lr must be > 0, warmup_ratio in [0, 1), clip_grad >= 0")
+        need("mlm_probability", 0 < self.mlm_probability < 1, "in (0, 1), e.g. 0.15")
+        need("t_min", 0 < self.t_min < 1, "in (0, 1), e.g. 0.001")
+        need("max_length", 8 <= self.max_length <= 1_048_576, "an integer in [8, 1048576] (tokens per row)")
+        for name in ("batch_size", "grad_accum", "save_every", "keep_last", "log_every", "lora_r", "lora_alpha"):
+            need(name, getattr(self, name) >= 1, "an integer >= 1")
+        need("eval_every", self.eval_every >= 0, "an integer >= 0 (0: only at the end)")
+        need("seed", 0 <= self.seed < 2**63, "an integer in [0, 2**63)")
+        need("max_steps", self.max_steps is None or self.max_steps >= 1, "an integer >= 1 (or null: epochs decide)")
+        need("epochs", 0 < self.epochs <= 1e6, "a number in (0, 1e6]")
+        need("lr", self.lr > 0, "a number > 0, e.g. 2e-4")
+        need("weight_decay", self.weight_decay >= 0, "a number >= 0, e.g. 0.01")
+        need("warmup_ratio", 0 <= self.warmup_ratio < 1, "a number in [0, 1), e.g. 0.05")
+        need("clip_grad", self.clip_grad >= 0, "a number >= 0 (0: no clipping)")
+        need("lora_dropout", 0 <= self.lora_dropout < 1, "a number in [0, 1)")
+        for name in ("model", "output_dir", "text_field", "dataset_split"):
+            need(name, bool(getattr(self, name).strip()), "a non-empty string")
         if self.lora and not self.lora_targets:
-            bad("lora_targets is empty")
+            bad("lora_targets is empty: name the modules to adapt, e.g. Wqkv,Wo,Wi")
         if self.lora and any("decoder" in t for t in self.lora_targets):
             bad("LoRA must not target the decoder: it is tied to the token embeddings")
         if not self.train_files and not self.dataset:
             bad("no training data: give train_files (text/JSONL/parquet) or a hub dataset")
-        if isinstance(self.train_files, str):
-            self.train_files = [self.train_files]
-        if isinstance(self.eval_files, str):
-            self.eval_files = [self.eval_files]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------ conversion
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _field_types() -> dict:
+    import typing
+
+    return typing.get_type_hints(TrainConfig)
+
+
+def _number(name: str, value, kind: type):
+    """An int or a float from any YAML/Python spelling: 3, 3.0, "3", "1e-4", "1_000", 1e3 (an int field
+    takes a float only when it is integral: 2.5 steps is an error, 1e3 is 1000)."""
+    what = "an integer" if kind is int else "a number"
+    v = value
+    if isinstance(v, bool):
+        raise DiffutronError(f"invalid training config: {name} must be {what}, got {value!r}")
+    if isinstance(v, str):
+        text = v.strip().replace("_", "")
+        try:
+            v = int(text) if kind is int and text.lstrip("+-").isdigit() else float(text)
+        except ValueError:
+            raise DiffutronError(f"invalid training config: {name} must be {what}, got {value!r}") from None
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise DiffutronError(f"invalid training config: {name} must be {what} (finite), got {value!r}")
+    if kind is int:
+        if isinstance(v, float) and not v.is_integer():
+            raise DiffutronError(f"invalid training config: {name} must be an integer, got {value!r}")
+        return int(v)
+    return float(v)
+
+
+def _convert(name: str, value, typ):
+    """value converted to the declared type `typ` (int, float, bool, str, list[str], or X | None)."""
+    args = typing.get_args(typ)
+    if type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise DiffutronError(f"invalid training config: {name} must be true or false, got {value!r}")
+    if typ in (int, float):
+        return _number(name, value, typ)
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # a path or name spelled as a number
+            return str(value)
+        raise DiffutronError(f"invalid training config: {name} must be a string, got {value!r}")
+    if typing.get_origin(typ) is list:
+        if isinstance(value, str):  # a comma-separated list: "Wqkv,Wo" or a single "Wqkv"
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list) or not all(
+                isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+            raise DiffutronError(f"invalid training config: {name} must be a list of strings (or one comma-"
+                                 f"separated string), got {value!r}")
+        return [str(v) for v in value]
+    raise AssertionError(f"no converter for {name}: {typ}")  # a new field type: add it here
+
+
+_FIELD_TYPES = _field_types()
 
 
 # The paper's recipes (docs/model.md). Learning rates the paper does not give are marked.
@@ -154,11 +228,13 @@ def load_config(preset: str | None = None, path: str | None = None, overrides: d
             raise DiffutronError(f"config file {path} must hold a mapping of settings")
         values.update(data)
     values.update(overrides or {})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    bad_keys = [k for k in values if not isinstance(k, str)]
+    if bad_keys:
+        raise DiffutronError(f"setting names must be strings, got {bad_keys[0]!r}")
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise DiffutronError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    try:
-        return TrainConfig(**values)
-    except TypeError as exc:
-        raise DiffutronError(f"invalid training config: {exc}") from None
+        hints = [k + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
+                 for k in unknown]
+        raise DiffutronError(f"unknown setting(s): {', '.join(hints)}; known: {', '.join(sorted(known))}")
+    return TrainConfig(**values)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DiffutronError
+from . import checkpoints as ck
 from .config import TrainConfig
 from .dataset import collate, cpt_examples, epoch_order, read_records, read_texts, sft_examples
 from .objectives import mask_batch
@@ -68,13 +69,15 @@ class MaskedLMLoss(torch.nn.Module):
 def load_for_training(cfg: TrainConfig, device: torch.device):
     from transformers import AutoModelForMaskedLM
 
-    from ..loading import load_tokenizer, prepare_tokenizer
+    from ..loading import check_finite, load_tokenizer, prepare_tokenizer, resolve_model_path
 
+    path = resolve_model_path(cfg.model)  # bundled names (tiny-tr), local folders, hub ids: as every command
     try:
-        model = AutoModelForMaskedLM.from_pretrained(cfg.model, dtype=torch.float32)
-    except OSError as exc:
+        model = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
         raise DiffutronError(f"cannot load model {cfg.model!r}: {str(exc).splitlines()[0]}") from None
-    tokenizer = prepare_tokenizer(load_tokenizer(cfg.model))
+    check_finite(model, cfg.model)
+    tokenizer = prepare_tokenizer(load_tokenizer(path))
     if cfg.lora:
         model = apply_lora(model, cfg)
     return model.to(device), tokenizer
@@ -138,11 +141,22 @@ def cosine_with_warmup(total: int, warmup: int):
 
 
 def _checkpoints(output_dir: str) -> list[str]:
-    if not os.path.isdir(output_dir):
-        return []
-    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n[11:].isdigit()
-             and os.path.isfile(os.path.join(output_dir, n, "trainer_state.pt"))]
-    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[11:]))]
+    """Completed checkpoints (their manifest written), oldest first; `_last_good` also verifies them."""
+    return [c for c in ck.checkpoint_folders(output_dir) if os.path.isfile(os.path.join(c, ck.MANIFEST))]
+
+
+def _last_good(output_dir: str) -> str | None:
+    """The newest checkpoint whose files match its manifest."""
+    for c in reversed(_checkpoints(output_dir)):
+        if ck.verify(c) is None:
+            return c
+    return None
+
+
+# A checkpoint is saved only if, at its weights, the mean masked-token NLL of the step's first micro-batch
+# is below this (and every weight and optimizer value is finite): a diverging run's weights give NLLs far
+# above the ~ln(V) of an untrained model, and eval perplexity (exp of the NLL) overflows past ~709.
+DIVERGED_NLL_FLOOR = 50.0
 
 
 def _write_atomically(final: str, write) -> None:
@@ -205,8 +219,25 @@ class Trainer:
         self.step = 0
         self.autocast = (self.device.type == "cuda" and cfg.precision in ("auto", "bfloat16")) or \
             (cfg.precision == "bfloat16")
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        self.eval_texts = read_texts(cfg.eval_files, cfg.text_field) if cfg.eval_files else None  # fail now
+        self._prepare_output_dir()
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.diverged_nll = max(DIVERGED_NLL_FLOOR, 4 * math.log(self.model.get_input_embeddings().num_embeddings))
+
+    def _prepare_output_dir(self) -> None:
+        """Created and writable before any step (or a clear error); leftovers of killed saves removed."""
+        out = self.cfg.output_dir
+        try:
+            os.makedirs(out, exist_ok=True)
+            probe = os.path.join(out, f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as exc:
+            raise DiffutronError(f"output_dir {out!r} is not a writable folder ({exc.strerror or exc}); "
+                                 "choose another --output-dir") from None
+        if self.rank == 0:
+            ck.clean(out, self.log)
 
     # ------------------------------------------------------------------ batches
     def _step_indices(self, step: int) -> tuple[int, list[int]]:
@@ -258,10 +289,7 @@ class Trainer:
                 dist.all_reduce(stats)
             loss_value, tokens = float(stats[0]), int(stats[1])
             if not math.isfinite(loss_value):
-                ckpts = _checkpoints(cfg.output_dir)
-                raise TrainingDiverged(
-                    f"the loss became {loss_value} at step {self.step + 1}; stopped without saving. Last good "
-                    f"checkpoint: {ckpts[-1] if ckpts else 'none yet'}. Lower the learning rate or check the data.")
+                self._diverged(f"the loss became {loss_value} at step {self.step + 1}")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
@@ -275,12 +303,14 @@ class Trainer:
                     "lr": self.sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2)}
             if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+                ck.append_jsonl(self.metrics_path, last)
             self._progress(last, elapsed)
             if cfg.eval_files and cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._evaluate()
             if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                problem = self._health()
+                if problem:
+                    self._diverged(f"after step {self.step} {problem}")
                 self.save_checkpoint()
         if self.rank == 0 and sys.stderr.isatty():
             print(file=sys.stderr)
@@ -294,6 +324,49 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return result
+
+    def _diverged(self, what: str) -> None:
+        good = _last_good(self.cfg.output_dir)
+        hint = (f"resume it with a lower learning rate: --resume {good} --set lr=..." if good else
+                "no checkpoint was saved yet: start again with a lower learning rate")
+        raise TrainingDiverged(f"{what}; stopped without saving. Last good checkpoint: {good or 'none'} ({hint}), "
+                               "or check the data.")
+
+    @torch.no_grad()
+    def _health(self) -> str | None:
+        """None if the current weights may be saved as a good checkpoint, else what is wrong: a non-finite
+        weight or optimizer value, or a diverged loss at these weights (the step's first micro-batch,
+        plain mean NLL). Every rank takes part (FSDP's forward is collective)."""
+        problem = None
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and not bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()):
+                problem = f"the weight {name} holds NaN or inf"
+                break
+        if problem is None:
+            for state in self.opt.state.values():
+                bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                       and not bool(torch.isfinite(getattr(v, "_local_tensor", v)).all())]
+                if bad:
+                    problem = f"the optimizer state ({bad[0]}) holds NaN or inf"
+                    break
+        if problem is None:
+            (inputs, att, masked, targets, row_w, _), _ = next(self._micro_batches(self.step - 1))
+            n = int(masked.sum())
+            was = self.model.training
+            self.model.eval()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                nll = float(self.ddp(inputs.to(self.device), att.to(self.device), masked.to(self.device),
+                                     targets.to(self.device), torch.ones(n, device=self.device), max(n, 1)))
+            self.model.train(was)
+            if not math.isfinite(nll) or nll > self.diverged_nll:
+                problem = (f"the loss at the new weights is {nll:.4g} per masked token (diverged: above "
+                           f"{self.diverged_nll:.0f})")
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag)
+        if problem is None and float(flag) > 0:
+            problem = "another process found NaN, inf or a diverged loss"
+        return problem
 
     def _progress(self, m: dict, elapsed: float) -> None:
         if self.rank != 0:
@@ -314,12 +387,10 @@ class Trainer:
             return None
         from .evaluate import masked_lm_perplexity
 
-        texts = read_texts(self.cfg.eval_files, self.cfg.text_field)
         self.model.eval()
-        res = masked_lm_perplexity(self.model, self.tok, texts, max_length=self.cfg.max_length, seed=self.cfg.seed)
+        res = masked_lm_perplexity(self.model, self.tok, self.eval_texts, max_length=self.cfg.max_length, seed=self.cfg.seed)
         self.model.train()
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": self.step, "eval": res}) + "\n")
+        ck.append_jsonl(self.metrics_path, {"step": self.step, "eval": res})
         self.log(f"eval at step {self.step}: perplexity {res['perplexity']:.3f}, accuracy {res['accuracy']:.4f}")
         return res
 
@@ -348,36 +419,89 @@ class Trainer:
             def write(tmp):
                 self.model.save_pretrained(tmp, state_dict=full)
                 self.tok.save_pretrained(tmp)
-                torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+                torch.save(state, os.path.join(tmp, ck.STATE))
+                ck.write_manifest(tmp, self.step)  # last: a folder with a manifest is complete
 
             _write_atomically(path, write)
-            for old in _checkpoints(self.cfg.output_dir)[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            ck.prune(self.cfg.output_dir, self.cfg.keep_last)
         if self.world > 1:
             dist.barrier()
         return path
 
+    def _pick_checkpoint(self, where: str) -> str:
+        """The checkpoint to resume: `latest` is the newest that verifies (older ones are tried when the
+        newest fails, with a warning); an explicit folder must verify."""
+        if where != "latest":
+            if not os.path.isdir(where):
+                raise DiffutronError(f"--resume {where}: no such checkpoint folder")
+            why = ck.verify(where)
+            if why:
+                raise DiffutronError(f"checkpoint {where} fails verification: {why}; resume another one "
+                                     "(--resume latest picks the newest intact one)")
+            return where
+        folders = ck.checkpoint_folders(self.cfg.output_dir)
+        if not folders:
+            raise DiffutronError(f"--resume latest: no checkpoint in {self.cfg.output_dir}")
+        for folder in reversed(folders):
+            why = ck.verify(folder)
+            if why is None:
+                return folder
+            self.log(f"warning: {folder} fails verification ({why}); trying the one before it")
+        raise DiffutronError(f"--resume latest: no checkpoint in {self.cfg.output_dir} passes verification (the "
+                             f"oldest: {why}); start a new run or restore a checkpoint")
+
+    # settings a resumed run may change: the new value wins and is printed
+    _RESUMABLE_CHANGES = ("lr", "weight_decay", "warmup_ratio", "max_steps", "epochs", "clip_grad", "save_every",
+                          "keep_last", "log_every", "eval_every", "eval_files", "precision", "optimizer")
+
     def _resume(self, where: str) -> None:
-        path = where
-        if where == "latest":
-            ckpts = _checkpoints(self.cfg.output_dir)
-            if not ckpts:
-                raise DiffutronError(f"--resume latest: no checkpoint in {self.cfg.output_dir}")
-            path = ckpts[-1]
-        state_file = os.path.join(path, "trainer_state.pt")
-        if not os.path.isfile(state_file):
-            raise DiffutronError(f"not a training checkpoint (no trainer_state.pt): {path}")
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-        self._load_weights(path)
+        path = self._pick_checkpoint(where)
+        try:  # tensors and plain containers only: a crafted checkpoint cannot run code
+            state = torch.load(os.path.join(path, ck.STATE), map_location="cpu", weights_only=True)
+        except Exception as exc:  # a file that verifies but does not unpickle as weights: say which
+            raise DiffutronError(f"cannot read {os.path.join(path, ck.STATE)}: {str(exc).splitlines()[0]}") from None
+        saved = state.get("config") or {}
+        if "lora" in saved and bool(saved["lora"]) != self.cfg.lora:
+            kind = "LoRA adapters" if saved["lora"] else "all weights (full training)"
+            flag = "--lora" if saved["lora"] else "--no-lora"
+            raise DiffutronError(f"checkpoint {path} trained {kind}; resume it with {flag}, or start a new run in "
+                                 "another --output-dir")
+        step = int(state["step"])
+        if step > self.total_steps:  # (equal: a run killed before final/ was written; it finishes)
+            raise DiffutronError(f"checkpoint {path} is at step {step}, past this run's last step "
+                                 f"{self.total_steps} (--max-steps / epochs): nothing to train; raise --max-steps "
+                                 f"above {step}")
+        try:
+            self._load_weights(path)
+        except DiffutronError:
+            raise
+        except Exception as exc:  # shapes that do not match (another lora_r, another model)
+            raise DiffutronError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
+        if state.get("optimizer") is None:
+            raise DiffutronError(f"checkpoint {path} holds no optimizer state (an FSDP run's): it can be loaded as "
+                                 "--model for a new run, not resumed")
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step = step
+        current = self.cfg.to_dict()
+        changed = {k: (saved[k], current[k]) for k in self._RESUMABLE_CHANGES if k in saved and saved[k] != current[k]}
+        if changed:
+            # the optimizer and scheduler states carry the checkpoint's lr and weight decay: the flags win
+            factor = cosine_with_warmup(self.total_steps, max(int(self.cfg.warmup_ratio * self.total_steps), 1))
+            self.sched.base_lrs = [self.cfg.lr for _ in self.sched.base_lrs]
+            for group in self.opt.param_groups:
+                group["initial_lr"] = self.cfg.lr
+                group["lr"] = self.cfg.lr * factor(self.step)
+                group["weight_decay"] = self.cfg.weight_decay
+            self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+            self.log("resume: these settings differ from the checkpoint's; the new values are used: " +
+                     ", ".join(f"{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items()))
         if self.rank == 0 and os.path.exists(self.metrics_path):  # drop what the lost steps logged
-            with open(self.metrics_path) as f:
-                keep = [l for l in f if json.loads(l).get("step", 0) <= self.step]
-            with open(self.metrics_path, "w") as f:
-                f.writelines(keep)
+            records, dropped = ck.read_jsonl(self.metrics_path)
+            ck.rewrite_jsonl(self.metrics_path, [r for r in records if r.get("step", 0) <= self.step])
+            if dropped:
+                self.log(f"metrics.jsonl: dropped {dropped} incomplete line(s) (a kill mid-write)")
         self.log(f"resumed from {path} at step {self.step}")
 
     def _load_weights(self, path: str) -> None:
@@ -417,12 +541,10 @@ def plot_loss_curve(metrics_path: str, png: str) -> str | None:
     except ImportError:
         return None
     steps, losses = [], []
-    with open(metrics_path) as f:
-        for line in f:
-            row = json.loads(line)
-            if "loss" in row:
-                steps.append(row["step"])
-                losses.append(row["loss"])
+    for row in ck.read_jsonl(metrics_path)[0]:
+        if "loss" in row:
+            steps.append(row["step"])
+            losses.append(row["loss"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses)
     ax.set_xlabel("optimizer step")
