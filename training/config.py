@@ -205,7 +205,11 @@ def parse_value(text: str):
     """A --set value: YAML scalars and lists (so 1e-4, true, [a, b] and null mean what they look like)."""
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DiffutronError(f"{text!r} is not a valid value ({str(exc).splitlines()[0]}); quote strings, write "
+                             "lists as [a, b] or a,b") from None
 
 
 def load_config(preset: str | None = None, path: str | None = None, overrides: dict | None = None) -> TrainConfig:

@@ -28,7 +28,8 @@ def read_records(files: list[str], dataset: str | None = None, split: str = "tra
     records: list = []
     for path in files:
         if not os.path.isfile(path):
-            raise DiffutronError(f"data file {path!r} does not exist; give .txt, .jsonl, .json or .parquet files")
+            what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+            raise DiffutronError(f"data file {path!r} {what}; give .txt, .jsonl, .json or .parquet files")
         try:
             records += _read_file(path)
         except UnicodeDecodeError:
@@ -38,7 +39,11 @@ def read_records(files: list[str], dataset: str | None = None, split: str = "tra
             import datasets
         except ImportError:
             raise DiffutronError("a hub dataset needs the `datasets` package: pip install datasets") from None
-        records += list(datasets.load_dataset(dataset, split=split))
+        try:
+            records += list(datasets.load_dataset(dataset, split=split))
+        except Exception as exc:  # offline, unknown name or split: the library raises many types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DiffutronError(f"could not load the hub dataset {dataset!r} (split {split!r}): {first}") from None
     if not records:
         raise DiffutronError("the data holds no text: give at least one non-empty document or row")
     return records

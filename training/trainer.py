@@ -71,7 +71,10 @@ def load_for_training(cfg: TrainConfig, device: torch.device):
 
     from ..loading import check_finite, load_tokenizer, prepare_tokenizer, resolve_model_path
 
+    from ..loading import _check_local_path
+
     path = resolve_model_path(cfg.model)  # bundled names (tiny-tr), local folders, hub ids: as every command
+    _check_local_path(path)
     try:
         model = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
@@ -90,7 +93,12 @@ def apply_lora(model, cfg: TrainConfig):
         raise DiffutronError("LoRA needs peft: pip install 'diffutron-engine[train]'") from None
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), bias="none")
-    return get_peft_model(model, lcfg)
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as exc:  # peft's "target modules not found" (a ValueError subclass)
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise DiffutronError(f"lora_targets {list(cfg.lora_targets)} do not name modules of this model "
+                             f"({str(exc).splitlines()[0][:120]}); its linear layers: {', '.join(linear)}") from None
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -185,6 +193,10 @@ class Trainer:
         self.device = _device(local)
         torch.manual_seed(cfg.seed)
         self.model, self.tok = load_for_training(cfg, self.device)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context and cfg.max_length > context:
+            raise DiffutronError(f"max_length {cfg.max_length} exceeds the model's context of {context} tokens; "
+                                 f"set max_length <= {context}")
         if self.tok.mask_token_id is None:
             raise DiffutronError("the tokenizer has no mask token")
         records = read_records(cfg.train_files, cfg.dataset, cfg.dataset_split)

@@ -61,13 +61,35 @@ def _overrides(args) -> dict:
         if "=" not in item:
             raise DiffutronError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = parse_value(value)
+        if not key.strip():
+            raise DiffutronError(f"--set expects KEY=VALUE with a setting name before '=', got {item!r}")
+        try:
+            out[key.strip().replace("-", "_")] = parse_value(value)
+        except DiffutronError as exc:
+            raise DiffutronError(f"--set {key.strip()}: {exc}") from None
     return out
+
+
+def _quiet_libraries() -> None:
+    """Library deprecation notices and progress bars are not the user's business: stderr carries our
+    progress lines and, on bad input, one error line."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def run(args) -> int:
     from ..training.config import load_config
     from ..training.trainer import Trainer
+
+    _quiet_libraries()
 
     cfg = load_config(args.preset, args.config, _overrides(args))
     result = Trainer(cfg, log=lambda s: print(s, file=sys.stderr)).train()
