@@ -205,7 +205,10 @@ class DiffutronLM(LM):
             # lm-eval's convention: greedy unless the task samples; then its temperature (default 1)
             do_sample = _bool("do_sample", kwargs.pop("do_sample", False))
             asked = kwargs.pop("temperature", None)
-            temp = (1.0 if asked is None else float(asked)) if do_sample else self.temperature
+            try:
+                temp = (1.0 if asked is None else float(asked)) if do_sample else self.temperature
+            except (TypeError, ValueError):
+                raise DiffutronError(f"generation request {i}: temperature must be a number, got {asked!r}") from None
             ignored.update(kwargs)
             steps = max(1, round(self.steps * n / self.max_new_tokens))
             ids = self.tokenizer.encode(context, add_special_tokens=False)
