@@ -15,6 +15,17 @@ REMASKING = ("low_confidence", "random")
 # Stop strings of Diffutron's own generation code (docs/sampling.md, the stop rule).
 DIFFUTRON_STOP_STRINGS = ("|USER|>", "<|USER|>", "<s>", "</s>")
 
+# Upper bounds of two knobs, refused beyond (README, "Using it"):
+# - steps: a block's commit schedule emulates dllm's float32 arithmetic one step at a time in Python, so
+#   building it costs time in proportion to the steps (100 million ran for hours). Steps that commit
+#   nothing are dropped, so a request never takes more forward passes than it has tokens to fill, and no
+#   Diffutron or mmBERT model holds more than 8,192 positions: 2**14 leaves room and builds in ~0.1 s.
+# - temperature: the oracle draws Gumbel-max as exp(logit) / (-log u)^temperature in float64, and
+#   (-log u) reaches ~37 for the smallest u, so the power overflows to inf above a temperature of ~190
+#   and every id ties; at 100 the draw is already close to uniform over the vocabulary.
+MAX_STEPS = 2**14
+MAX_TEMPERATURE = 100.0
+
 
 def _check_int(name: str, value, *, minimum: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
@@ -80,6 +91,11 @@ class SamplerConfig:
             raise DiffutronError("max_new_tokens must be >= 1 (or give max_length instead)")
         self.block_size = _check_int("block_size", self.block_size, minimum=1, allow_none=True)
         self.steps = _check_int("steps", self.steps, minimum=1)
+        if self.steps > MAX_STEPS:
+            raise DiffutronError(
+                f"steps must be <= {MAX_STEPS:,}, got {self.steps:,}: a request takes at most one step per "
+                f"token it fills, and the schedule is built step by step; give at most {MAX_STEPS:,}"
+            )
         for name in ("temperature", "cfg_scale", "repetition_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -87,6 +103,11 @@ class SamplerConfig:
             setattr(self, name, float(v))
         if self.temperature < 0:
             raise DiffutronError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature > MAX_TEMPERATURE:
+            raise DiffutronError(
+                f"temperature must be <= {MAX_TEMPERATURE:g}, got {self.temperature:g}: beyond it the Gumbel-max "
+                "draw overflows in float64 (and at 100 it is already nearly uniform over the vocabulary)"
+            )
         if self.cfg_scale < 0:
             raise DiffutronError(f"cfg_scale must be >= 0 (0 = off), got {self.cfg_scale}")
         if self.repetition_penalty <= 0:
