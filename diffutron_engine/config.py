@@ -8,7 +8,7 @@ import math
 import operator
 from dataclasses import dataclass, field
 
-from .errors import DiffutronError
+from .errors import DiffutronError, check_utf8
 
 REMASKING = ("low_confidence", "random")
 
@@ -127,6 +127,8 @@ class SamplerConfig:
             self.stop_strings = list(self.stop_strings)
             if not all(isinstance(s, str) and s for s in self.stop_strings):
                 raise DiffutronError("stop_strings must be non-empty strings")
+            for i, s in enumerate(self.stop_strings):
+                check_utf8(s, f"stop string {i + 1}")
         self.stochastic_transfer = bool(self.stochastic_transfer)
         self.right_shift_logits = bool(self.right_shift_logits)
         self.return_dict = bool(self.return_dict)
