@@ -15,9 +15,9 @@ from functools import lru_cache
 
 import torch
 
+from .config import BACKENDS, check_backend_env
 from .errors import DiffutronError
 
-BACKENDS = ("triton", "cpp", "torch")
 _forced: str | None = None
 
 
@@ -46,12 +46,8 @@ def triton_installed() -> bool:
 
 
 def forced_backend() -> str | None:
-    name = _forced or os.environ.get("DIFFUTRON_BACKEND") or None
-    if name is not None and name not in BACKENDS:
-        hint = f" (names are lower case: {name.lower()!r})" if name.lower() in BACKENDS else ""
-        raise DiffutronError(f"DIFFUTRON_BACKEND={name!r} is not one of {', '.join(BACKENDS)}{hint}; "
-                             "set one of them or unset it for the automatic choice")
-    return name
+    """The backend forced by force_backend(), else by DIFFUTRON_BACKEND (checked), else None."""
+    return _forced or check_backend_env()
 
 
 def _unavailable(forced: str, device: torch.device) -> BackendUnavailable:

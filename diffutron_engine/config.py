@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import os
 from dataclasses import dataclass, field
 
 from .errors import DiffutronError, check_utf8
@@ -25,6 +26,20 @@ DIFFUTRON_STOP_STRINGS = ("|USER|>", "<|USER|>", "<s>", "</s>")
 #   and every id ties; at 100 the draw is already close to uniform over the vocabulary.
 MAX_STEPS = 2**14
 MAX_TEMPERATURE = 100.0
+
+# Kernel backends (diffutron_engine.backends); the names live here, without torch, so that the command
+# line refuses a bad DIFFUTRON_BACKEND before it imports torch or loads a model.
+BACKENDS = ("triton", "cpp", "torch")
+
+
+def check_backend_env() -> str | None:
+    """DIFFUTRON_BACKEND when it names a backend, None when unset or empty, else a DiffutronError."""
+    name = os.environ.get("DIFFUTRON_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        hint = f" (names are lower case: {name.lower()!r})" if name.lower() in BACKENDS else ""
+        raise DiffutronError(f"DIFFUTRON_BACKEND={name!r} is not one of {', '.join(BACKENDS)}{hint}; "
+                             "set one of them or unset it for the automatic choice")
+    return name
 
 
 def _check_int(name: str, value, *, minimum: int, allow_none: bool = False) -> int | None:
@@ -232,3 +247,18 @@ class SamplingParams:
 # The engine's fast setting: the best measured combination of the fast knobs (see bench/results). The
 # cache is the engine's choice (Engine(..., cache=...)); the threshold is a per-request parameter.
 FAST_PRESET: dict = dict(cache="dual", threshold=0.9)
+
+
+# `diffutron-engine bench` modes (diffutron_engine.benchmark): mode name -> the engine's cache mode and
+# per-request knobs ("reference" is the oracle). Here, without torch, so that the command line builds
+# its parser (and refuses bad input) without importing torch.
+BENCH_MODES: dict[str, dict] = {
+    "reference": {},
+    "exact": dict(cache="none"),
+    "prefix": dict(cache="prefix"),
+    "dual": dict(cache="dual"),
+    "threshold": dict(cache="none", threshold=0.9),
+    "prefix+threshold": dict(cache="prefix", threshold=0.9),
+    "fast": dict(FAST_PRESET),
+}
+DEFAULT_BENCH_MODES = ("reference", "exact", "prefix", "dual", "fast")

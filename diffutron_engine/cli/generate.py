@@ -18,9 +18,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..config import CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST_PRESET, PRESETS, REMASKING, SamplerConfig, SamplingParams
+from ..config import (CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST_PRESET, PRESETS, REMASKING, SamplerConfig, SamplingParams,
+                      check_backend_env)
 from ..errors import DiffutronError, check_utf8
-from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat
+from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat, resolve_model_path
 from .main import write_stdout
 
 
@@ -252,10 +253,13 @@ def run(args) -> int:
     params, cache = settings(args)
     prompts = read_prompts(args)
     _check_output_path(args.output)
+    # a missing model folder or a DIFFUTRON_BACKEND that names no backend fail before torch is imported
+    model = resolve_model_path(args.model)
+    check_backend_env()
 
     from ..loading import encode_prompt, load_model
 
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model(model, dtype=args.dtype, device=args.device)
     for p in prompts:
         p.ids = encode_prompt(lm.tokenizer, p.source, chat=not args.no_chat)
     longest = max(len(p.ids) for p in prompts)
