@@ -410,3 +410,27 @@ def test_the_server_loop_reports_a_failed_step_and_keeps_serving(golden, monkeyp
     assert b.finish_reason == "complete" and b.tokens == c.tokens == expected
     assert loop.in_flight == 0 and loop.stats.failed_requests == 1 and loop.stats.failed_steps == 1
     _assert_clean(engine)
+
+
+def test_seeds_of_one_params_for_many_prompts_wrap_around(golden):
+    """generate() with one SamplingParams gives prompt i the seed (seed + i) mod 2**63: no overflow
+    at the largest seed, and prompt 1 draws exactly what it draws alone with seed 0."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    params = SamplingParams(max_new_tokens=8, block_size=4, steps=8, temperature=0.9, seed=2**63 - 1,
+                            early_stop=False)
+    outs = engine.generate([[5, 6, 7], [8, 9]], params)
+    assert [o.seed for o in outs] == [2**63 - 1, 0]
+    assert outs[1].tokens == engine.generate([[8, 9]], params.override(seed=0))[0].tokens
+
+
+def test_the_server_maps_openai_fields_and_refuses_out_of_bound_settings():
+    pytest.importorskip("fastapi")
+    from diffutron_engine.server.app import ApiError, sampling_params
+
+    assert sampling_params({"stop": "</s>"}).stop_strings == ["</s>"]
+    assert sampling_params({"stop": ["a", "b"], "max_tokens": 5}).stop_strings == ["a", "b"]
+    for body, message in (({"temperature": 1e308}, "temperature must be <= 100"),
+                          ({"steps": 10**8}, "steps must be <= 16,384")):
+        with pytest.raises(ApiError) as info:
+            sampling_params(body)
+        assert info.value.status == 400 and message in info.value.body["error"]["message"]
