@@ -18,7 +18,7 @@ DIFFUTRON_STOP_STRINGS = ("|USER|>", "<|USER|>", "<s>", "</s>")
 
 # Upper bounds of two knobs, refused beyond (README, "Using it"):
 # - steps: a block's commit schedule emulates dllm's float32 arithmetic one step at a time in Python, so
-#   building it costs time in proportion to the steps (100 million ran for hours). Steps that commit
+#   building it costs time in proportion to the steps (100 million: minutes). Steps that commit
 #   nothing are dropped, so a request never takes more forward passes than it has tokens to fill, and no
 #   Diffutron or mmBERT model holds more than 8,192 positions: 2**14 leaves room and builds in ~0.1 s.
 # - temperature: the oracle draws Gumbel-max as exp(logit) / (-log u)^temperature in float64, and
