@@ -98,6 +98,12 @@ def resolve_model_path(name_or_path: str) -> str:
     Raises DiffutronError for a bundled model that is not installed, a missing path or a folder that
     is not a checkpoint.
     """
+    return _resolve(name_or_path, need_config=True)
+
+
+def _resolve(name_or_path: str, need_config: bool) -> str:
+    """resolve_model_path; without `need_config` a local folder need not hold a config.json (a tokenizer
+    folder, e.g. a LoRA adapter's, has none)."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise DiffutronError(f"model must be a hub id or a local directory, got {name_or_path!r}")
     bundled = BUNDLED_MODELS.get(name_or_path)
@@ -116,7 +122,7 @@ def resolve_model_path(name_or_path: str) -> str:
     path = os.path.expanduser(name_or_path)
     if not os.path.isdir(path):
         raise DiffutronError(f"model path {name_or_path!r} does not exist (or is not a directory)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if need_config and not os.path.isfile(os.path.join(path, "config.json")):
         raise DiffutronError(
             f"{name_or_path!r} is not a model directory: it has no config.json "
             "(give a directory written by save_pretrained, or a hub id)"
@@ -127,7 +133,7 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    name_or_path = resolve_model_path(name_or_path)
+    name_or_path = _resolve(name_or_path, need_config=False)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as exc:  # missing or corrupt tokenizer files raise library-specific errors
