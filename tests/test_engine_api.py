@@ -180,10 +180,10 @@ def _containers(engine) -> dict[str, int]:
 
 
 def test_5000_requests_leave_no_state_behind(golden):
-    """A long run, as a server sees it (requests added while others run, at most 128 in flight): no
+    """A long run, as a server sees it (requests added while others run, at most 512 in flight): no
     container grows with the number of requests served, every one is back to its size at rest when the
     last has finished, and no Request object (canvas, text state, stop rule, generator) stays alive."""
-    engine = Engine(golden.model, golden.tokenizer, max_batch=64)
+    engine = Engine(golden.model, golden.tokenizer, max_batch=256)
     at_rest = _containers(engine)
     made = []
     build = engine._make
@@ -195,7 +195,7 @@ def test_5000_requests_leave_no_state_behind(golden):
 
     engine._make = tracked
     params = SamplingParams(max_new_tokens=2, block_size=2, steps=2)
-    total, in_flight, added, finished = 5000, 128, 0, 0
+    total, in_flight, added, finished = 5000, 512, 0, 0
     peak: dict[str, int] = {}
     while finished < total:
         while added < total and added - finished < in_flight:
