@@ -33,8 +33,8 @@ _map_source_subpackages()
 from .config import FAST_PRESET, PRESETS, SamplerConfig, SamplingParams  # noqa: E402
 from .errors import DiffutronError  # noqa: E402
 
-__all__ = ["DiffutronError", "Engine", "FAST_PRESET", "PRESETS", "RequestFailed", "RequestOutput", "SamplerConfig",
-           "SamplingParams", "ReferenceSampler", "load_model", "__version__"]
+__all__ = ["DiffutronError", "Engine", "FAST_PRESET", "PRESETS", "RequestOutput", "SamplerConfig", "SamplingParams",
+           "StepFailed", "ReferenceSampler", "load_model", "__version__"]
 
 
 def __getattr__(name):
@@ -43,7 +43,7 @@ def __getattr__(name):
         from .reference import ReferenceSampler
 
         return ReferenceSampler
-    if name in ("Engine", "RequestFailed", "RequestOutput"):
+    if name in ("Engine", "RequestOutput", "StepFailed"):
         from . import engine
 
         return getattr(engine, name)

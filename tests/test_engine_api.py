@@ -10,7 +10,7 @@ from collections import deque
 import pytest
 import torch
 
-from diffutron_engine import DiffutronError, Engine, RequestFailed, SamplerConfig, SamplingParams
+from diffutron_engine import DiffutronError, Engine, SamplerConfig, SamplingParams, StepFailed
 from diffutron_engine.reference import ReferenceSampler
 
 BASE = dict(max_new_tokens=16, block_size=8, steps=16, early_stop=False)
@@ -320,9 +320,10 @@ def test_a_failed_step_reaches_generate_and_leaves_the_engine_clean(golden, monk
     fresh = Engine(golden.model, golden.tokenizer, max_batch=2).generate(PROMPTS_3, STEP8)
     engine = Engine(golden.model, golden.tokenizer, max_batch=2)
     _fail_once(monkeypatch, engine.runner, "execute", at_call=3)
-    with pytest.raises(RequestFailed, match="RuntimeError: device lost") as info:
+    with pytest.raises(StepFailed, match="RuntimeError: device lost") as info:
         engine.generate(PROMPTS_3, STEP8)
-    assert isinstance(info.value.__cause__, RuntimeError) and info.value.output.finish_reason == "error"
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert [o.finish_reason for o in info.value.outputs] == ["error", "error"]
     _assert_clean(engine)  # the failed step's requests and the call's waiting one are gone
     again = engine.generate(PROMPTS_3, STEP8)  # the same engine answers as a fresh one
     assert [o.tokens for o in again] == [o.tokens for o in fresh]
@@ -332,15 +333,17 @@ def test_a_failed_step_reaches_generate_and_leaves_the_engine_clean(golden, monk
 @pytest.mark.parametrize("where", ["execute", "admit", "advance"])
 def test_a_failed_step_fails_only_its_own_requests(golden, monkeypatch, where):
     """By hand: the step that raises (in the device work, the admission, or the host's mirror of the
-    commits) finishes its running requests with finish_reason "error"; the waiting request runs next
-    and gives the tokens it gives on a fresh engine."""
+    commits) finishes its running requests with finish_reason "error" and raises StepFailed with their
+    outputs; the waiting request runs next and gives the tokens it gives on a fresh engine."""
     fresh = Engine(golden.model, golden.tokenizer, max_batch=2).generate(PROMPTS_3, STEP8)
     engine = Engine(golden.model, golden.tokenizer, max_batch=2)
     target, name = {"execute": (engine.runner, "execute"), "admit": (engine.runner, "admit"),
                     "advance": (engine, "_advance")}[where]
     _fail_once(monkeypatch, target, name, at_call=1)
     ids = [engine.add_request(p, STEP8, index=i) for i, p in enumerate(PROMPTS_3)]
-    first = engine.step()
+    with pytest.raises(StepFailed, match="device lost") as info:
+        engine.step()
+    first = info.value.outputs
     assert sorted(o.request_id for o in first) == ids[:2]
     assert all(o.finished and o.finish_reason == "error" and str(o.error) == "device lost" for o in first)
     assert engine.scheduler.num_waiting == 1 and not engine.scheduler.running
@@ -350,6 +353,20 @@ def test_a_failed_step_fails_only_its_own_requests(golden, monkeypatch, where):
         finals.update({o.request_id: o for o in engine.step() if o.finished})
     assert list(finals) == [ids[2]] and finals[ids[2]].finish_reason == "complete"
     assert finals[ids[2]].tokens == fresh[2].tokens
+    _assert_clean(engine)
+
+
+def test_a_request_that_fails_in_the_inbox_does_not_take_the_others_with_it(golden, monkeypatch):
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    _fail_once(monkeypatch, engine.scheduler, "add", at_call=1)
+    ids = [engine.add_request(p, STEP8, index=i) for i, p in enumerate(PROMPTS_3[:2])]
+    with pytest.raises(StepFailed) as info:
+        engine.step()
+    assert [(o.request_id, o.finish_reason) for o in info.value.outputs] == [(ids[0], "error")]
+    finals = {}
+    while engine.has_unfinished():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert list(finals) == [ids[1]] and finals[ids[1]].finish_reason == "complete"
     _assert_clean(engine)
 
 
@@ -406,7 +423,7 @@ def test_the_server_loop_reports_a_failed_step_and_keeps_serving(golden, monkeyp
         a, b, c = asyncio.run(serve())
     finally:
         loop.stop(timeout=30)
-    assert isinstance(a, RequestFailed) and "device lost" in str(a)
+    assert isinstance(a, RuntimeError) and str(a) == "device lost"  # its handler answers 503 with it
     assert b.finish_reason == "complete" and b.tokens == c.tokens == expected
     assert loop.in_flight == 0 and loop.stats.failed_requests == 1 and loop.stats.failed_steps == 1
     _assert_clean(engine)

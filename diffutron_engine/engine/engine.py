@@ -10,8 +10,8 @@
 `step` drains); `step` runs in one thread. `generate`, `infill` and `stream` are thin loops over
 `step`. A step: admit waiting requests into free slots, run one denoising step of the running batch
 on the device, then mirror its commits on the host (blocks, early stop, stop strings, text) and report.
-A step that raises fails only its own requests: they finish with finish_reason "error" (the exception
-in `RequestOutput.error`) and leave every structure, and the engine goes on with the others.
+A step that raises fails only its own requests: they finish with finish_reason "error" and leave every
+structure, and `step` raises StepFailed (with the step's outputs); the engine goes on with the others.
 See docs/architecture.md for a request's whole path.
 """
 
@@ -60,16 +60,18 @@ class RequestOutput:
     error: BaseException | None = None  # finish_reason "error": what the step that ran the request raised
 
 
-class RequestFailed(RuntimeError):
-    """Raised by generate(), infill() and stream() for a request that finished with finish_reason
-    "error": the engine step that ran it raised (that exception is the __cause__). The engine has
-    already removed the request, and the call's other requests are aborted; the engine stays usable."""
+class StepFailed(RuntimeError):
+    """Raised by Engine.step() (and so by generate(), infill() and stream()) when the step raised: its
+    requests are already finished with finish_reason "error" and removed, slots freed, and the engine
+    is usable. `outputs` is what the step reports (the failed requests' final outputs among them, with
+    `error` set; aborts carried out before the failure); `__cause__` is the original exception."""
 
-    def __init__(self, output: RequestOutput):
-        self.output = output
-        exc = output.error
-        super().__init__(f"request {output.request_id!r} failed: the engine step that ran it raised "
-                         f"{type(exc).__name__}: {exc}")
+    def __init__(self, outputs: list[RequestOutput], exc: BaseException):
+        self.outputs = outputs
+        failed = [o.request_id for o in outputs if o.finish_reason == "error"]
+        super().__init__(f"an engine step failed with {type(exc).__name__}: {exc} "
+                         f"({len(failed)} request(s) ended with an error: {', '.join(failed[:4])}"
+                         f"{', ...' if len(failed) > 4 else ''})")
 
 
 def _draw_seed() -> int:
@@ -151,10 +153,14 @@ class Engine:
 
         If the step raises (admission, the device work, or the host's mirror of it), every request of
         the step is finished with finish_reason "error" and `error` set to the exception, and leaves the
-        scheduler, its slot and the engine: the host and device state of a half-run step cannot be
-        trusted, but the waiting requests and later ones run normally. KeyboardInterrupt and SystemExit
-        are re-raised after that cleanup (the step's outputs are then lost; its requests are gone)."""
+        scheduler, its slot and the engine (the host and device state of a half-run step cannot be
+        trusted); then StepFailed is raised, carrying the step's outputs. Waiting requests and later
+        ones run normally at the next step. KeyboardInterrupt and SystemExit get the same cleanup and
+        propagate as they are."""
         outputs = self._drain_inbox()
+        failed = [o.error for o in outputs if o.finish_reason == "error"]
+        if failed:  # a request failed in the inbox (the others were carried out): report it now
+            raise StepFailed(outputs, failed[0]) from failed[0]
         batch: list[Request] = []
         try:
             batch = self._schedule()
@@ -165,15 +171,15 @@ class Engine:
             failed = self._fail([*batch, *self.scheduler.running], exc)
             if not isinstance(exc, Exception):
                 raise
-            return outputs + failed
+            raise StepFailed(outputs + failed, exc) from exc
 
     # ------------------------------------------------------------------ convenience loops
     def generate(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Answer every prompt; final outputs in prompt order. One SamplingParams for all (prompt i then
         draws from seed + i, mod 2**63) or one per prompt. Drives the loop itself: do not call it while
-        another thread steps this engine. A request whose step failed raises RequestFailed; the call's
-        other requests are then aborted and the engine is ready for the next call."""
+        another thread steps this engine. A step that fails raises StepFailed; the call's other requests
+        are then aborted and the engine is ready for the next call."""
         return self._run(prompts, params, infill=False)
 
     def infill(self, sequences: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -184,7 +190,7 @@ class Engine:
     def stream(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:
         """Yield each request's outputs as its text grows (non-empty deltas), then its final output.
-        A request that fails raises RequestFailed (its other requests end at the next step)."""
+        A step that fails raises StepFailed (the call's other requests end at the next step)."""
         ids = self.add_requests(prompts, params)
         pending = set(ids)
         try:
@@ -193,8 +199,6 @@ class Engine:
                     if out.request_id in pending and (out.delta or out.finished):
                         if out.finished:
                             pending.discard(out.request_id)
-                            if out.finish_reason == "error":
-                                raise RequestFailed(out) from out.error
                         yield out
         finally:
             for rid in pending:  # a consumer that stopped early: its requests end at the next step
@@ -215,10 +219,8 @@ class Engine:
             while len(done) < len(ids):
                 for out in self.step():
                     if out.finished and out.request_id in wanted:
-                        if out.finish_reason == "error":
-                            raise RequestFailed(out) from out.error
                         done[out.request_id] = out
-        except BaseException:  # interrupted, or a request failed: the rest are aborted now (this call
+        except BaseException:  # interrupted, or a step failed: the rest are aborted now (this call
             # owns the loop), so that nothing of this call is left in the engine
             for rid in ids:
                 if rid not in done:

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..engine import Engine, RequestFailed, RequestOutput
+from ..engine import Engine, RequestOutput, StepFailed
 
 log = logging.getLogger("diffutron_engine.server")
 
@@ -105,16 +105,18 @@ class EngineLoop:
             t = time.perf_counter()
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # the engine fails a step's own requests (finish_reason "error")
-                # and returns; anything that still escapes it leaves no request that can be trusted
-                log.exception("engine step failed")
+            except StepFailed as exc:  # the engine already ended the step's requests with an error and
+                # removed them: their clients get the error, everything else goes on
+                log.error("engine step failed: %s", exc, exc_info=exc.__cause__)
+                self.stats.failed_steps += 1
+                outputs = exc.outputs
+            except Exception as exc:  # not the engine's step: nothing in flight can be trusted
+                log.exception("engine loop failed")
                 self.stats.failed_steps += 1
                 self._fail_all(exc)
                 continue
             self.stats.observe(time.perf_counter() - t)
             self.stats.running = len(outputs)
-            if any(out.finish_reason == "error" for out in outputs):
-                self.stats.failed_steps += 1
             self._deliver(outputs)
         self._fail_all(RuntimeError("the server is shutting down"))
 
@@ -125,10 +127,9 @@ class EngineLoop:
             with self._lock:
                 target = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)
             item = out
-            if out.finish_reason == "error":
-                log.error("request %s failed", out.request_id, exc_info=out.error)
+            if out.finish_reason == "error":  # its handler answers 503 with the error's message
                 self.stats.failed_requests += 1
-                item = RequestFailed(out)
+                item = out.error
             if target is not None:
                 loop, queue = target
                 try:
