@@ -150,6 +150,15 @@ def test_every_command_with_a_model_takes_the_bundled_name(capsys, tmp_path):
     assert Engine.from_pretrained("tiny-tr", device="cpu").model.config.model_type == "modernbert"
 
 
+def test_the_command_line_prints_its_own_warnings_as_one_line():
+    from diffutron_engine.cli import main as cli
+    from diffutron_engine.errors import DiffutronWarning
+
+    line = cli._one_line_warning("every weight of 'm' is zero", DiffutronWarning, "loading.py", 7)
+    assert line == "diffutron-engine: warning: every weight of 'm' is zero\n"
+    assert "loading.py:7" in cli._one_line_warning("other", UserWarning, "loading.py", 7)  # others as Python shows them
+
+
 def test_env(capsys):
     code, out, _ = run_cli(capsys, "env")
     assert code == 0
