@@ -4,9 +4,10 @@ traceback, nothing on stdout, and no output file (nor a temporary one) where --o
 standard output closed by its reader is the one quiet exit: code 141 and nothing on stderr.
 
 The checks are a table: one Case per row, one parametrized test over all tables. GENERATE_CASES are
-the rows of `generate`; another command's rows go in a table of their own, added to ALL_CASES. Rows
-that fail before a model is loaded take a fraction of a second (the command line refuses them before
-it imports torch) and run in the fast tier; rows that need the model loaded are marked slow.
+the rows of `generate`; another command's rows go in a table of their own, added to ALL_CASES. A row
+that fails before a model is loaded takes a fraction of a second (the command line refuses it before
+it imports torch); a handful of those, one per kind of input, run in the fast tier, and every other
+row (those that load the model take seconds) is marked slow.
 """
 
 from __future__ import annotations
@@ -83,32 +84,32 @@ GENERATE_CASES = [
     Case("stdin not UTF-8", ("generate", *QUICK), "standard input line 2 is not UTF-8 text (byte 0xff at offset 2)",
          stdin=b"Merhaba\nab\xff\xfe\n"),
     Case("stop string not UTF-8", ("generate", *QUICK, "--stop", NOT_UTF8, "x"),
-         "--stop 1 holds the byte 0xff, which is not UTF-8"),
+         "--stop 1 holds the byte 0xff, which is not UTF-8", slow=True),
     Case("jsonl not UTF-8", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
          "in.jsonl' line 2 is not UTF-8 text (byte 0xff at offset 12)",
-         files={"in.jsonl": b'{"prompt": "a"}\n{"prompt": "\xff"}\n'}),
+         files={"in.jsonl": b'{"prompt": "a"}\n{"prompt": "\xff"}\n'}, slow=True),
     Case("jsonl lone surrogate", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
          'in.jsonl:1: "prompt" holds a lone surrogate \\ud800, which is not a character',
          files={"in.jsonl": '{"prompt": "a\\ud800b"}\n'}),
     Case("jsonl message lone surrogate", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
          "in.jsonl:1: message 0 content holds a lone surrogate \\udc80",
-         files={"in.jsonl": '{"messages": [{"role": "user", "content": "a\\udc80"}]}\n'}),
+         files={"in.jsonl": '{"messages": [{"role": "user", "content": "a\\udc80"}]}\n'}, slow=True),
     Case("jsonl nested too deeply", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
          "in.jsonl:1: JSON nested too deeply to read", files={"in.jsonl": DEEP}),
     # settings beyond their bounds
     Case("steps beyond the bound", ("generate", *QUICK, "--steps", "100000000", "x"),
          "steps must be <= 16,384, got 100,000,000"),
     Case("temperature beyond the bound", ("generate", *QUICK, "--temperature", "1e308", "x"),
-         "temperature must be <= 100, got 1e+308"),
+         "temperature must be <= 100, got 1e+308", slow=True),
     Case("backend unknown", ("generate", *QUICK, "x"), "DIFFUTRON_BACKEND='nonsense' is not one of triton, cpp, torch",
-         env={"DIFFUTRON_BACKEND": "nonsense"}),
+         env={"DIFFUTRON_BACKEND": "nonsense"}, slow=True),
     Case("backend upper case", ("generate", *QUICK, "x"), "names are lower case: 'torch'",
-         env={"DIFFUTRON_BACKEND": "TORCH"}),
+         env={"DIFFUTRON_BACKEND": "TORCH"}, slow=True),
     # where the answers go
     Case("output empty", ("generate", *QUICK, "--output", "", "x"), "--output is empty", output=False),
     Case("output symlink loop", ("generate", *QUICK, "--output", "{tmp}/a", "x"), "its symbolic links form a loop",
-         files={"a": lambda p: os.symlink("b", p), "b": lambda p: os.symlink("a", p)}, output=False),
-    Case("model empty", ("generate", "--model", "", "x"), "model must be a hub id or a local directory, got ''"),
+         files={"a": lambda p: os.symlink("b", p), "b": lambda p: os.symlink("a", p)}, output=False, slow=True),
+    Case("model empty", ("generate", "--model", "", "x"), "model must be a hub id or a local directory, got ''", slow=True),
     # the model folder
     Case("config field a string", ("generate", *QUICK[2:], "--model", "{tmp}/m", "x"),
          "Field 'hidden_size' expected int, got str (value: 'abc')", files={"m": _config_field("hidden_size", "abc")},
