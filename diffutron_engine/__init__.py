@@ -34,7 +34,7 @@ from .config import FAST_PRESET, PRESETS, SamplerConfig, SamplingParams  # noqa:
 from .errors import DiffutronError  # noqa: E402
 
 __all__ = ["DiffutronError", "Engine", "FAST_PRESET", "PRESETS", "RequestOutput", "SamplerConfig", "SamplingParams",
-           "ReferenceSampler", "load_model", "__version__"]
+           "StepFailed", "ReferenceSampler", "load_model", "__version__"]
 
 
 def __getattr__(name):
@@ -43,7 +43,7 @@ def __getattr__(name):
         from .reference import ReferenceSampler
 
         return ReferenceSampler
-    if name in ("Engine", "RequestOutput"):
+    if name in ("Engine", "RequestOutput", "StepFailed"):
         from . import engine
 
         return getattr(engine, name)

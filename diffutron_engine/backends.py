@@ -15,8 +15,15 @@ from functools import lru_cache
 
 import torch
 
-BACKENDS = ("triton", "cpp", "torch")
+from .config import BACKENDS, check_backend_env
+from .errors import DiffutronError
+
 _forced: str | None = None
+
+
+class BackendUnavailable(DiffutronError, RuntimeError):
+    """A forced backend that cannot run here: a setting the user can fix (DiffutronError, so the CLI
+    prints one line), and a RuntimeError for callers that catch an op that cannot run."""
 
 
 @lru_cache(maxsize=None)
@@ -39,10 +46,21 @@ def triton_installed() -> bool:
 
 
 def forced_backend() -> str | None:
-    name = _forced or os.environ.get("DIFFUTRON_BACKEND") or None
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"DIFFUTRON_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
-    return name
+    """The backend forced by force_backend(), else by DIFFUTRON_BACKEND (checked), else None."""
+    return _forced or check_backend_env()
+
+
+def _unavailable(forced: str, device: torch.device) -> BackendUnavailable:
+    source = "DIFFUTRON_BACKEND=" + forced if _forced is None else f"backend {forced!r}"
+    if forced == "triton":
+        why = ("triton is not installed" if not triton_installed() else
+               f"Triton kernels run on CUDA GPUs and this op runs on {device.type}")
+    elif forced == "cpp":
+        why = "the C++ extension (diffutron_engine._C) was not built"
+    else:
+        why = f"this op has no {forced} version on {device.type}"
+    return BackendUnavailable(f"{source} was forced but is not available for this op on {device}: {why}; "
+                              "unset it or choose another backend")
 
 
 @contextlib.contextmanager
@@ -50,7 +68,7 @@ def force_backend(name: str | None):
     """Run the body with every op on backend `name` (None: automatic choice)."""
     global _forced
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise DiffutronError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     old, _forced = _forced, name
     try:
         yield
@@ -67,7 +85,7 @@ def pick(device: torch.device, available: dict[str, bool]) -> str:
         forced = "torch"
     if forced is not None:
         if not available.get(forced, False):
-            raise RuntimeError(f"backend {forced!r} was forced but is not available for this op on {device}")
+            raise _unavailable(forced, device)
         return forced
     order = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
     return next(b for b in order if available.get(b, False))
@@ -146,6 +164,13 @@ def sample(logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
     return Ops.select(logits.device, logits.dtype).sample(logits, params)
 
 
+def _describe_forced() -> str:
+    try:
+        return forced_backend() or "none (automatic)"
+    except DiffutronError as exc:  # `env` is where one looks for what is wrong: show it, do not fail
+        return f"invalid: {exc}"
+
+
 def describe() -> dict[str, str]:
     """Backend status and the backend each op runs on, for `diffutron-engine env`."""
     cuda = torch.cuda.is_available()
@@ -153,7 +178,7 @@ def describe() -> dict[str, str]:
         "cpp extension": "built" if cpp_available() else "not built (torch fallback on CPU)",
         "triton kernels": ("available" + ("" if cuda else " (no CUDA device: interpreter only)"))
         if triton_installed() else "not installed",
-        "forced backend": forced_backend() or "none (automatic)",
+        "forced backend": _describe_forced(),
     }
     devices = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if cuda else [])
     for dev, dtype in devices:
@@ -163,7 +188,7 @@ def describe() -> dict[str, str]:
             out[f"sampler on {dev}"] = ops.sampler
             out[f"unmask on {dev}"] = ops.committer
             out[f"attention on {dev} ({str(dtype).split('.')[-1]})"] = ops.attention
-        except RuntimeError as exc:  # a forced backend this device cannot run
+        except DiffutronError as exc:  # a forced backend this device cannot run (or an invalid name)
             out[f"ops on {dev}"] = str(exc)
     if not cuda:
         out["on cuda"] = "no CUDA device"

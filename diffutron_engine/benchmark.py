@@ -15,19 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import FAST_PRESET, SamplerConfig, SamplingParams
-
-# mode name -> the engine's cache mode and per-request knobs ("reference" is the oracle)
-MODES: dict[str, dict] = {
-    "reference": {},
-    "exact": dict(cache="none"),
-    "prefix": dict(cache="prefix"),
-    "dual": dict(cache="dual"),
-    "threshold": dict(cache="none", threshold=0.9),
-    "prefix+threshold": dict(cache="prefix", threshold=0.9),
-    "fast": dict(FAST_PRESET),
-}
-DEFAULT_MODES = ("reference", "exact", "prefix", "dual", "fast")
+from .config import BENCH_MODES as MODES, DEFAULT_BENCH_MODES as DEFAULT_MODES, SamplerConfig, SamplingParams
 
 
 @dataclass

@@ -6,14 +6,40 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import os
 from dataclasses import dataclass, field
 
-from .errors import DiffutronError
+from .errors import DiffutronError, check_utf8
 
 REMASKING = ("low_confidence", "random")
 
 # Stop strings of Diffutron's own generation code (docs/sampling.md, the stop rule).
 DIFFUTRON_STOP_STRINGS = ("|USER|>", "<|USER|>", "<s>", "</s>")
+
+# Upper bounds of two knobs, refused beyond (README, "Using it"):
+# - steps: a block's commit schedule emulates dllm's float32 arithmetic one step at a time in Python, so
+#   building it costs time in proportion to the steps (100 million: minutes). Steps that commit
+#   nothing are dropped, so a request never takes more forward passes than it has tokens to fill, and no
+#   Diffutron or mmBERT model holds more than 8,192 positions: 2**14 leaves room and builds in ~0.1 s.
+# - temperature: the oracle draws Gumbel-max as exp(logit) / (-log u)^temperature in float64, and
+#   (-log u) reaches ~37 for the smallest u, so the power overflows to inf above a temperature of ~190
+#   and every id ties; at 100 the draw is already close to uniform over the vocabulary.
+MAX_STEPS = 2**14
+MAX_TEMPERATURE = 100.0
+
+# Kernel backends (diffutron_engine.backends); the names live here, without torch, so that the command
+# line refuses a bad DIFFUTRON_BACKEND before it imports torch or loads a model.
+BACKENDS = ("triton", "cpp", "torch")
+
+
+def check_backend_env() -> str | None:
+    """DIFFUTRON_BACKEND when it names a backend, None when unset or empty, else a DiffutronError."""
+    name = os.environ.get("DIFFUTRON_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        hint = f" (names are lower case: {name.lower()!r})" if name.lower() in BACKENDS else ""
+        raise DiffutronError(f"DIFFUTRON_BACKEND={name!r} is not one of {', '.join(BACKENDS)}{hint}; "
+                             "set one of them or unset it for the automatic choice")
+    return name
 
 
 def _check_int(name: str, value, *, minimum: int, allow_none: bool = False) -> int | None:
@@ -80,6 +106,11 @@ class SamplerConfig:
             raise DiffutronError("max_new_tokens must be >= 1 (or give max_length instead)")
         self.block_size = _check_int("block_size", self.block_size, minimum=1, allow_none=True)
         self.steps = _check_int("steps", self.steps, minimum=1)
+        if self.steps > MAX_STEPS:
+            raise DiffutronError(
+                f"steps must be <= {MAX_STEPS:,}, got {self.steps:,}: a request takes at most one step per "
+                f"token it fills, and the schedule is built step by step; give at most {MAX_STEPS:,}"
+            )
         for name in ("temperature", "cfg_scale", "repetition_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -87,6 +118,11 @@ class SamplerConfig:
             setattr(self, name, float(v))
         if self.temperature < 0:
             raise DiffutronError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature > MAX_TEMPERATURE:
+            raise DiffutronError(
+                f"temperature must be <= {MAX_TEMPERATURE:g}, got {self.temperature:g}: beyond it the Gumbel-max "
+                "draw overflows in float64 (and at 100 it is already nearly uniform over the vocabulary)"
+            )
         if self.cfg_scale < 0:
             raise DiffutronError(f"cfg_scale must be >= 0 (0 = off), got {self.cfg_scale}")
         if self.repetition_penalty <= 0:
@@ -106,6 +142,8 @@ class SamplerConfig:
             self.stop_strings = list(self.stop_strings)
             if not all(isinstance(s, str) and s for s in self.stop_strings):
                 raise DiffutronError("stop_strings must be non-empty strings")
+            for i, s in enumerate(self.stop_strings):
+                check_utf8(s, f"stop string {i + 1}")
         self.stochastic_transfer = bool(self.stochastic_transfer)
         self.right_shift_logits = bool(self.right_shift_logits)
         self.return_dict = bool(self.return_dict)
@@ -209,3 +247,18 @@ class SamplingParams:
 # The engine's fast setting: the best measured combination of the fast knobs (see bench/results). The
 # cache is the engine's choice (Engine(..., cache=...)); the threshold is a per-request parameter.
 FAST_PRESET: dict = dict(cache="dual", threshold=0.9)
+
+
+# `diffutron-engine bench` modes (diffutron_engine.benchmark): mode name -> the engine's cache mode and
+# per-request knobs ("reference" is the oracle). Here, without torch, so that the command line builds
+# its parser (and refuses bad input) without importing torch.
+BENCH_MODES: dict[str, dict] = {
+    "reference": {},
+    "exact": dict(cache="none"),
+    "prefix": dict(cache="prefix"),
+    "dual": dict(cache="dual"),
+    "threshold": dict(cache="none", threshold=0.9),
+    "prefix+threshold": dict(cache="prefix", threshold=0.9),
+    "fast": dict(FAST_PRESET),
+}
+DEFAULT_BENCH_MODES = ("reference", "exact", "prefix", "dual", "fast")

@@ -1,4 +1,5 @@
-"""The one exception type for bad input that a user can fix."""
+"""The one exception type for bad input that a user can fix, the check of text that must be UTF-8, and
+the warning category the CLI prints as one line."""
 
 
 class DiffutronError(ValueError):
@@ -6,3 +7,25 @@ class DiffutronError(ValueError):
 
     The CLI prints it as a single line on stderr and exits with code 2.
     """
+
+
+def check_utf8(text: str, what: str, from_os: bool = False) -> str:
+    """`text` if it can be encoded as UTF-8, else a DiffutronError naming `what` and the offending
+    character. Python keeps bytes that are not UTF-8 (in arguments, and on stdin under a C locale) as
+    surrogates \\udc80-\\udcff (`from_os`: the text came from there, so name the byte), and JSON may
+    spell a lone surrogate ("\\ud800"); no tokenizer takes either."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        if from_os and 0xDC80 <= code <= 0xDCFF:
+            bad = f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8"
+        else:
+            bad = f"a lone surrogate \\u{code:04x}, which is not a character"
+        raise DiffutronError(f"{what} holds {bad} (at character {exc.start}); give UTF-8 text") from None
+    return text
+
+
+class DiffutronWarning(UserWarning):
+    """Something the user should know that is not an error (e.g. a checkpoint whose weights are all
+    zero). The CLI prints it as one line on stderr."""

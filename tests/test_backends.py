@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffutron_engine import backends
+from diffutron_engine import DiffutronError, backends
 from diffutron_engine.backends import force_backend, sample
 from diffutron_engine.kernels.sampling import sample_cpp
 from diffutron_engine.kernels.sampling import SampleParams
@@ -64,8 +64,16 @@ def test_forced_backend_is_used_and_checked(monkeypatch):
     monkeypatch.setenv("DIFFUTRON_BACKEND", "torch")
     assert backends.pick(torch.device("cpu"), {"cpp": True, "torch": True}) == "torch"
     monkeypatch.setenv("DIFFUTRON_BACKEND", "cuda-magic")
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(DiffutronError, match="not one of"):
         backends.pick(torch.device("cpu"), {"torch": True})
+    monkeypatch.setenv("DIFFUTRON_BACKEND", "TORCH")
+    with pytest.raises(DiffutronError, match="names are lower case: 'torch'"):
+        backends.pick(torch.device("cpu"), {"torch": True})
+    # `env` shows an invalid setting instead of failing
+    assert backends.describe()["forced backend"].startswith("invalid: DIFFUTRON_BACKEND='TORCH'")
+    monkeypatch.setenv("DIFFUTRON_BACKEND", "triton")
+    with pytest.raises(DiffutronError, match="DIFFUTRON_BACKEND=triton was forced but is not available for this op on cpu"):
+        backends.pick(torch.device("cpu"), {"triton": False, "torch": True})
 
 
 def test_automatic_choice():

@@ -102,6 +102,63 @@ def test_output_file_gets_the_usual_permissions(capsys, tmp_path, tiny_checkpoin
     assert dst.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_output_writes_through_a_symlink_to_its_target(capsys, tmp_path, tiny_checkpoint):
+    """--output naming a symbolic link writes the file the link leads to (atomically, beside it, keeping
+    its permissions): the link stays a link."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "answers.txt"
+    target.write_text("old\n")
+    target.chmod(0o640)
+    link = tmp_path / "link.txt"
+    link.symlink_to("real/answers.txt")  # relative, as `ln -s` makes them
+    code, out, err = run_cli(capsys, "generate", "Merhaba", "--model", tiny_checkpoint, "--json", "--output",
+                             str(link), *FAST)
+    assert code == 0 and out == "", err
+    assert link.is_symlink() and os.readlink(link) == "real/answers.txt"
+    assert json.loads(target.read_text(encoding="utf-8"))["prompt"] == "Merhaba"
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["answers.txt"]  # no temporary file left
+
+
+def test_the_largest_seed_wraps_around_for_the_next_prompt(capsys):
+    """Prompt i draws from (seed + i) mod 2**63: with the largest seed, the second prompt gets seed 0 and
+    answers what it answers alone with --seed 0."""
+    argv = ["generate", "--model", "tiny-tr", "--json", "--temperature", "0.8", "--max-new-tokens", "8", "--steps", "8",
+            "--block-size", "8", "--no-early-stop"]
+    code, out, err = run_cli(capsys, *argv, "--seed", str(2**63 - 1), "Bu işlev", "Seçili hücrelerin")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["seed"] for r in rows] == [2**63 - 1, 0]
+    code, alone, err = run_cli(capsys, *argv, "--seed", "0", "Seçili hücrelerin")
+    assert code == 0, err
+    assert json.loads(alone)["text"] == rows[1]["text"]
+
+
+def test_every_command_with_a_model_takes_the_bundled_name(capsys, tmp_path):
+    """generate, eval perplexity and serve (Engine.from_pretrained, served in tests/test_server.py) resolve
+    --model tiny-tr with loading.resolve_model_path; bench builds its own random models."""
+    from diffutron_engine import Engine
+
+    code, out, err = run_cli(capsys, "generate", "Bu işlev", "--model", "tiny-tr", *FAST)
+    assert code == 0 and out.strip(), err
+    data = tmp_path / "heldout.txt"
+    data.write_text("Seçili hücrelerin biçimini değiştirir.\nBelgeyi PDF olarak dışa aktarır.\n", encoding="utf-8")
+    code, out, err = run_cli(capsys, "eval", "perplexity", "--model", "tiny-tr", "--data", str(data), "--json",
+                             "--max-length", "32", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(out)["model"] == "tiny-tr" and json.loads(out)["tokens"] > 0
+    assert Engine.from_pretrained("tiny-tr", device="cpu").model.config.model_type == "modernbert"
+
+
+def test_the_command_line_prints_its_own_warnings_as_one_line():
+    from diffutron_engine.cli import main as cli
+    from diffutron_engine.errors import DiffutronWarning
+
+    line = cli._one_line_warning("every weight of 'm' is zero", DiffutronWarning, "loading.py", 7)
+    assert line == "diffutron-engine: warning: every weight of 'm' is zero\n"
+    assert "loading.py:7" in cli._one_line_warning("other", UserWarning, "loading.py", 7)  # others as Python shows them
+
+
 def test_env(capsys):
     code, out, _ = run_cli(capsys, "env")
     assert code == 0

@@ -25,11 +25,29 @@ def test_defaults_are_dllm_mdlm_defaults():
         (dict(suppress_tokens=[1, -2]), "suppress_tokens must be a list"),
         (dict(stop_strings=[""]), "stop_strings must be non-empty"),
         (dict(steps=2.5), "steps must be an integer"),
+        (dict(steps=100_000_000), "steps must be <= 16,384, got 100,000,000"),
+        (dict(temperature=1e308), "temperature must be <= 100, got 1e\\+308"),
+        (dict(temperature=100.5), "temperature must be <= 100"),
     ],
 )
 def test_invalid_values_name_the_problem(kwargs, message):
     with pytest.raises(DiffutronError, match=message):
         SamplerConfig(**kwargs)
+
+
+def test_the_bounds_are_inclusive_and_shared_with_sampling_params():
+    from diffutron_engine import SamplingParams
+    from diffutron_engine.config import MAX_STEPS, MAX_TEMPERATURE
+
+    c = SamplerConfig(steps=MAX_STEPS, temperature=MAX_TEMPERATURE)
+    assert (c.steps, c.temperature) == (MAX_STEPS, MAX_TEMPERATURE)
+    # the engine's (and the server's) parameters go through the same checks
+    with pytest.raises(DiffutronError, match="steps must be <= 16,384"):
+        SamplingParams(steps=MAX_STEPS + 1)
+    with pytest.raises(DiffutronError, match="temperature must be <= 100"):
+        SamplingParams(temperature=1e308)
+    with pytest.raises(DiffutronError, match="temperature must be <= 100"):
+        SamplingParams().override(temperature=101)
 
 
 def test_max_length_instead_of_max_new_tokens():

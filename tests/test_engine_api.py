@@ -1,12 +1,16 @@
 """The engine's own loop: add_request / step / abort / has_unfinished, requests with different
 SamplingParams in one batch, other threads adding and aborting, and no state left behind."""
 
+import asyncio
+import gc
 import threading
+import weakref
+from collections import deque
 
 import pytest
 import torch
 
-from diffutron_engine import DiffutronError, Engine, SamplerConfig, SamplingParams
+from diffutron_engine import DiffutronError, Engine, SamplerConfig, SamplingParams, StepFailed
 from diffutron_engine.reference import ReferenceSampler
 
 BASE = dict(max_new_tokens=16, block_size=8, steps=16, early_stop=False)
@@ -166,15 +170,47 @@ def test_other_threads_add_and_abort_while_one_steps(golden):
     assert sorted(engine.runner._free) == [0, 1, 2, 3]
 
 
-def test_no_request_state_remains_after_many_requests(golden):
-    engine = Engine(golden.model, golden.tokenizer, max_batch=8)
-    params = SamplingParams(max_new_tokens=2, block_size=2, steps=2)
-    for _ in range(5):
-        engine.generate([[5, 6, i % 50 + 7] for i in range(200)], params)
-    sched = engine.scheduler
-    assert not engine._live and not engine._inbox and not sched.running and sched.num_waiting == 0
-    assert not sched._arrivals and not sched._queues and not sched._keys
-    assert sorted(engine.runner._free) == list(range(8))
+def _containers(engine) -> dict[str, int]:
+    """Sizes of every container attribute of the engine and the parts that hold requests (scheduler,
+    runner, device batch), by name. runner.signatures is left out: one entry per step shape (bounded by
+    the buckets), which is what tests and benchmarks read, not per-request state."""
+    parts = {"engine": engine, "scheduler": engine.scheduler, "runner": engine.runner, "batch": engine.runner.batch}
+    return {f"{part}.{name}": len(value) for part, obj in parts.items() for name, value in vars(obj).items()
+            if isinstance(value, (list, dict, set, deque)) and (part, name) != ("runner", "signatures")}
+
+
+def test_5000_requests_leave_no_state_behind(golden):
+    """A long run, as a server sees it (requests added while others run, at most 512 in flight): no
+    container grows with the number of requests served, every one is back to its size at rest when the
+    last has finished, and no Request object (canvas, text state, stop rule, generator) stays alive."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=256)
+    at_rest = _containers(engine)
+    made = []
+    build = engine._make
+
+    def tracked(*args, **kwargs):
+        req = build(*args, **kwargs)
+        made.append(weakref.ref(req))
+        return req
+
+    engine._make = tracked
+    params = SamplingParams(max_new_tokens=1, block_size=1, steps=1)  # one step each: host work dominates
+    total, in_flight, added, finished = 5000, 512, 0, 0
+    peak: dict[str, int] = {}
+    while finished < total:
+        while added < total and added - finished < in_flight:
+            engine.add_request([5, 6, 7 + added % 50], params, index=added)
+            added += 1
+        finished += sum(out.finished for out in engine.step())
+        for name, size in _containers(engine).items():
+            peak[name] = max(peak.get(name, 0), size)
+    assert len(made) == total and not engine.has_unfinished()
+    assert _containers(engine) == at_rest
+    grown = {name: size for name, size in peak.items() if size > max(at_rest[name], in_flight)}
+    assert not grown, f"containers that grew beyond the requests in flight: {grown}"
+    gc.collect()
+    alive = sum(ref() is not None for ref in made)
+    assert alive == 0, f"{alive} of {total} requests are still referenced"
 
 
 def test_bad_params_are_refused_before_anything_is_queued(golden):
@@ -253,3 +289,165 @@ def test_streamed_text_is_never_taken_back_by_a_stop_string(golden):
     assert all("".join(pieces[i]) == texts[i] for i in texts) and len(texts) == 4
     cut = [i for i in texts if len(texts[i]) < len(finals[i].text)]
     assert cut  # the rule did cut some answers
+
+
+# ----------------------------------------------------------------------------- a step that fails
+PROMPTS_3 = [[5, 6, 7], [8, 9], [10, 11, 12]]
+STEP8 = SamplingParams(max_new_tokens=8, block_size=4, steps=8, early_stop=False)
+
+
+def _fail_once(monkeypatch, obj, name, at_call: int, exc=None):
+    """Make obj.name raise on its `at_call`-th call (1-based), and only then."""
+    real, calls = getattr(obj, name), {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise exc or RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, flaky)
+
+
+def _assert_clean(engine):
+    sched = engine.scheduler
+    assert not engine.has_unfinished() and not engine._live and not engine._inbox
+    assert not sched.running and sched.num_waiting == 0 and not sched._arrivals and not sched._queues
+    assert sorted(engine.runner._free) == list(range(engine.max_batch))
+
+
+def test_a_failed_step_reaches_generate_and_leaves_the_engine_clean(golden, monkeypatch):
+    fresh = Engine(golden.model, golden.tokenizer, max_batch=2).generate(PROMPTS_3, STEP8)
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    _fail_once(monkeypatch, engine.runner, "execute", at_call=3)
+    with pytest.raises(StepFailed, match="RuntimeError: device lost") as info:
+        engine.generate(PROMPTS_3, STEP8)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert [o.finish_reason for o in info.value.outputs] == ["error", "error"]
+    _assert_clean(engine)  # the failed step's requests and the call's waiting one are gone
+    again = engine.generate(PROMPTS_3, STEP8)  # the same engine answers as a fresh one
+    assert [o.tokens for o in again] == [o.tokens for o in fresh]
+    _assert_clean(engine)
+
+
+@pytest.mark.parametrize("where", ["execute", "admit", "advance"])
+def test_a_failed_step_fails_only_its_own_requests(golden, monkeypatch, where):
+    """By hand: the step that raises (in the device work, the admission, or the host's mirror of the
+    commits) finishes its running requests with finish_reason "error" and raises StepFailed with their
+    outputs; the waiting request runs next and gives the tokens it gives on a fresh engine."""
+    fresh = Engine(golden.model, golden.tokenizer, max_batch=2).generate(PROMPTS_3, STEP8)
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    target, name = {"execute": (engine.runner, "execute"), "admit": (engine.runner, "admit"),
+                    "advance": (engine, "_advance")}[where]
+    _fail_once(monkeypatch, target, name, at_call=1)
+    ids = [engine.add_request(p, STEP8, index=i) for i, p in enumerate(PROMPTS_3)]
+    with pytest.raises(StepFailed, match="device lost") as info:
+        engine.step()
+    first = info.value.outputs
+    assert sorted(o.request_id for o in first) == ids[:2]
+    assert all(o.finished and o.finish_reason == "error" and str(o.error) == "device lost" for o in first)
+    assert engine.scheduler.num_waiting == 1 and not engine.scheduler.running
+    assert sorted(engine.runner._free) == [0, 1]
+    finals = {}
+    while engine.has_unfinished():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert list(finals) == [ids[2]] and finals[ids[2]].finish_reason == "complete"
+    assert finals[ids[2]].tokens == fresh[2].tokens
+    _assert_clean(engine)
+
+
+def test_a_request_that_fails_in_the_inbox_does_not_take_the_others_with_it(golden, monkeypatch):
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    _fail_once(monkeypatch, engine.scheduler, "add", at_call=1)
+    ids = [engine.add_request(p, STEP8, index=i) for i, p in enumerate(PROMPTS_3[:2])]
+    with pytest.raises(StepFailed) as info:
+        engine.step()
+    assert [(o.request_id, o.finish_reason) for o in info.value.outputs] == [(ids[0], "error")]
+    finals = {}
+    while engine.has_unfinished():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert list(finals) == [ids[1]] and finals[ids[1]].finish_reason == "complete"
+    _assert_clean(engine)
+
+
+def test_an_interrupted_step_leaves_no_half_run_request(golden, monkeypatch):
+    """KeyboardInterrupt inside a step propagates after the step's requests were taken out (their host
+    and device state disagree half-way through a step); the waiting one runs on as on a fresh engine,
+    and generate() interrupted the same way leaves nothing behind."""
+    fresh = Engine(golden.model, golden.tokenizer, max_batch=2).generate(PROMPTS_3, STEP8)
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    _fail_once(monkeypatch, engine.runner, "execute", at_call=2, exc=KeyboardInterrupt())
+    ids = [engine.add_request(p, STEP8, index=i) for i, p in enumerate(PROMPTS_3)]
+    engine.step()
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    assert set(engine._live) == {ids[2]} and not engine.scheduler.running
+    assert sorted(engine.runner._free) == [0, 1]
+    last = []
+    while engine.has_unfinished():
+        last += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in last] == [ids[2]] and last[0].tokens == fresh[2].tokens
+    _fail_once(monkeypatch, engine.runner, "execute", at_call=2, exc=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(PROMPTS_3, STEP8)
+    _assert_clean(engine)
+    assert [o.tokens for o in engine.generate(PROMPTS_3, STEP8)] == [o.tokens for o in fresh]
+
+
+def test_the_server_loop_reports_a_failed_step_and_keeps_serving(golden, monkeypatch):
+    """The server's engine loop: the request of the failed step gets the error on its queue (its
+    handler answers 503), the waiting one and a later one are served, and nothing stays registered."""
+    from diffutron_engine.server.loop import EngineLoop
+
+    params = SamplingParams(max_new_tokens=4, block_size=4, steps=4, early_stop=False)
+    expected = Engine(golden.model, golden.tokenizer, max_batch=1).generate([[8, 9]], params)[0].tokens
+    engine = Engine(golden.model, golden.tokenizer, max_batch=1)
+    _fail_once(monkeypatch, engine.runner, "execute", at_call=1)
+    loop = EngineLoop(engine, idle_wait=0.01)
+
+    async def final(queue):
+        while True:
+            out = await asyncio.wait_for(queue.get(), 60)
+            if isinstance(out, BaseException) or out.finished:
+                return out
+
+    async def serve():
+        _, qa = loop.submit([5, 6, 7], params)  # both queued before the loop runs: a first (max_batch 1)
+        _, qb = loop.submit([8, 9], params)
+        loop.start()
+        a, b = await final(qa), await final(qb)
+        _, qc = loop.submit([8, 9], params)
+        return a, b, await final(qc)
+
+    try:
+        a, b, c = asyncio.run(serve())
+    finally:
+        loop.stop(timeout=30)
+    assert isinstance(a, RuntimeError) and str(a) == "device lost"  # its handler answers 503 with it
+    assert b.finish_reason == "complete" and b.tokens == c.tokens == expected
+    assert loop.in_flight == 0 and loop.stats.failed_requests == 1 and loop.stats.failed_steps == 1
+    _assert_clean(engine)
+
+
+def test_seeds_of_one_params_for_many_prompts_wrap_around(golden):
+    """generate() with one SamplingParams gives prompt i the seed (seed + i) mod 2**63: no overflow
+    at the largest seed, and prompt 1 draws exactly what it draws alone with seed 0."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    params = SamplingParams(max_new_tokens=8, block_size=4, steps=8, temperature=0.9, seed=2**63 - 1,
+                            early_stop=False)
+    outs = engine.generate([[5, 6, 7], [8, 9]], params)
+    assert [o.seed for o in outs] == [2**63 - 1, 0]
+    assert outs[1].tokens == engine.generate([[8, 9]], params.override(seed=0))[0].tokens
+
+
+def test_the_server_maps_openai_fields_and_refuses_out_of_bound_settings():
+    pytest.importorskip("fastapi")
+    from diffutron_engine.server.app import ApiError, sampling_params
+
+    assert sampling_params({"stop": "</s>"}).stop_strings == ["</s>"]
+    assert sampling_params({"stop": ["a", "b"], "max_tokens": 5}).stop_strings == ["a", "b"]
+    for body, message in (({"temperature": 1e308}, "temperature must be <= 100"),
+                          ({"steps": 10**8}, "steps must be <= 16,384")):
+        with pytest.raises(ApiError) as info:
+            sampling_params(body)
+        assert info.value.status == 400 and message in info.value.body["error"]["message"]

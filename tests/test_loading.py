@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from diffutron_engine import DiffutronError
-from diffutron_engine.loading import decode_answer, encode_prompt, load_model, prepare_tokenizer, render_chat
+from diffutron_engine.errors import DiffutronWarning
+from diffutron_engine.loading import (BUNDLED_MODELS, decode_answer, encode_prompt, load_model, prepare_tokenizer,
+                                      render_chat, resolve_model_path)
 from diffutron_engine.random_model import build_tokenizer, modernbert_config
 
 
@@ -68,6 +70,62 @@ def test_missing_path_and_non_model_directory(tmp_path):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(DiffutronError, match="has no config.json"):
         load_model(str(tmp_path))
+
+
+def test_resolve_model_path(tmp_path, monkeypatch):
+    assert resolve_model_path("tiny-tr") == BUNDLED_MODELS["tiny-tr"]
+    assert resolve_model_path("diffutron/DiffutronLM-0.3B-Instruct") == "diffutron/DiffutronLM-0.3B-Instruct"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert resolve_model_path(str(tmp_path / "m")) == str(tmp_path / "m")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_model_path("~/m") == str(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("./m") == "./m"
+    with pytest.raises(DiffutronError, match="'./nope' does not exist"):
+        resolve_model_path("./nope")
+    with pytest.raises(DiffutronError, match="has no config.json"):
+        resolve_model_path(str(tmp_path))
+    with pytest.raises(DiffutronError, match="got ''"):
+        resolve_model_path("")
+
+
+def _with_weights(tmp_path, checkpoint, edit):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "edited"
+    shutil.copytree(checkpoint, path)
+    weights = load_file(path / "model.safetensors")
+    edit(weights)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_that_are_not_finite_are_refused_by_name(tmp_path, tiny_checkpoint, bad):
+    def poison(weights):
+        weights["model.layers.1.attn.Wqkv.weight"][3, 5] = bad
+
+    with pytest.raises(DiffutronError, match=r"has broken weights: model\.layers\.1\.attn\.Wqkv\.weight holds 1 "
+                                             r"NaN or infinite value\(s\) of [\d,]+"):
+        load_model(_with_weights(tmp_path, tiny_checkpoint, poison), device="cpu")
+
+
+def test_all_zero_weights_load_with_a_warning(tmp_path, tiny_checkpoint):
+    import warnings
+
+    def zero(weights):
+        for w in weights.values():
+            w.zero_()
+
+    with pytest.warns(DiffutronWarning, match="every weight of .* is zero"):
+        lm = load_model(_with_weights(tmp_path, tiny_checkpoint, zero), device="cpu")
+    assert not any(p.any() for p in lm.model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiffutronWarning)  # a trained model loads without a word
+        load_model(tiny_checkpoint, device="cpu")
 
 
 def test_checkpoint_that_is_not_a_masked_lm(tmp_path):

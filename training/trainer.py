@@ -69,17 +69,14 @@ class MaskedLMLoss(torch.nn.Module):
 def load_for_training(cfg: TrainConfig, device: torch.device):
     from transformers import AutoModelForMaskedLM
 
-    from ..loading import check_finite, load_tokenizer, prepare_tokenizer, resolve_model_path
+    from ..loading import check_weights, load_tokenizer, prepare_tokenizer, resolve_model_path
 
-    from ..loading import _check_local_path
-
-    path = resolve_model_path(cfg.model)  # bundled names (tiny-tr), local folders, hub ids: as every command
-    _check_local_path(path)
+    path = resolve_model_path(cfg.model)  # bundled names (tiny-tr), checked local folders, hub ids: as every command
     try:
         model = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise DiffutronError(f"cannot load model {cfg.model!r}: {str(exc).splitlines()[0]}") from None
-    check_finite(model, cfg.model)
+    check_weights(model, cfg.model)  # NaN/inf weights: one line naming the tensor
     tokenizer = prepare_tokenizer(load_tokenizer(path))
     if cfg.lora:
         model = apply_lora(model, cfg)

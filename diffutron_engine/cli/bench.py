@@ -10,7 +10,7 @@ from ..errors import DiffutronError
 
 
 def add_parser(sub) -> None:
-    from ..benchmark import DEFAULT_MODES, MODES
+    from ..config import BENCH_MODES as MODES, DEFAULT_BENCH_MODES as DEFAULT_MODES
 
     p = sub.add_parser("bench", help="end-to-end throughput: oracle vs engine modes (random mmBERT weights); "
                        "`bench serve --help`: load benchmark of a running server")

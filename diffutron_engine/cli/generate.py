@@ -18,9 +18,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ..config import CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST_PRESET, PRESETS, REMASKING, SamplerConfig, SamplingParams
-from ..errors import DiffutronError
-from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat
+from ..config import (CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST_PRESET, PRESETS, REMASKING, SamplerConfig, SamplingParams,
+                      check_backend_env)
+from ..errors import DiffutronError, check_utf8
+from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat, resolve_model_path
+from .main import write_stdout
 
 
 def add_parser(sub) -> None:
@@ -99,6 +101,8 @@ def settings(args) -> tuple[SamplingParams, str]:
     if getattr(args, "threshold", None) is not None or getattr(args, "factor", None) is not None:
         fields.pop("threshold", None)  # an explicit rule replaces the preset's
         fields.pop("factor", None)
+    for i, stop in enumerate(args.stop or []):
+        check_utf8(stop, f"--stop {i + 1}", from_os=True)
     fields.update({k: v for k, v in flags.items() if v is not None})
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise DiffutronError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -113,43 +117,64 @@ def settings(args) -> tuple[SamplingParams, str]:
 
 def read_prompts(args, stdin=None) -> list[Prompt]:
     prompts = [Prompt(p, f"prompt {i + 1}") for i, p in enumerate(args.prompts)]
-    if args.input:
+    if args.input is not None:
         prompts += _read_jsonl(args.input)
     if not prompts:
         stdin = stdin if stdin is not None else sys.stdin
         if stdin is None or stdin.isatty():
             raise DiffutronError("no prompt given: pass prompts as arguments, with --input FILE.jsonl, or on stdin")
-        prompts = [Prompt(line.rstrip("\n"), f"stdin line {n}") for n, line in enumerate(stdin, start=1) if line.strip()]
+        prompts = [Prompt(line, f"stdin line {n}") for n, line in _lines(stdin, "standard input") if line.strip()]
         if not prompts:
             raise DiffutronError("empty prompt: standard input holds no text")
     for p in prompts:
-        if isinstance(p.source, str) and not p.source.strip():
-            raise DiffutronError(f"empty prompt ({p.where}): give some text to answer")
+        if isinstance(p.source, str):
+            check_utf8(p.source, p.where, from_os=p.where.startswith("prompt"))  # an argument's bytes
+            if not p.source.strip():
+                raise DiffutronError(f"empty prompt ({p.where}): give some text to answer")
     return prompts
+
+
+def _lines(stream, name: str):
+    """(line number, text without its line break) of a stream, decoded as UTF-8 line by line from its
+    bytes when it has them, so that a line that is not UTF-8 is named instead of failing the whole read
+    (or reaching the tokenizer as surrogates, as Python's C-locale stdin would pass it)."""
+    for n, line in enumerate(getattr(stream, "buffer", stream), start=1):
+        if isinstance(line, str):  # a text stream without bytes underneath (io.StringIO)
+            yield n, line.rstrip("\n")
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DiffutronError(
+                f"{name} line {n} is not UTF-8 text (byte 0x{line[exc.start]:02x} at offset {exc.start}); "
+                "convert it to UTF-8 (e.g. iconv -f LATIN5 -t UTF-8)") from None
+        yield n, text.removesuffix("\n").removesuffix("\r")
 
 
 def _read_jsonl(path: str) -> list[Prompt]:
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        with open(path, "rb") as f:
+            lines = list(_lines(f, f"--input {path!r}"))
     except OSError as exc:
         raise DiffutronError(f"cannot read --input {path!r}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise DiffutronError(f"--input {path!r} is not UTF-8 text") from exc
     out = []
-    for n, line in enumerate(lines, start=1):
+    for n, line in lines:
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DiffutronError(f"{path}:{n}: malformed JSON ({exc.msg})") from exc
+        except RecursionError:  # the parser recurses once per level of nesting
+            raise DiffutronError(f"{path}:{n}: JSON nested too deeply to read; expected an object with either "
+                                 '"prompt" or "messages"') from None
         if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
             raise DiffutronError(f'{path}:{n}: expected an object with either "prompt" or "messages"')
         where = f"{path}:{n}"
         if "prompt" in obj:
             if not isinstance(obj["prompt"], str):
                 raise DiffutronError(f'{where}: "prompt" must be a string')
+            check_utf8(obj["prompt"], f'{where}: "prompt"')  # JSON can spell a lone surrogate ("\\ud800")
             out.append(Prompt(obj["prompt"], where))
         else:
             msgs = obj["messages"]
@@ -165,12 +190,24 @@ def _read_jsonl(path: str) -> list[Prompt]:
     return out
 
 
+def _output_target(path: str) -> str:
+    """The file --output writes: the path itself, or where its symbolic link(s) lead (the answers are
+    written through a link, as a shell's `>` does, never replacing the link)."""
+    if not path:
+        raise DiffutronError("--output is empty: give a file name, or leave --output out to print the answers")
+    target = os.path.realpath(path)
+    if os.path.islink(target):  # realpath stops at a link it cannot follow
+        raise DiffutronError(f"cannot write --output {path!r}: its symbolic links form a loop")
+    return target
+
+
 def _check_output_path(path: str | None) -> None:
     """Fail before any work if the output cannot be written (a temporary file is made and removed)."""
     if path is None:
         return
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
+    target = _output_target(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
         raise DiffutronError(f"--output {path!r} is a folder; give a file name")
     if not os.path.isdir(parent):
         raise DiffutronError(f"cannot write --output {path!r}: {parent!r} is not an existing folder")
@@ -216,10 +253,13 @@ def run(args) -> int:
     params, cache = settings(args)
     prompts = read_prompts(args)
     _check_output_path(args.output)
+    # a missing model folder or a DIFFUTRON_BACKEND that names no backend fail before torch is imported
+    model = resolve_model_path(args.model)
+    check_backend_env()
 
     from ..loading import encode_prompt, load_model
 
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model(model, dtype=args.dtype, device=args.device)
     for p in prompts:
         p.ids = encode_prompt(lm.tokenizer, p.source, chat=not args.no_chat)
     longest = max(len(p.ids) for p in prompts)
@@ -239,20 +279,19 @@ def run(args) -> int:
         raise DiffutronError("--stream needs the engine (a ModernBERT model, no --reference)")
     results = _run_reference(lm, prompts, params, args) if use_reference else _run_engine(lm, prompts, params, cache, args)
 
-    if args.stream and not args.output:
+    if args.stream and args.output is None:
         return 0  # the answers went out as they were generated
     if args.json:
         rendered = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     else:
         rendered = "\n".join(r["text"] + "\n" for r in results)
-    if args.output:
+    if args.output is not None:
         try:
-            _write_atomically(args.output, rendered)
+            _write_atomically(_output_target(args.output), rendered)
         except OSError as exc:
             raise DiffutronError(f"cannot write --output {args.output!r}: {exc.strerror or exc}") from None
     else:
-        sys.stdout.write(rendered)
-        sys.stdout.flush()
+        write_stdout(rendered)
     return 0
 
 
@@ -324,23 +363,29 @@ def _print_event(out, as_json: bool, n_prompts: int) -> None:
     if not (out.delta or out.finished):
         return
     if as_json:
-        print(json.dumps({"index": out.index, "text": out.delta, "finished": out.finished}, ensure_ascii=False),
-              flush=True)
+        write_stdout(json.dumps({"index": out.index, "text": out.delta, "finished": out.finished},
+                                ensure_ascii=False) + "\n")
     elif n_prompts == 1:
-        print(out.delta, end="\n" if out.finished else "", flush=True)
+        write_stdout(out.delta + ("\n" if out.finished else ""))
     else:
-        print(f"[{out.index}] {out.delta}" + (" <end>" if out.finished else ""), flush=True)
+        write_stdout(f"[{out.index}] {out.delta}" + (" <end>" if out.finished else "") + "\n")
 
 
 def _write_atomically(path: str, text: str) -> None:
+    """Write `path` (a resolved target, no link) whole or not at all: a temporary file in its folder,
+    renamed onto it. An existing file keeps its permissions; a new one gets the usual (0666 & ~umask)."""
     parent = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".diffutron-", suffix=".tmp", dir=parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,14 +1,22 @@
 """`diffutron-engine` entry point: dispatches to one module per subcommand.
 
-Bad input (DiffutronError) is one line on stderr and exit code 2, never a traceback.
+Bad input (DiffutronError) is one line on stderr and exit code 2, never a traceback. Standard output
+closed by its reader (`| head -1`) ends the command quietly with exit code 141, as a Unix tool killed
+by SIGPIPE reports it (128 + 13), so `set -o pipefail` scripts still see that the output was cut; a
+standard output that cannot be written (a full disk, /dev/full) is bad input like any other: one line,
+exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
-from ..errors import DiffutronError
+from ..errors import DiffutronError, DiffutronWarning
+
+EXIT_STDOUT_CLOSED = 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,31 +45,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so that the interpreter's last flush of what is still
+    buffered for a closed or full standard output succeeds instead of printing "Exception ignored".
+    Nothing to do when sys.stdout is not a real file (a test's capture)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def write_stdout(text: str) -> None:
+    """Write and flush to standard output: a closed pipe propagates as BrokenPipeError (main() exits
+    quietly); any other write error (ENOSPC, EIO) becomes a one-line DiffutronError."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        silence_stdout()
+        raise DiffutronError(f"cannot write to standard output: {exc.strerror or exc}") from None
+
+
+def _one_line_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning):
+    if issubclass(category, DiffutronWarning):
+        return f"diffutron-engine: warning: {message}\n"
+    return _default(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.formatwarning = _one_line_warning
     try:
-        # commands with argument parsers of their own: a server's load benchmark, the likelihood
-        # benchmark, and lm-evaluation-harness's CLI
-        if argv[:2] == ["bench", "serve"]:
-            from ..bench_serve import main as bench_serve
-
-            return bench_serve(argv[2:], prog="diffutron-engine bench serve")
-        if argv[:2] == ["bench", "eval"]:
-            from ..bench_eval import main as bench_eval
-
-            return bench_eval(argv[2:], prog="diffutron-engine bench eval")
-        if argv[:2] == ["eval", "lm-eval"]:
-            from ..integrations.lm_eval import cli_main
-
-            return cli_main(argv[2:])
-        args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        code = _dispatch(argv)
+        write_stdout("")  # what print() left in the buffer goes out now, where its errors are handled
+        return code
     except DiffutronError as exc:
         print(f"diffutron-engine: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output went away (`| head -1`): stop quietly
+        silence_stdout()
+        return EXIT_STDOUT_CLOSED
     except KeyboardInterrupt:
         print("diffutron-engine: interrupted", file=sys.stderr)
         return 130
+
+
+def _dispatch(argv: list[str]) -> int:
+    # commands with argument parsers of their own: a server's load benchmark, the likelihood
+    # benchmark, and lm-evaluation-harness's CLI
+    if argv[:2] == ["bench", "serve"]:
+        from ..bench_serve import main as bench_serve
+
+        return bench_serve(argv[2:], prog="diffutron-engine bench serve")
+    if argv[:2] == ["bench", "eval"]:
+        from ..bench_eval import main as bench_eval
+
+        return bench_eval(argv[2:], prog="diffutron-engine bench eval")
+    if argv[:2] == ["eval", "lm-eval"]:
+        from ..integrations.lm_eval import cli_main
+
+        return cli_main(argv[2:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The engine: scheduler (plain Python) + model runner (tensors) + the step loop."""
 
-from .engine import Engine, RequestOutput
+from .engine import Engine, RequestOutput, StepFailed
 from .request import Request
 
-__all__ = ["Engine", "Request", "RequestOutput"]
+__all__ = ["Engine", "Request", "RequestOutput", "StepFailed"]

@@ -10,6 +10,8 @@
 `step` drains); `step` runs in one thread. `generate`, `infill` and `stream` are thin loops over
 `step`. A step: admit waiting requests into free slots, run one denoising step of the running batch
 on the device, then mirror its commits on the host (blocks, early stop, stop strings, text) and report.
+A step that raises fails only its own requests: they finish with finish_reason "error" and leave every
+structure, and `step` raises StepFailed (with the step's outputs); the engine goes on with the others.
 See docs/architecture.md for a request's whole path.
 """
 
@@ -48,13 +50,28 @@ class RequestOutput:
     delta: str  # text added since this request's previous output
     token_ids: list[int]  # the answer's tokens so far (settled prefix); all its positions when finished
     finished: bool
-    finish_reason: str | None  # "complete", "answer ended" (early stop) or "abort"
+    finish_reason: str | None  # "complete", "answer ended" (early stop), "abort" or "error"
     forward_passes: int  # steps this request took
     committed: int  # tokens this step committed for it
     new_tokens: int = 0  # tokens of the final text (when finished)
     tokens: list[int] | None = None  # the whole canvas (prompt, then the answer) when finished
     seed: int = 0
     seconds: float = 0.0  # from admission to the running batch until finished
+    error: BaseException | None = None  # finish_reason "error": what the step that ran the request raised
+
+
+class StepFailed(RuntimeError):
+    """Raised by Engine.step() (and so by generate(), infill() and stream()) when the step raised: its
+    requests are already finished with finish_reason "error" and removed, slots freed, and the engine
+    is usable. `outputs` is what the step reports (the failed requests' final outputs among them, with
+    `error` set; aborts carried out before the failure); `__cause__` is the original exception."""
+
+    def __init__(self, outputs: list[RequestOutput], exc: BaseException):
+        self.outputs = outputs
+        failed = [o.request_id for o in outputs if o.finish_reason == "error"]
+        super().__init__(f"an engine step failed with {type(exc).__name__}: {exc} "
+                         f"({len(failed)} request(s) ended with an error: {', '.join(failed[:4])}"
+                         f"{', ...' if len(failed) > 4 else ''})")
 
 
 def _draw_seed() -> int:
@@ -132,17 +149,37 @@ class Engine:
             return bool(self._live)
 
     def step(self) -> list[RequestOutput]:
-        """One denoising step of the running batch; returns an output per request it touched."""
+        """One denoising step of the running batch; returns an output per request it touched.
+
+        If the step raises (admission, the device work, or the host's mirror of it), every request of
+        the step is finished with finish_reason "error" and `error` set to the exception, and leaves the
+        scheduler, its slot and the engine (the host and device state of a half-run step cannot be
+        trusted); then StepFailed is raised, carrying the step's outputs. Waiting requests and later
+        ones run normally at the next step. KeyboardInterrupt and SystemExit get the same cleanup and
+        propagate as they are."""
         outputs = self._drain_inbox()
-        batch = self._schedule()
-        return outputs + (self._advance(batch, self.runner.execute(batch)) if batch else [])
+        failed = [o.error for o in outputs if o.finish_reason == "error"]
+        if failed:  # a request failed in the inbox (the others were carried out): report it now
+            raise StepFailed(outputs, failed[0]) from failed[0]
+        batch: list[Request] = []
+        try:
+            batch = self._schedule()
+            if not batch:
+                return outputs
+            return outputs + self._advance(batch, self.runner.execute(batch))
+        except BaseException as exc:
+            failed = self._fail([*batch, *self.scheduler.running], exc)
+            if not isinstance(exc, Exception):
+                raise
+            raise StepFailed(outputs + failed, exc) from exc
 
     # ------------------------------------------------------------------ convenience loops
     def generate(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Answer every prompt; final outputs in prompt order. One SamplingParams for all (prompt i then
         draws from seed + i, mod 2**63) or one per prompt. Drives the loop itself: do not call it while
-        another thread steps this engine."""
+        another thread steps this engine. A step that fails raises StepFailed; the call's other requests
+        are then aborted and the engine is ready for the next call."""
         return self._run(prompts, params, infill=False)
 
     def infill(self, sequences: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -152,7 +189,8 @@ class Engine:
 
     def stream(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:
-        """Yield each request's outputs as its text grows (non-empty deltas), then its final output."""
+        """Yield each request's outputs as its text grows (non-empty deltas), then its final output.
+        A step that fails raises StepFailed (the call's other requests end at the next step)."""
         ids = self.add_requests(prompts, params)
         pending = set(ids)
         try:
@@ -182,10 +220,12 @@ class Engine:
                 for out in self.step():
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
-        except BaseException:  # interrupted: the rest end at the next step
+        except BaseException:  # interrupted, or a step failed: the rest are aborted now (this call
+            # owns the loop), so that nothing of this call is left in the engine
             for rid in ids:
                 if rid not in done:
                     self.abort(rid)
+            self._drain_inbox()
             raise
         return [done[rid] for rid in ids]
 
@@ -300,24 +340,54 @@ class Engine:
             items, self._inbox = list(self._inbox), deque()
         out = []
         for kind, item in items:
-            if kind == "add":
-                if item.status is Status.FINISHED:  # aborted before it was ever queued
+            req = item if kind == "add" else None
+            try:
+                if kind == "add":
+                    if item.status is Status.FINISHED:  # aborted before it was ever queued
+                        continue
+                    if not item.blocks:  # nothing to fill
+                        item.finish("complete")
+                        out.append(self._finish_output(item, 0))
+                    else:
+                        self.scheduler.add(item)
                     continue
-                if not item.blocks:  # nothing to fill
-                    item.finish("complete")
-                    out.append(self._finish_output(item, 0))
-                else:
-                    self.scheduler.add(item)
-                continue
-            with self._lock:
-                req = self._live.get(item)
-            if req is None or req.status is Status.FINISHED:
-                continue
-            if req.status is not Status.NEW:  # NEW: its add comes later in the inbox and is skipped
+                with self._lock:
+                    req = self._live.get(item)
+                if req is None or req.status is Status.FINISHED:
+                    continue
+                if req.status is not Status.NEW:  # NEW: its add comes later in the inbox and is skipped
+                    self.scheduler.remove(req)
+                    self.runner.release(req)
+                req.finish("abort")
+                out.append(self._finish_output(req, 0))
+            except Exception as exc:  # this request fails; the inbox's other items are still carried out
+                if req is not None:
+                    out += self._fail([req], exc)
+        return out
+
+    def _fail(self, reqs: list[Request], exc: BaseException) -> list[RequestOutput]:
+        """Finish requests with finish_reason "error" and take them out of every structure (waiting
+        queue, running batch, slot, the engine's live table); the runner forgets what it cached about
+        the running batch. Their outputs carry the exception."""
+        reqs = list({id(r): r for r in reqs}.values())
+        for req in reqs:
+            if req.status is Status.WAITING:
                 self.scheduler.remove(req)
-                self.runner.release(req)
-            req.finish("abort")
-            out.append(self._finish_output(req, 0))
+        self.scheduler.retire(reqs)
+        for req in reqs:
+            self.runner.release(req)
+        self.runner.forget_batch()
+        out = []
+        for req in reqs:
+            req.finish("error")
+            with self._lock:
+                self._live.pop(req.request_id, None)
+            # no decode here: what failed may be the tokenizer; the text is what was already reported
+            out.append(RequestOutput(request_id=req.request_id, index=req.index, prompt_token_ids=req.prompt_ids,
+                                     text=req.answer.sent, delta="", token_ids=req.tokens[req.answer_start:],
+                                     finished=True, finish_reason="error", forward_passes=req.forward_passes,
+                                     committed=0, tokens=list(req.tokens), seed=req.seed, seconds=req.seconds,
+                                     error=exc))
         return out
 
     def _schedule(self) -> list[Request]:

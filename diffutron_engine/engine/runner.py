@@ -129,6 +129,15 @@ class ModelRunner:
             heapq.heappush(self._free, req.slot)
             req.slot = None
 
+    def forget_batch(self) -> None:
+        """After a failed step: drop what is cached about the running batch (its rows, its shape, the
+        captured graphs, which a step that failed half-way through capture or replay may have left
+        unusable); the next step rebuilds them from the requests that remain."""
+        self._rows_key = None
+        self._shape_cache = None
+        if self.graphs is not None:
+            self.graphs.clear()
+
     def sync(self, req: Request) -> None:
         """The host rewrote the request's canvas (stop rule): write its slot again."""
         self.batch.sync(req.slot, req)

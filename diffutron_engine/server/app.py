@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..config import SamplingParams
 from ..errors import DiffutronError
 from ..loading import encode_prompt
-from .loop import EngineLoop
+from .loop import STEP_BUCKETS, EngineLoop
 
 log = logging.getLogger("diffutron_engine.server")
 
@@ -61,7 +61,7 @@ def sampling_params(body: dict) -> SamplingParams:
         if body.get(key) is not None:
             knobs[key] = body[key]
     if body.get("stop") is not None:
-        knobs["stop"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
+        knobs["stop_strings"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
     try:
         return SamplingParams(**knobs)
     except (DiffutronError, TypeError, ValueError) as exc:  # in the API's names
@@ -114,6 +114,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, ma
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
+        except RecursionError:  # the parser recurses once per level of nesting
+            raise ApiError(400, "the request body is JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         if body.get("model") not in (None, model_name):
@@ -247,14 +249,10 @@ class Metrics:
     """Prometheus text for /metrics: requests by outcome, tokens, queue length, running batch size and a
     histogram of step times."""
 
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
     def __init__(self, loop: EngineLoop):
         self.loop = loop
         self.outcomes: dict[str, int] = {}
         self.prompt_tokens = self.generated_tokens = 0
-        self.hist = [0] * (len(self.BUCKETS) + 1)
-        self.step_sum = 0.0
 
     def outcome(self, name: str) -> None:
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
@@ -265,10 +263,6 @@ class Metrics:
 
     def render(self) -> str:
         stats = self.loop.stats
-        times, stats.step_seconds = stats.step_seconds, []
-        for t in times:
-            self.step_sum += t
-            self.hist[next((i for i, b in enumerate(self.BUCKETS) if t <= b), len(self.BUCKETS))] += 1
         lines = ["# TYPE diffutron_requests_total counter"]
         lines += [f'diffutron_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.outcomes.items())]
         lines += ["# TYPE diffutron_prompt_tokens_total counter", f"diffutron_prompt_tokens_total {self.prompt_tokens}",
@@ -276,12 +270,15 @@ class Metrics:
                   f"diffutron_generation_tokens_total {self.generated_tokens}",
                   "# TYPE diffutron_requests_in_flight gauge", f"diffutron_requests_in_flight {self.loop.in_flight}",
                   "# TYPE diffutron_running_batch_size gauge", f"diffutron_running_batch_size {stats.running}",
+                  "# TYPE diffutron_failed_steps_total counter", f"diffutron_failed_steps_total {stats.failed_steps}",
+                  "# TYPE diffutron_failed_requests_total counter",
+                  f"diffutron_failed_requests_total {stats.failed_requests}",
                   "# TYPE diffutron_step_seconds histogram"]
         total = 0
-        for b, c in zip(self.BUCKETS + (float("inf"),), self.hist):
+        for b, c in zip(STEP_BUCKETS + (float("inf"),), list(stats.step_hist)):
             total += c
             lines.append(f'diffutron_step_seconds_bucket{{le="{"+Inf" if b == float("inf") else b}"}} {total}')
-        lines += [f"diffutron_step_seconds_sum {self.step_sum}", f"diffutron_step_seconds_count {total}"]
+        lines += [f"diffutron_step_seconds_sum {stats.step_sum}", f"diffutron_step_seconds_count {total}"]
         return "\n".join(lines) + "\n"
 
 

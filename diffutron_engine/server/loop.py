@@ -11,25 +11,39 @@ batch at the engine's next admission (its block boundary).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..engine import Engine, RequestOutput
+from ..engine import Engine, RequestOutput, StepFailed
 
 log = logging.getLogger("diffutron_engine.server")
 
 
+# Upper bounds (seconds) of the step-time histogram's buckets, Prometheus style (the last one is +Inf).
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 @dataclass
 class StepStats:
-    """What the loop measured, for /metrics (read without a lock: plain counters, torn reads harmless)."""
+    """What the loop measured, for /metrics (read without a lock: plain counters, torn reads harmless).
+    Step times go straight into fixed histogram buckets: a server that is never scraped keeps a constant
+    amount of them, not one number per step."""
 
     steps: int = 0
-    step_seconds: list[float] = field(default_factory=list)  # since the last scrape
+    step_hist: list[int] = field(default_factory=lambda: [0] * (len(STEP_BUCKETS) + 1))  # per bucket, +Inf last
+    step_sum: float = 0.0
     running: int = 0  # requests the last step touched
     failed_steps: int = 0
+    failed_requests: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.steps += 1
+        self.step_sum += seconds
+        self.step_hist[bisect.bisect_left(STEP_BUCKETS, seconds)] += 1
 
 
 class EngineLoop:
@@ -91,24 +105,37 @@ class EngineLoop:
             t = time.perf_counter()
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # the step failed: its requests get the error, the loop goes on
-                log.exception("engine step failed")
+            except StepFailed as exc:  # the engine already ended the step's requests with an error and
+                # removed them: their clients get the error, everything else goes on
+                log.error("engine step failed: %s", exc, exc_info=exc.__cause__)
+                self.stats.failed_steps += 1
+                outputs = exc.outputs
+            except Exception as exc:  # not the engine's step: nothing in flight can be trusted
+                log.exception("engine loop failed")
                 self.stats.failed_steps += 1
                 self._fail_all(exc)
                 continue
-            self.stats.steps += 1
-            self.stats.step_seconds.append(time.perf_counter() - t)
+            self.stats.observe(time.perf_counter() - t)
             self.stats.running = len(outputs)
             self._deliver(outputs)
         self._fail_all(RuntimeError("the server is shutting down"))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Each output to its request's queue; a request that failed (its step raised) gets the error
+        instead, which its handler answers with 503. Finished requests leave the table."""
         for out in outputs:
             with self._lock:
                 target = self._queues.pop(out.request_id, None) if out.finished else self._queues.get(out.request_id)
+            item = out
+            if out.finish_reason == "error":  # its handler answers 503 with the error's message
+                self.stats.failed_requests += 1
+                item = out.error
             if target is not None:
                 loop, queue = target
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                except RuntimeError:  # its event loop is closed: nobody is waiting
+                    pass
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
