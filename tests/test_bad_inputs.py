@@ -4,7 +4,7 @@ traceback, nothing on stdout, and no output file (nor a temporary one) where --o
 standard output closed by its reader is the one quiet exit: code 141 and nothing on stderr.
 
 The checks are a table: one Case per row, one parametrized test over all tables. GENERATE_CASES are
-the rows of `generate`; another command's rows go in a table of their own, added to ALL_CASES. A row
+the rows of `generate`, TRAIN_CASES those of `train` (whose output folder must stay empty). A row
 that fails before a model is loaded takes a fraction of a second (the command line refuses it before
 it imports torch); a handful of those, one per kind of input, run in the fast tier, and every other
 row (those that load the model take seconds) is marked slow.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,9 @@ class Case:
     stdout: str = "pipe"  # "pipe", "closed" (its reader went away before the first byte) or "full" (/dev/full)
     code: int = 2
     slow: bool = False  # loads the model: seconds per row
+    run_dir: str | None = None  # a folder under {tmp} (train's --output-dir) that must stay empty
+    in_process: bool = False  # run the command line's main() in this process (seconds saved per row that
+    # loads a model); stderr is still read at the file descriptor, and an exception escaping main() fails
 
 
 def _checkpoint_with(edit: Callable) -> Callable:
@@ -133,7 +137,102 @@ GENERATE_CASES = [
          output=False, stdout="full", slow=True),
 ]
 
-ALL_CASES = GENERATE_CASES
+# `train`: every setting, data file, model and resume target it is given. {tmp}/out is the run's output
+# folder; no checkpoint, metrics or final model may appear in it. Rows refused before torch is imported
+# (settings) take 0.2 s, rows refused at the data about 2 s, the others load the model (slow).
+TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "data", "tr",
+                    "heldout.txt")
+CPT = ("train", "cpt", "--model", "tiny-tr", "--output-dir", "{tmp}/out")
+DATA = ("--data", TEXT)
+
+
+def _train(id, argv, message, files=None, slow=False):
+    # rows that load a model run in process (a second instead of ten); the quick ones as real processes
+    return Case(id, argv, message, files=files, output=False, run_dir="out", slow=False, in_process=slow)
+
+
+def _folder_with(name: str, content: bytes) -> Callable:
+    def make(path: str) -> None:
+        os.makedirs(path)
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(content)
+
+    return make
+
+
+TRAIN_CASES = [
+    # settings, from --set, YAML files and flags
+    _train("set not a number", (*CPT, *DATA, "--set", "lr=fast"), "lr must be a number, got 'fast'"),
+    _train("set without =", (*CPT, *DATA, "--set", "lr"), "--set expects KEY=VALUE"),
+    _train("set empty name", (*CPT, *DATA, "--set", "=3"), "a setting name before '='", slow=True),
+    _train("set bad YAML", (*CPT, *DATA, "--set", "lr=["), "--set lr: '[' is not a valid value", slow=True),
+    _train("set NaN", (*CPT, *DATA, "--set", "lr=.nan"), "lr must be a number (finite)", slow=True),
+    _train("set unknown name", (*CPT, *DATA, "--set", "seeds=1"), "unknown setting(s): seeds (did you mean seed?)"),
+    _train("yaml batch 2.5", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "batch_size must be an integer, got 2.5",
+           files={"c.yaml": b"batch_size: 2.5\n"}),
+    _train("yaml grad_accum 1.5", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "grad_accum must be an integer, got 1.5",
+           files={"c.yaml": b"grad_accum: 1.5\n"}, slow=True),
+    _train("yaml lora_r 4.5", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "lora_r must be an integer, got 4.5",
+           files={"c.yaml": b"lora_r: 4.5\n"}, slow=True),
+    _train("yaml max_steps 2.5", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "max_steps must be an integer, got 2.5",
+           files={"c.yaml": b"max_steps: 2.5\n"}, slow=True),
+    _train("yaml targets a mapping", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "lora_targets must be a list of strings",
+           files={"c.yaml": b"lora_targets: {a: 1}\n"}, slow=True),
+    _train("yaml output_dir a list", ("train", "cpt", "--model", "tiny-tr", *DATA, "--config", "{tmp}/c.yaml"),
+           "output_dir must be a string", files={"c.yaml": b"output_dir: [a, b]\n"}, slow=True),
+    _train("yaml warmup 1", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "warmup_ratio must be a number in [0, 1)",
+           files={"c.yaml": b"warmup_ratio: 1\n"}, slow=True),
+    _train("yaml not YAML", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "is not valid YAML",
+           files={"c.yaml": b"lr: [1, 2\n"}, slow=True),
+    _train("yaml a list", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "must hold a mapping of settings",
+           files={"c.yaml": b"- a\n- b\n"}, slow=True),
+    _train("yaml missing", (*CPT, *DATA, "--config", "{tmp}/none.yaml"), "config file not found", slow=True),
+    _train("preset unknown", (*CPT, *DATA, "--preset", "gpt"), "unknown preset 'gpt'", slow=True),
+    _train("objective unknown", (*CPT, *DATA, "--objective", "gpt"), "objective must be one of mlm, mdlm", slow=True),
+    _train("epochs 0", (*CPT, *DATA, "--epochs", "0"), "epochs must be a number in (0, 1e6]", slow=True),
+    _train("lr negative", (*CPT, *DATA, "--lr", "-1"), "lr must be a number > 0", slow=True),
+    _train("seed negative", (*CPT, *DATA, "--seed", "-1"), "seed must be an integer in [0, 2**63)", slow=True),
+    _train("fsdp resume", (*CPT, *DATA, "--strategy", "fsdp", "--resume", "latest"), "resuming an FSDP run", slow=True),
+    _train("flag not an int", (*CPT, *DATA, "--max-steps", "abc"), "invalid int value: 'abc'"),
+    _train("no data", CPT, "no training data", slow=True),
+    # data files
+    _train("data missing", (*CPT, "--data", "{tmp}/none.txt"), "none.txt' does not exist"),
+    _train("data a folder", (*CPT, "--data", "{tmp}"), "is a folder, not a file", slow=True),
+    _train("data not UTF-8", (*CPT, "--data", "{tmp}/x.txt"), "is not UTF-8 text",
+           files={"x.txt": b"\xff\xfe caf\xe9\n"}, slow=True),
+    _train("data broken JSONL", (*CPT, "--data", "{tmp}/x.jsonl"), "not valid JSON",
+           files={"x.jsonl": b'{"text": "Mer'}, slow=True),
+    _train("data empty", (*CPT, "--data", "{tmp}/x.txt"), "the data holds no text", files={"x.txt": b"\n\n"},
+           slow=True),
+    _train("data without its text field", (*CPT, "--data", "{tmp}/x.jsonl"), "has no string field 'text'",
+           files={"x.jsonl": b'{"body": "Merhaba"}\n'}, slow=True),
+    _train("sft rows without columns", ("train", "sft", "--model", "tiny-tr", "--output-dir", "{tmp}/out", "--data",
+                                        "{tmp}/x.jsonl"), "an SFT row needs instruction/input/output",
+           files={"x.jsonl": b'{"text": "Merhaba"}\n'}, slow=True),
+    _train("eval data missing", (*CPT, *DATA, "--eval-data", "{tmp}/none.txt"), "none.txt' does not exist", slow=True),
+    _train("hub dataset offline", (*CPT, "--dataset", "nobody/nothing"), "could not load the hub dataset", slow=True),
+    # the model, the output folder, the resume target
+    _train("model missing", ("train", "cpt", "--model", "{tmp}/none", "--output-dir", "{tmp}/out", *DATA),
+           "none' does not exist", slow=True),
+    _train("model without config", ("train", "cpt", "--model", "{tmp}/m", "--output-dir", "{tmp}/out", *DATA),
+           "has no config.json", files={"m": _folder_with("x", b"")}, slow=True),
+    _train("model weights NaN", ("train", "cpt", "--model", "{tmp}/m", "--output-dir", "{tmp}/out", *DATA),
+           "has broken weights: model.layers.0.mlp.Wo.weight", files={"m": _checkpoint_with(_nan_weight)}, slow=True),
+    _train("output a file", ("train", "cpt", "--model", "tiny-tr", "--output-dir", "{tmp}/f", *DATA),
+           "is not a writable folder", files={"f": b"x"}, slow=True),
+    _train("lora target unknown", (*CPT, *DATA, "--set", "lora_targets=attn"), "do not name modules of this model",
+           slow=True),
+    _train("length beyond the context", (*CPT, *DATA, "--max-length", "4096"), "exceeds the model's context of 512",
+           slow=True),
+    _train("batch beyond the data", (*CPT, *DATA, "--batch-size", "100000"), "fewer than one global batch", slow=True),
+    _train("resume without checkpoints", (*CPT, *DATA, "--resume", "latest"), "--resume latest: no checkpoint in",
+           slow=True),
+    _train("resume folder missing", (*CPT, *DATA, "--resume", "{tmp}/none"), "no such checkpoint folder", slow=True),
+    _train("merge not an adapter", ("train", "merge", "--adapter", "{tmp}", "--out", "{tmp}/merged"),
+           "is not a LoRA adapter", slow=True),
+]
+
+ALL_CASES = GENERATE_CASES + TRAIN_CASES
 
 
 def _param(case: Case):
@@ -148,7 +247,7 @@ def _param(case: Case):
     return pytest.param(case, id=case.id, marks=marks)
 
 
-def run_case(case: Case, tmp) -> subprocess.CompletedProcess:
+def _make_files(case: Case, tmp) -> None:
     for name, content in (case.files or {}).items():
         path = os.path.join(tmp, name)
         if callable(content):
@@ -156,6 +255,26 @@ def run_case(case: Case, tmp) -> subprocess.CompletedProcess:
         else:
             with open(path, "wb") as f:
                 f.write(content.encode("utf-8", "surrogatepass") if isinstance(content, str) else content)
+
+
+def run_in_process(case: Case, tmp, capfd, monkeypatch) -> subprocess.CompletedProcess:
+    from diffutron_engine.cli.main import main
+
+    _make_files(case, tmp)
+    monkeypatch.chdir(tmp)
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(case.env or {})}.items():
+        monkeypatch.setenv(key, value)
+    capfd.readouterr()
+    try:
+        code = main([a.replace("{tmp}", str(tmp)) for a in case.argv])
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(case.argv, code, out.encode(), err.encode())
+
+
+def run_case(case: Case, tmp) -> subprocess.CompletedProcess:
+    _make_files(case, tmp)
     argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
     if case.output:
         argv += ["--output", os.path.join(tmp, "out.txt")]
@@ -179,8 +298,8 @@ def run_case(case: Case, tmp) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("case", [_param(c) for c in ALL_CASES])
-def test_bad_input(case: Case, tmp_path):
-    proc = run_case(case, tmp_path)
+def test_bad_input(case: Case, tmp_path, capfd, monkeypatch):
+    proc = run_in_process(case, tmp_path, capfd, monkeypatch) if case.in_process else run_case(case, tmp_path)
     err = proc.stderr.decode("utf-8", "backslashreplace")
     assert proc.returncode == case.code, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
@@ -188,10 +307,14 @@ def test_bad_input(case: Case, tmp_path):
         assert err == ""
     else:
         lines = err.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("diffutron-engine: error: "), err
+        # "diffutron-engine: error: ...", or argparse's "diffutron-engine train cpt: error: ..."
+        assert len(lines) == 1 and re.match(r"diffutron-engine( [a-z-]+)*: error: ", lines[0]), err
         assert case.message in lines[0], err
     if case.stdout == "pipe":
         assert proc.stdout == b""  # no partial answers
     if case.output:
         assert not (tmp_path / "out.txt").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".diffutron-")]  # no temporary file left
+    if case.run_dir:  # no checkpoint, metrics or final model of a run that never started
+        run = tmp_path / case.run_dir
+        assert not run.exists() or not list(run.iterdir()), sorted(p.name for p in run.iterdir())

@@ -189,6 +189,9 @@ class Trainer:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.device = _device(local)
         torch.manual_seed(cfg.seed)
+        # the data first (reading and parsing need no model): a bad file fails in a fraction of a second
+        records = read_records(cfg.train_files, cfg.dataset, cfg.dataset_split)
+        self.eval_texts = read_texts(cfg.eval_files, cfg.text_field) if cfg.eval_files else None
         self.model, self.tok = load_for_training(cfg, self.device)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context and cfg.max_length > context:
@@ -196,7 +199,6 @@ class Trainer:
                                  f"set max_length <= {context}")
         if self.tok.mask_token_id is None:
             raise DiffutronError("the tokenizer has no mask token")
-        records = read_records(cfg.train_files, cfg.dataset, cfg.dataset_split)
         if cfg.task == "cpt":
             self.examples = cpt_examples(records, self.tok, cfg.max_length, cfg.pack, cfg.text_field)
         else:
@@ -228,7 +230,6 @@ class Trainer:
         self.step = 0
         self.autocast = (self.device.type == "cuda" and cfg.precision in ("auto", "bfloat16")) or \
             (cfg.precision == "bfloat16")
-        self.eval_texts = read_texts(cfg.eval_files, cfg.text_field) if cfg.eval_files else None  # fail now
         self._prepare_output_dir()
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.diverged_nll = max(DIVERGED_NLL_FLOOR, 4 * math.log(self.model.get_input_embeddings().num_embeddings))

@@ -87,11 +87,11 @@ def _quiet_libraries() -> None:
 
 def run(args) -> int:
     from ..training.config import load_config
+
+    cfg = load_config(args.preset, args.config, _overrides(args))  # before torch is imported: bad settings fail fast
+    _quiet_libraries()
     from ..training.trainer import Trainer
 
-    _quiet_libraries()
-
-    cfg = load_config(args.preset, args.config, _overrides(args))
     result = Trainer(cfg, log=lambda s: print(s, file=sys.stderr)).train()
     print(json.dumps(result))
     return 0
