@@ -6,8 +6,9 @@ standard output closed by its reader is the one quiet exit: code 141 and nothing
 The checks are a table: one Case per row, one parametrized test over all tables. GENERATE_CASES are
 the rows of `generate`, TRAIN_CASES those of `train` (whose output folder must stay empty). A row
 that fails before a model is loaded takes a fraction of a second (the command line refuses it before
-it imports torch); a handful of those, one per kind of input, run in the fast tier, and every other
-row (those that load the model take seconds) is marked slow.
+it imports torch); rows that load a model run the command line's main() in this process (a second
+instead of eight: no interpreter, torch and transformers start-up per row), except those about standard
+output and the interpreter's exit, which need a real process and are marked slow.
 """
 
 from __future__ import annotations
@@ -88,44 +89,44 @@ GENERATE_CASES = [
     Case("stdin not UTF-8", ("generate", *QUICK), "standard input line 2 is not UTF-8 text (byte 0xff at offset 2)",
          stdin=b"Merhaba\nab\xff\xfe\n"),
     Case("stop string not UTF-8", ("generate", *QUICK, "--stop", NOT_UTF8, "x"),
-         "--stop 1 holds the byte 0xff, which is not UTF-8", slow=True),
+         "--stop 1 holds the byte 0xff, which is not UTF-8", in_process=True),
     Case("jsonl not UTF-8", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
          "in.jsonl' line 2 is not UTF-8 text (byte 0xff at offset 12)",
-         files={"in.jsonl": b'{"prompt": "a"}\n{"prompt": "\xff"}\n'}, slow=True),
+         files={"in.jsonl": b'{"prompt": "a"}\n{"prompt": "\xff"}\n'}, in_process=True),
     Case("jsonl lone surrogate", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
          'in.jsonl:1: "prompt" holds a lone surrogate \\ud800, which is not a character',
          files={"in.jsonl": '{"prompt": "a\\ud800b"}\n'}),
     Case("jsonl message lone surrogate", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
          "in.jsonl:1: message 0 content holds a lone surrogate \\udc80",
-         files={"in.jsonl": '{"messages": [{"role": "user", "content": "a\\udc80"}]}\n'}, slow=True),
+         files={"in.jsonl": '{"messages": [{"role": "user", "content": "a\\udc80"}]}\n'}, in_process=True),
     Case("jsonl nested too deeply", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
          "in.jsonl:1: JSON nested too deeply to read", files={"in.jsonl": DEEP}),
     # settings beyond their bounds
     Case("steps beyond the bound", ("generate", *QUICK, "--steps", "100000000", "x"),
          "steps must be <= 16,384, got 100,000,000"),
     Case("temperature beyond the bound", ("generate", *QUICK, "--temperature", "1e308", "x"),
-         "temperature must be <= 100, got 1e+308", slow=True),
+         "temperature must be <= 100, got 1e+308", in_process=True),
     Case("backend unknown", ("generate", *QUICK, "x"), "DIFFUTRON_BACKEND='nonsense' is not one of triton, cpp, torch",
-         env={"DIFFUTRON_BACKEND": "nonsense"}, slow=True),
+         env={"DIFFUTRON_BACKEND": "nonsense"}, in_process=True),
     Case("backend upper case", ("generate", *QUICK, "x"), "names are lower case: 'torch'",
-         env={"DIFFUTRON_BACKEND": "TORCH"}, slow=True),
+         env={"DIFFUTRON_BACKEND": "TORCH"}, in_process=True),
     # where the answers go
     Case("output empty", ("generate", *QUICK, "--output", "", "x"), "--output is empty", output=False),
     Case("output symlink loop", ("generate", *QUICK, "--output", "{tmp}/a", "x"), "its symbolic links form a loop",
-         files={"a": lambda p: os.symlink("b", p), "b": lambda p: os.symlink("a", p)}, output=False, slow=True),
-    Case("model empty", ("generate", "--model", "", "x"), "model must be a hub id or a local directory, got ''", slow=True),
+         files={"a": lambda p: os.symlink("b", p), "b": lambda p: os.symlink("a", p)}, output=False, in_process=True),
+    Case("model empty", ("generate", "--model", "", "x"), "model must be a hub id or a local directory, got ''", in_process=True),
     # the model folder
     Case("config field a string", ("generate", *QUICK[2:], "--model", "{tmp}/m", "x"),
          "Field 'hidden_size' expected int, got str (value: 'abc')", files={"m": _config_field("hidden_size", "abc")},
-         slow=True),
+         in_process=True),
     Case("config field a list", ("generate", *QUICK[2:], "--model", "{tmp}/m", "x"),
-         "Field 'vocab_size' expected int, got list", files={"m": _config_field("vocab_size", [1, 2])}, slow=True),
+         "Field 'vocab_size' expected int, got list", files={"m": _config_field("vocab_size", [1, 2])}, in_process=True),
     Case("config size not positive", ("generate", *QUICK[2:], "--model", "{tmp}/m", "x"),
          "broken config.json: num_attention_heads must be a positive integer, got 0",
-         files={"m": _config_field("num_attention_heads", 0)}, slow=True),
+         files={"m": _config_field("num_attention_heads", 0)}, in_process=True),
     Case("weights with NaN and inf", ("generate", *QUICK[2:], "--model", "{tmp}/m", "x"),
          "has broken weights: model.layers.0.mlp.Wo.weight holds 2 NaN or infinite value(s)",
-         files={"m": _checkpoint_with(_nan_weight)}, slow=True),
+         files={"m": _checkpoint_with(_nan_weight)}, in_process=True),
     Case("backend triton without CUDA", ("generate", *QUICK, "x"),
          "DIFFUTRON_BACKEND=triton was forced but is not available", env={"DIFFUTRON_BACKEND": "triton"}, slow=True),
     # standard output
@@ -138,17 +139,16 @@ GENERATE_CASES = [
 ]
 
 # `train`: every setting, data file, model and resume target it is given. {tmp}/out is the run's output
-# folder; no checkpoint, metrics or final model may appear in it. Rows refused before torch is imported
-# (settings) take 0.2 s, rows refused at the data about 2 s, the others load the model (slow).
+# folder; no checkpoint, metrics or final model may appear in it. A few rows of each kind run as real
+# processes (settings are refused before torch is imported: 0.2 s); the rest run in process.
 TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "data", "tr",
                     "heldout.txt")
 CPT = ("train", "cpt", "--model", "tiny-tr", "--output-dir", "{tmp}/out")
 DATA = ("--data", TEXT)
 
 
-def _train(id, argv, message, files=None, slow=False):
-    # rows that load a model run in process (a second instead of ten); the quick ones as real processes
-    return Case(id, argv, message, files=files, output=False, run_dir="out", slow=False, in_process=slow)
+def _train(id, argv, message, files=None, in_process=False):
+    return Case(id, argv, message, files=files, output=False, run_dir="out", in_process=in_process)
 
 
 def _folder_with(name: str, content: bytes) -> Callable:
@@ -164,72 +164,72 @@ TRAIN_CASES = [
     # settings, from --set, YAML files and flags
     _train("set not a number", (*CPT, *DATA, "--set", "lr=fast"), "lr must be a number, got 'fast'"),
     _train("set without =", (*CPT, *DATA, "--set", "lr"), "--set expects KEY=VALUE"),
-    _train("set empty name", (*CPT, *DATA, "--set", "=3"), "a setting name before '='", slow=True),
-    _train("set bad YAML", (*CPT, *DATA, "--set", "lr=["), "--set lr: '[' is not a valid value", slow=True),
-    _train("set NaN", (*CPT, *DATA, "--set", "lr=.nan"), "lr must be a number (finite)", slow=True),
+    _train("set empty name", (*CPT, *DATA, "--set", "=3"), "a setting name before '='", in_process=True),
+    _train("set bad YAML", (*CPT, *DATA, "--set", "lr=["), "--set lr: '[' is not a valid value", in_process=True),
+    _train("set NaN", (*CPT, *DATA, "--set", "lr=.nan"), "lr must be a number (finite)", in_process=True),
     _train("set unknown name", (*CPT, *DATA, "--set", "seeds=1"), "unknown setting(s): seeds (did you mean seed?)"),
     _train("yaml batch 2.5", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "batch_size must be an integer, got 2.5",
            files={"c.yaml": b"batch_size: 2.5\n"}),
     _train("yaml grad_accum 1.5", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "grad_accum must be an integer, got 1.5",
-           files={"c.yaml": b"grad_accum: 1.5\n"}, slow=True),
+           files={"c.yaml": b"grad_accum: 1.5\n"}, in_process=True),
     _train("yaml lora_r 4.5", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "lora_r must be an integer, got 4.5",
-           files={"c.yaml": b"lora_r: 4.5\n"}, slow=True),
+           files={"c.yaml": b"lora_r: 4.5\n"}, in_process=True),
     _train("yaml max_steps 2.5", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "max_steps must be an integer, got 2.5",
-           files={"c.yaml": b"max_steps: 2.5\n"}, slow=True),
+           files={"c.yaml": b"max_steps: 2.5\n"}, in_process=True),
     _train("yaml targets a mapping", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "lora_targets must be a list of strings",
-           files={"c.yaml": b"lora_targets: {a: 1}\n"}, slow=True),
+           files={"c.yaml": b"lora_targets: {a: 1}\n"}, in_process=True),
     _train("yaml output_dir a list", ("train", "cpt", "--model", "tiny-tr", *DATA, "--config", "{tmp}/c.yaml"),
-           "output_dir must be a string", files={"c.yaml": b"output_dir: [a, b]\n"}, slow=True),
+           "output_dir must be a string", files={"c.yaml": b"output_dir: [a, b]\n"}, in_process=True),
     _train("yaml warmup 1", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "warmup_ratio must be a number in [0, 1)",
-           files={"c.yaml": b"warmup_ratio: 1\n"}, slow=True),
+           files={"c.yaml": b"warmup_ratio: 1\n"}, in_process=True),
     _train("yaml not YAML", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "is not valid YAML",
-           files={"c.yaml": b"lr: [1, 2\n"}, slow=True),
+           files={"c.yaml": b"lr: [1, 2\n"}, in_process=True),
     _train("yaml a list", (*CPT, *DATA, "--config", "{tmp}/c.yaml"), "must hold a mapping of settings",
-           files={"c.yaml": b"- a\n- b\n"}, slow=True),
-    _train("yaml missing", (*CPT, *DATA, "--config", "{tmp}/none.yaml"), "config file not found", slow=True),
-    _train("preset unknown", (*CPT, *DATA, "--preset", "gpt"), "unknown preset 'gpt'", slow=True),
-    _train("objective unknown", (*CPT, *DATA, "--objective", "gpt"), "objective must be one of mlm, mdlm", slow=True),
-    _train("epochs 0", (*CPT, *DATA, "--epochs", "0"), "epochs must be a number in (0, 1e6]", slow=True),
-    _train("lr negative", (*CPT, *DATA, "--lr", "-1"), "lr must be a number > 0", slow=True),
-    _train("seed negative", (*CPT, *DATA, "--seed", "-1"), "seed must be an integer in [0, 2**63)", slow=True),
-    _train("fsdp resume", (*CPT, *DATA, "--strategy", "fsdp", "--resume", "latest"), "resuming an FSDP run", slow=True),
+           files={"c.yaml": b"- a\n- b\n"}, in_process=True),
+    _train("yaml missing", (*CPT, *DATA, "--config", "{tmp}/none.yaml"), "config file not found", in_process=True),
+    _train("preset unknown", (*CPT, *DATA, "--preset", "gpt"), "unknown preset 'gpt'", in_process=True),
+    _train("objective unknown", (*CPT, *DATA, "--objective", "gpt"), "objective must be one of mlm, mdlm", in_process=True),
+    _train("epochs 0", (*CPT, *DATA, "--epochs", "0"), "epochs must be a number in (0, 1e6]", in_process=True),
+    _train("lr negative", (*CPT, *DATA, "--lr", "-1"), "lr must be a number > 0", in_process=True),
+    _train("seed negative", (*CPT, *DATA, "--seed", "-1"), "seed must be an integer in [0, 2**63)", in_process=True),
+    _train("fsdp resume", (*CPT, *DATA, "--strategy", "fsdp", "--resume", "latest"), "resuming an FSDP run", in_process=True),
     _train("flag not an int", (*CPT, *DATA, "--max-steps", "abc"), "invalid int value: 'abc'"),
-    _train("no data", CPT, "no training data", slow=True),
+    _train("no data", CPT, "no training data", in_process=True),
     # data files
     _train("data missing", (*CPT, "--data", "{tmp}/none.txt"), "none.txt' does not exist"),
-    _train("data a folder", (*CPT, "--data", "{tmp}"), "is a folder, not a file", slow=True),
+    _train("data a folder", (*CPT, "--data", "{tmp}"), "is a folder, not a file", in_process=True),
     _train("data not UTF-8", (*CPT, "--data", "{tmp}/x.txt"), "is not UTF-8 text",
-           files={"x.txt": b"\xff\xfe caf\xe9\n"}, slow=True),
+           files={"x.txt": b"\xff\xfe caf\xe9\n"}, in_process=True),
     _train("data broken JSONL", (*CPT, "--data", "{tmp}/x.jsonl"), "not valid JSON",
-           files={"x.jsonl": b'{"text": "Mer'}, slow=True),
+           files={"x.jsonl": b'{"text": "Mer'}, in_process=True),
     _train("data empty", (*CPT, "--data", "{tmp}/x.txt"), "the data holds no text", files={"x.txt": b"\n\n"},
-           slow=True),
+           in_process=True),
     _train("data without its text field", (*CPT, "--data", "{tmp}/x.jsonl"), "has no string field 'text'",
-           files={"x.jsonl": b'{"body": "Merhaba"}\n'}, slow=True),
+           files={"x.jsonl": b'{"body": "Merhaba"}\n'}, in_process=True),
     _train("sft rows without columns", ("train", "sft", "--model", "tiny-tr", "--output-dir", "{tmp}/out", "--data",
                                         "{tmp}/x.jsonl"), "an SFT row needs instruction/input/output",
-           files={"x.jsonl": b'{"text": "Merhaba"}\n'}, slow=True),
-    _train("eval data missing", (*CPT, *DATA, "--eval-data", "{tmp}/none.txt"), "none.txt' does not exist", slow=True),
-    _train("hub dataset offline", (*CPT, "--dataset", "nobody/nothing"), "could not load the hub dataset", slow=True),
+           files={"x.jsonl": b'{"text": "Merhaba"}\n'}, in_process=True),
+    _train("eval data missing", (*CPT, *DATA, "--eval-data", "{tmp}/none.txt"), "none.txt' does not exist", in_process=True),
+    _train("hub dataset offline", (*CPT, "--dataset", "nobody/nothing"), "could not load the hub dataset", in_process=True),
     # the model, the output folder, the resume target
     _train("model missing", ("train", "cpt", "--model", "{tmp}/none", "--output-dir", "{tmp}/out", *DATA),
-           "none' does not exist", slow=True),
+           "none' does not exist", in_process=True),
     _train("model without config", ("train", "cpt", "--model", "{tmp}/m", "--output-dir", "{tmp}/out", *DATA),
-           "has no config.json", files={"m": _folder_with("x", b"")}, slow=True),
+           "has no config.json", files={"m": _folder_with("x", b"")}, in_process=True),
     _train("model weights NaN", ("train", "cpt", "--model", "{tmp}/m", "--output-dir", "{tmp}/out", *DATA),
-           "has broken weights: model.layers.0.mlp.Wo.weight", files={"m": _checkpoint_with(_nan_weight)}, slow=True),
+           "has broken weights: model.layers.0.mlp.Wo.weight", files={"m": _checkpoint_with(_nan_weight)}, in_process=True),
     _train("output a file", ("train", "cpt", "--model", "tiny-tr", "--output-dir", "{tmp}/f", *DATA),
-           "is not a writable folder", files={"f": b"x"}, slow=True),
+           "is not a writable folder", files={"f": b"x"}, in_process=True),
     _train("lora target unknown", (*CPT, *DATA, "--set", "lora_targets=attn"), "do not name modules of this model",
-           slow=True),
+           in_process=True),
     _train("length beyond the context", (*CPT, *DATA, "--max-length", "4096"), "exceeds the model's context of 512",
-           slow=True),
-    _train("batch beyond the data", (*CPT, *DATA, "--batch-size", "100000"), "fewer than one global batch", slow=True),
+           in_process=True),
+    _train("batch beyond the data", (*CPT, *DATA, "--batch-size", "100000"), "fewer than one global batch", in_process=True),
     _train("resume without checkpoints", (*CPT, *DATA, "--resume", "latest"), "--resume latest: no checkpoint in",
-           slow=True),
-    _train("resume folder missing", (*CPT, *DATA, "--resume", "{tmp}/none"), "no such checkpoint folder", slow=True),
+           in_process=True),
+    _train("resume folder missing", (*CPT, *DATA, "--resume", "{tmp}/none"), "no such checkpoint folder", in_process=True),
     _train("merge not an adapter", ("train", "merge", "--adapter", "{tmp}", "--out", "{tmp}/merged"),
-           "is not a LoRA adapter", slow=True),
+           "is not a LoRA adapter", in_process=True),
 ]
 
 ALL_CASES = GENERATE_CASES + TRAIN_CASES
@@ -257,6 +257,11 @@ def _make_files(case: Case, tmp) -> None:
                 f.write(content.encode("utf-8", "surrogatepass") if isinstance(content, str) else content)
 
 
+def _argv(case: Case, tmp) -> list[str]:
+    argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
+    return argv + (["--output", os.path.join(tmp, "out.txt")] if case.output else [])
+
+
 def run_in_process(case: Case, tmp, capfd, monkeypatch) -> subprocess.CompletedProcess:
     from diffutron_engine.cli.main import main
 
@@ -264,9 +269,11 @@ def run_in_process(case: Case, tmp, capfd, monkeypatch) -> subprocess.CompletedP
     monkeypatch.chdir(tmp)
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(case.env or {})}.items():
         monkeypatch.setenv(key, value)
+    if "DIFFUTRON_BACKEND" not in (case.env or {}):
+        monkeypatch.delenv("DIFFUTRON_BACKEND", raising=False)
     capfd.readouterr()
     try:
-        code = main([a.replace("{tmp}", str(tmp)) for a in case.argv])
+        code = main(_argv(case, tmp))
     except SystemExit as exc:  # argparse's usage errors
         code = exc.code
     out, err = capfd.readouterr()
@@ -275,9 +282,7 @@ def run_in_process(case: Case, tmp, capfd, monkeypatch) -> subprocess.CompletedP
 
 def run_case(case: Case, tmp) -> subprocess.CompletedProcess:
     _make_files(case, tmp)
-    argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
-    if case.output:
-        argv += ["--output", os.path.join(tmp, "out.txt")]
+    argv = _argv(case, tmp)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(case.env or {})}
     env.pop("TRITON_INTERPRET", None)  # the test session's interpreter would make triton run on CPU
     if "DIFFUTRON_BACKEND" not in (case.env or {}):

@@ -4,7 +4,7 @@ The batched estimator is checked against the plain one-request-at-a-time impleme
 same requests: same numbers within 1e-4 relative in float32), the noise draw by its definition, the
 greedy check against a plain loop, generation against the engine's contract, bad input by its
 messages; end to end through lm-eval's evaluator and `diffutron-engine eval lm-eval` on the task YAMLs
-in tests/data/lm_eval (slow tier: lm-eval indexes its task folders).
+in tests/data/lm_eval (the CLI run in the slow tier: lm-eval's CLI indexes all its task folders).
 """
 
 import json
@@ -230,7 +230,6 @@ def test_lm_eval_arguments_lose_to_model_args(tiny_checkpoint):
     assert lm.batch_size == 8  # lm-eval's --batch_size (a string on its CLI) when --model_args has none
 
 
-@pytest.mark.slow
 def test_cli_unknown_model_arg_is_one_line_exit_2(tiny_checkpoint):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "diffutron_engine", "eval", "lm-eval", "--model_args",
@@ -241,7 +240,6 @@ def test_cli_unknown_model_arg_is_one_line_exit_2(tiny_checkpoint):
     assert "error: unknown model argument(s) for diffutron: 'mc_nmu' (did you mean 'mc_num'?)" in r.stderr
 
 
-@pytest.mark.slow
 def test_end_to_end_through_lm_eval_evaluator(tiny_checkpoint, tmp_path, monkeypatch):
     """lm-eval's own evaluator on the shipped tasks: a multiple-choice task (acc) and a generation task
     (exact match), offline; the numbers are the model's own (a random model: chance level)."""
@@ -254,7 +252,7 @@ def test_end_to_end_through_lm_eval_evaluator(tiny_checkpoint, tmp_path, monkeyp
     lm = DiffutronLM(pretrained=tiny_checkpoint, mc_num=8, batch_size=4, device="cpu", max_new_tokens=8, steps=8,
                      block_size=8, is_check_greedy=True)
     out = lm_eval.simple_evaluate(model=lm, tasks=["diffutron_tr_mc", "diffutron_tr_gen"],
-                                  task_manager=TaskManager(include_path=TASKS), random_seed=0, numpy_random_seed=0,
+                                  task_manager=TaskManager(include_path=TASKS, include_defaults=False), random_seed=0, numpy_random_seed=0,
                                   torch_random_seed=0, fewshot_random_seed=0, log_samples=True)
     mcq, gen = out["results"]["diffutron_tr_mc"], out["results"]["diffutron_tr_gen"]
     assert 0.0 <= mcq["acc,none"] <= 1.0 and 0.0 <= gen["exact_match,none"] <= 1.0

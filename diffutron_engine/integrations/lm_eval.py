@@ -79,16 +79,21 @@ def _bool(name: str, value) -> bool:
     raise DiffutronError(f"model argument {name} must be true or false, got {value!r}")
 
 
+def check_names(args) -> None:
+    """Refuse model arguments this model does not have, naming the closest one."""
+    unknown = sorted(set(args) - set(DEFAULTS))
+    if unknown:
+        hints = [f"{u!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, DEFAULTS, 1))
+                             else "") for u in unknown]
+        raise DiffutronError(f"unknown model argument(s) for diffutron: {', '.join(hints)}; known: "
+                             f"{', '.join(sorted(DEFAULTS))}")
+
+
 @register_model("diffutron")
 class DiffutronLM(LM):
     def __init__(self, **kwargs):
         super().__init__()
-        unknown = sorted(set(kwargs) - set(DEFAULTS))
-        if unknown:
-            hints = [f"{u!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, DEFAULTS, 1))
-                                 else "") for u in unknown]
-            raise DiffutronError(f"unknown model argument(s) for diffutron: {', '.join(hints)}; known: "
-                                 f"{', '.join(sorted(DEFAULTS))}")
+        check_names(kwargs)
         a = {**DEFAULTS, **kwargs}
         if a["batch_size"] in ("auto",) or str(a["batch_size"]).startswith("auto:"):
             a["batch_size"] = DEFAULTS["batch_size"]  # lm-eval's "pick for me": the estimator's default
@@ -268,6 +273,9 @@ def cli_main(argv: list[str]) -> int:
         flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
         if "--model" not in flags:
             argv += ["--model", "diffutron"]
+        if _flag_value(argv, "--model") == "diffutron":  # before lm-eval's task indexing (seconds): fail fast
+            spec = _flag_value(argv, "--model_args") or ""
+            check_names([p.split("=", 1)[0].strip() for p in spec.split(",") if p.strip()])
         if "--device" not in flags:
             argv += ["--device", "auto"]
         if not flags & {"--batch_size", "-b"}:
@@ -283,17 +291,21 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` (as "--flag VALUE" or "--flag=VALUE"), the last one given, or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
 def _model_arg(argv: list[str], key: str) -> str | None:
     """The value of `key` inside --model_args k=v,... (or None)."""
-    for i, a in enumerate(argv):
-        if a == "--model_args" and i + 1 < len(argv):
-            spec = argv[i + 1]
-        elif a.startswith("--model_args="):
-            spec = a.split("=", 1)[1]
-        else:
-            continue
-        for part in spec.split(","):
-            k, _, v = part.partition("=")
-            if k.strip() == key:
-                return v.strip()
+    for part in (_flag_value(argv, "--model_args") or "").split(","):
+        k, _, v = part.partition("=")
+        if k.strip() == key:
+            return v.strip()
     return None
