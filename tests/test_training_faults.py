@@ -145,6 +145,76 @@ def test_pruning_renames_before_deleting(tiny_checkpoint, tmp_path, monkeypatch)
     _train(_cfg(tiny_checkpoint, tmp_path, max_steps=3, save_every=1, keep_last=1))
     assert _names(tmp_path) == ["checkpoint-3"]
     assert all(ck.verify(c) is None for c in ck.checkpoint_folders(tmp_path))
+    # the pruned ones were renamed away before the (killed) delete, and the next start removes them
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".trash-")) == [".trash-checkpoint-1",
+                                                                                ".trash-checkpoint-2"]
+    monkeypatch.setattr(shutil, "rmtree", real)
+    Trainer(_cfg(tiny_checkpoint, tmp_path, max_steps=3), log=lambda s: None)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".trash-")]
+
+
+def test_folders_that_are_not_ours_are_never_removed_nor_pruned(tiny_checkpoint, tmp_path):
+    """Another trainer's checkpoint-N (files this package never writes) survives cleanup and pruning."""
+    foreign = tmp_path / "checkpoint-100"
+    foreign.mkdir(parents=True)
+    for name in ("trainer_state.json", "optimizer.pt", "training_args.bin"):
+        (foreign / name).write_bytes(b"x")
+    _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4, save_every=1, keep_last=1))
+    assert sorted(os.listdir(foreign)) == ["optimizer.pt", "trainer_state.json", "training_args.bin"]
+    assert _names(tmp_path) == ["checkpoint-4"]
+
+
+def test_a_complete_save_killed_before_its_rename_is_recovered(tiny_checkpoint, tmp_path):
+    _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4), stop_after=2)
+    os.replace(tmp_path / "checkpoint-2", tmp_path / ".tmp-checkpoint-2-999")  # killed between the renames
+    logs = []
+    _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4, resume="latest"), logs)
+    assert any("a complete save killed before its rename" in l for l in logs)
+    assert any(l.endswith("at step 2") and "resumed from" in l for l in logs)
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tiny_checkpoint, tmp_path):
+    _train(_cfg(tiny_checkpoint, tmp_path, max_steps=6), stop_after=4)  # checkpoints 2 and 4
+    logs = []
+    _train(_cfg(tiny_checkpoint, tmp_path, max_steps=6, resume=str(tmp_path / "checkpoint-2")), logs, stop_after=3)
+    assert _names(tmp_path) == ["checkpoint-2"]  # checkpoint-4 was the abandoned run's: never mixed in
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".set-aside-checkpoint-4-")]
+    assert any("set aside" in l for l in logs)
+
+
+def test_an_older_versions_checkpoint_resumes_with_a_warning(tiny_checkpoint, tmp_path):
+    _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4), stop_after=2)
+    os.remove(tmp_path / "checkpoint-2" / ck.MANIFEST)
+    logs = []
+    _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4, resume=str(tmp_path / "checkpoint-2")), logs, stop_after=3)
+    assert any("no manifest" in l and "resumed unverified" in l for l in logs)
+
+
+def test_cli_resume_keeps_the_checkpoints_settings_and_refuses_data_changes(tiny_checkpoint, tmp_path, capsys):
+    """`train --resume latest` alone continues with the run's own settings (not the defaults); a setting
+    that decides the steps' data is refused with what to do; lr may change and is printed."""
+    from diffutron_engine.cli.main import main
+
+    out = str(tmp_path / "run")
+    first = ["train", "cpt", "--model", tiny_checkpoint, "--data", TEXT, "--output-dir", out, "--max-steps", "2",
+             "--batch-size", "4", "--max-length", "32", "--lr", "1e-3", "--save-every", "1", "--lora-r", "4",
+             "--objective", "mdlm", "--seed", "3"]
+    assert main(first) == 0
+    capsys.readouterr()
+    assert main(["train", "cpt", "--output-dir", out, "--resume", "latest", "--max-steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "max_steps 3 (checkpoint: 2)" in err and "lr " not in err.split("resumed")[0]
+    assert main(["train", "cpt", "--output-dir", out, "--resume", "latest", "--max-steps", "4",
+                 "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot change on resume: batch_size 2 (checkpoint: 4)" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "cpt", "--output-dir", out, "--resume", "latest", "--max-steps", "4", "--lr", "5e-4"]) == 0
+    assert "lr 0.0005 (checkpoint: 0.001)" in capsys.readouterr().err
+
+
+def test_any_seed_the_config_accepts_trains(tiny_checkpoint, tmp_path):
+    res = _train(_cfg(tiny_checkpoint, tmp_path, max_steps=1, seed=2**63 - 1))
+    assert res["steps"] == 1
 
 
 def test_partial_metrics_line_is_dropped_on_resume(tiny_checkpoint, tmp_path):

@@ -5,9 +5,15 @@ A checkpoint is written into a temporary folder `.tmp-checkpoint-N-PID`; its las
 `manifest.json` (each other file's size and SHA-256); then the folder is renamed to `checkpoint-N`.
 So a `checkpoint-N` folder with a manifest that verifies is complete and unchanged since it was
 written. Old checkpoints are pruned by renaming them to `.trash-checkpoint-N` (atomic) before deleting,
-so a kill during pruning never leaves a half-deleted `checkpoint-N`. At the next start `.tmp-*` and
-`.trash-*` folders are removed, and so are `checkpoint-N` folders that never got a manifest nor a
-trainer state (debris of an interrupted delete by an older version).
+so a kill during pruning never leaves a half-deleted `checkpoint-N`; a checkpoint that is rewritten is
+renamed away the same way before its new copy is renamed into place.
+
+At the next start (clean): a `.tmp-checkpoint-N-*` whose manifest verifies while `checkpoint-N` is missing
+is a save killed between its two renames, and is renamed into place; other `.tmp-*` and `.trash-*`
+folders are removed; so are `checkpoint-N` folders without a manifest that hold only files this package
+writes and no trainer state (debris of an interrupted delete by an older version). Folders that are
+not ours (another trainer's `checkpoint-N`, with files we never write) are never touched, nor counted
+by pruning: only checkpoints with a manifest are ours.
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ import shutil
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
+CONFIG = "train_config.json"  # the run's settings, read by `train --resume` as the base of the new ones
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+_TMP = re.compile(r"^\.tmp-(checkpoint-\d+|final)-\d+$")
+_TRASH = re.compile(r"^\.trash-(checkpoint-\d+|final)(-\d+)?$")
+# what a save of this package writes into a checkpoint folder (model or adapter, tokenizer, state)
+_OUR_FILES = re.compile(r"^(model.*\.safetensors|model\.safetensors\.index\.json|adapter_model\.safetensors|"
+                        r"adapter_config\.json|config\.json|generation_config\.json|tokenizer.*|special_tokens_map"
+                        r"\.json|chat_template\.jinja|README\.md|trainer_state\.pt|train_config\.json|manifest\.json(\.tmp)?)$")
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -55,6 +68,8 @@ def verify(folder: str) -> str | None:
         with open(path) as f:
             manifest = json.load(f)
         files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
+            raise TypeError("its files are not a mapping of name -> {size, sha256}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable manifest.json ({exc})"
     if STATE not in files:
@@ -70,8 +85,12 @@ def verify(folder: str) -> str | None:
     return None
 
 
+def step_of(folder: str) -> int:
+    return int(_CKPT.match(os.path.basename(folder)).group(1))
+
+
 def checkpoint_folders(output_dir: str) -> list[str]:
-    """`checkpoint-N` folders in `output_dir`, oldest first (complete or not)."""
+    """`checkpoint-N` folders in `output_dir`, oldest first (complete or not, ours or not)."""
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), n) for n in os.listdir(output_dir) if (m := _CKPT.match(n))
@@ -79,31 +98,69 @@ def checkpoint_folders(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, n) for _, n in sorted(found)]
 
 
+def ours(output_dir: str) -> list[str]:
+    """The checkpoints this package wrote (a manifest: completed saves), oldest first."""
+    return [c for c in checkpoint_folders(output_dir) if os.path.isfile(os.path.join(c, MANIFEST))]
+
+
 def clean(output_dir: str, log=print) -> list[str]:
-    """Remove what interrupted saves and prunes left behind; returns the removed names."""
-    removed = []
+    """Finish or remove what interrupted saves and prunes left behind (module docstring); returns the
+    names acted on."""
+    acted = []
     if not os.path.isdir(output_dir):
-        return removed
+        return acted
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        debris = name.startswith((".tmp-", ".trash-"))
-        if not debris and _CKPT.match(name) and os.path.isdir(path):
-            debris = not os.path.exists(os.path.join(path, MANIFEST)) and not os.path.exists(os.path.join(path, STATE))
-        if debris and os.path.isdir(path):
+        if not os.path.isdir(path):
+            continue
+        tmp = _TMP.match(name)
+        if tmp and tmp.group(1).startswith("checkpoint-"):
+            final = os.path.join(output_dir, tmp.group(1))
+            if not os.path.exists(final) and verify(path) is None:
+                os.replace(path, final)
+                acted.append(f"{name} -> {tmp.group(1)} (a complete save killed before its rename)")
+                continue
+        if tmp or _TRASH.match(name):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(name)
-    if removed:
-        log(f"removed the leftovers of interrupted saves in {output_dir}: {', '.join(removed)}")
-    return removed
+            acted.append(name)
+        elif _CKPT.match(name) and not os.path.exists(os.path.join(path, MANIFEST)) and \
+                not os.path.exists(os.path.join(path, STATE)):
+            names = os.listdir(path)
+            if all(_OUR_FILES.match(n) for n in names):  # our own half-deleted debris, nothing foreign
+                shutil.rmtree(path, ignore_errors=True)
+                acted.append(name)
+    if acted:
+        log(f"cleaned up after interrupted saves in {output_dir}: {'; '.join(acted)}")
+    return acted
+
+
+def remove(folder: str) -> None:
+    """Delete a checkpoint folder atomically: renamed away first, then deleted."""
+    trash = os.path.join(os.path.dirname(folder), ".trash-" + os.path.basename(folder))
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def prune(output_dir: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints, each renamed away first (atomic)."""
-    for old in checkpoint_folders(output_dir)[:-keep_last]:
-        trash = os.path.join(output_dir, ".trash-" + os.path.basename(old))
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(old, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    """Delete all but the newest `keep_last` of our checkpoints (module docstring)."""
+    for old in ours(output_dir)[:-keep_last]:
+        remove(old)
+
+
+def saved_config(output_dir: str, resume: str) -> dict | None:
+    """The settings a checkpoint was trained with (its train_config.json), for --resume DIR or latest
+    (the newest checkpoint that has them); None when there are none (verification comes later)."""
+    folders = [resume] if resume != "latest" else list(reversed(checkpoint_folders(output_dir)))
+    for folder in folders:
+        try:
+            with open(os.path.join(folder, CONFIG)) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
 
 
 def append_jsonl(path: str, record: dict) -> None:

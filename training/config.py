@@ -1,7 +1,8 @@
 """Training configuration: one dataclass, validated on construction, read from YAML with command-line
 overrides on top, and presets that follow the Diffutron paper's recipes.
 
-Precedence: preset < YAML file < --set key=value overrides (and the CLI's named flags).
+Precedence: preset < YAML file < --set key=value overrides (and the CLI's named flags); a resumed run
+starts from its checkpoint's settings (train_config.json) below all of them.
 """
 
 from __future__ import annotations
@@ -212,8 +213,16 @@ def parse_value(text: str):
                              "lists as [a, b] or a,b") from None
 
 
-def load_config(preset: str | None = None, path: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    values: dict = {}
+def load_config(preset: str | None = None, path: str | None = None, overrides: dict | None = None,
+                base: dict | None = None) -> TrainConfig:
+    """base (a resumed checkpoint's settings) < preset < YAML file < overrides (flags and --set)."""
+    return TrainConfig(**gather(preset, path, overrides, base))
+
+
+def gather(preset: str | None = None, path: str | None = None, overrides: dict | None = None,
+           base: dict | None = None) -> dict:
+    """The layered settings, names checked, values not yet converted (load_config converts them)."""
+    values: dict = dict(base or {})
     if preset:
         if preset not in PRESETS:
             raise DiffutronError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -241,4 +250,4 @@ def load_config(preset: str | None = None, path: str | None = None, overrides: d
         hints = [k + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
                  for k in unknown]
         raise DiffutronError(f"unknown setting(s): {', '.join(hints)}; known: {', '.join(sorted(known))}")
-    return TrainConfig(**values)
+    return values

@@ -171,7 +171,7 @@ def sft_examples(records, tokenizer, max_length: int) -> tuple[list[Example], in
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any config seed (see objectives)
     return torch.randperm(n, generator=g).tolist()
 
 

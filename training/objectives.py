@@ -20,7 +20,8 @@ import torch
 
 
 def example_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 10_000_019 + index)
+    # mod 2**64: any config seed works (torch takes 64-bit seeds); seeds below ~1.8e6 are unchanged
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**64)
 
 
 def mask_example(ids: torch.Tensor, maskable: torch.Tensor, objective: str, mask_id: int, g: torch.Generator,

@@ -146,8 +146,8 @@ def cosine_with_warmup(total: int, warmup: int):
 
 
 def _checkpoints(output_dir: str) -> list[str]:
-    """Completed checkpoints (their manifest written), oldest first; `_last_good` also verifies them."""
-    return [c for c in ck.checkpoint_folders(output_dir) if os.path.isfile(os.path.join(c, ck.MANIFEST))]
+    """Our completed checkpoints (their manifest written), oldest first; `_last_good` also verifies them."""
+    return ck.ours(output_dir)
 
 
 def _last_good(output_dir: str) -> str | None:
@@ -171,8 +171,8 @@ def _write_atomically(final: str, write) -> None:
     os.makedirs(tmp)
     try:
         write(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        if os.path.exists(final):  # renamed away first: a kill in between leaves the new copy (see ck.clean)
+            ck.remove(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -359,18 +359,18 @@ class Trainer:
                 if bad:
                     problem = f"the optimizer state ({bad[0]}) holds NaN or inf"
                     break
-        if problem is None:
-            (inputs, att, masked, targets, row_w, _), _ = next(self._micro_batches(self.step - 1))
-            n = int(masked.sum())
-            was = self.model.training
-            self.model.eval()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                nll = float(self.ddp(inputs.to(self.device), att.to(self.device), masked.to(self.device),
-                                     targets.to(self.device), torch.ones(n, device=self.device), max(n, 1)))
-            self.model.train(was)
-            if not math.isfinite(nll) or nll > self.diverged_nll:
-                problem = (f"the loss at the new weights is {nll:.4g} per masked token (diverged: above "
-                           f"{self.diverged_nll:.0f})")
+        # every rank runs the probe, whatever it found above: FSDP's forward is collective
+        (inputs, att, masked, targets, row_w, _), _ = next(self._micro_batches(self.step - 1))
+        n = int(masked.sum())
+        was = self.model.training
+        self.model.eval()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            nll = float(self.ddp(inputs.to(self.device), att.to(self.device), masked.to(self.device),
+                                 targets.to(self.device), torch.ones(n, device=self.device), max(n, 1)))
+        self.model.train(was)
+        if problem is None and (not math.isfinite(nll) or nll > self.diverged_nll):
+            problem = (f"the loss at the new weights is {nll:.4g} per masked token (diverged: above "
+                       f"{self.diverged_nll:.0f})")
         flag = torch.tensor([0.0 if problem is None else 1.0], device=self.device)
         if self.world > 1:
             dist.all_reduce(flag)
@@ -430,6 +430,8 @@ class Trainer:
                 self.model.save_pretrained(tmp, state_dict=full)
                 self.tok.save_pretrained(tmp)
                 torch.save(state, os.path.join(tmp, ck.STATE))
+                with open(os.path.join(tmp, ck.CONFIG), "w") as f:  # read by `train --resume` (no torch.load)
+                    json.dump(self.cfg.to_dict(), f, indent=1)
                 ck.write_manifest(tmp, self.step)  # last: a folder with a manifest is complete
 
             _write_atomically(path, write)
@@ -440,12 +442,19 @@ class Trainer:
 
     def _pick_checkpoint(self, where: str) -> str:
         """The checkpoint to resume: `latest` is the newest that verifies (older ones are tried when the
-        newest fails, with a warning); an explicit folder must verify."""
+        newest fails, with a warning); an explicit folder must verify. A checkpoint of an older version
+        (a trainer state, no manifest) is taken with a warning that it could not be verified."""
+        def unverified_ok(folder, why):
+            if why.startswith("no manifest") and os.path.isfile(os.path.join(folder, ck.STATE)):
+                self.log(f"warning: {folder} has no manifest (an older version wrote it): resumed unverified")
+                return True
+            return False
+
         if where != "latest":
             if not os.path.isdir(where):
                 raise DiffutronError(f"--resume {where}: no such checkpoint folder")
             why = ck.verify(where)
-            if why:
+            if why and not unverified_ok(where, why):
                 raise DiffutronError(f"checkpoint {where} fails verification: {why}; resume another one "
                                      "(--resume latest picks the newest intact one)")
             return where
@@ -454,15 +463,17 @@ class Trainer:
             raise DiffutronError(f"--resume latest: no checkpoint in {self.cfg.output_dir}")
         for folder in reversed(folders):
             why = ck.verify(folder)
-            if why is None:
+            if why is None or unverified_ok(folder, why):
                 return folder
             self.log(f"warning: {folder} fails verification ({why}); trying the one before it")
         raise DiffutronError(f"--resume latest: no checkpoint in {self.cfg.output_dir} passes verification (the "
                              f"oldest: {why}); start a new run or restore a checkpoint")
 
-    # settings a resumed run may change: the new value wins and is printed
-    _RESUMABLE_CHANGES = ("lr", "weight_decay", "warmup_ratio", "max_steps", "epochs", "clip_grad", "save_every",
-                          "keep_last", "log_every", "eval_every", "eval_files", "precision", "optimizer")
+    # Settings that decide each step's examples, masks and model: a resumed run must keep them (else its
+    # steps would not continue the checkpoint's run). The others may change; the new value is printed.
+    _FIXED_ON_RESUME = ("task", "objective", "mlm_probability", "t_min", "max_length", "pack", "seed", "batch_size",
+                        "grad_accum", "train_files", "dataset", "dataset_split", "text_field", "lora", "lora_r",
+                        "lora_alpha", "lora_targets", "lora_dropout", "optimizer")
 
     def _resume(self, where: str) -> None:
         path = self._pick_checkpoint(where)
@@ -471,11 +482,19 @@ class Trainer:
         except Exception as exc:  # a file that verifies but does not unpickle as weights: say which
             raise DiffutronError(f"cannot read {os.path.join(path, ck.STATE)}: {str(exc).splitlines()[0]}") from None
         saved = state.get("config") or {}
+        current = self.cfg.to_dict()
         if "lora" in saved and bool(saved["lora"]) != self.cfg.lora:
             kind = "LoRA adapters" if saved["lora"] else "all weights (full training)"
             flag = "--lora" if saved["lora"] else "--no-lora"
             raise DiffutronError(f"checkpoint {path} trained {kind}; resume it with {flag}, or start a new run in "
                                  "another --output-dir")
+        fixed = {k: (saved[k], current[k]) for k in self._FIXED_ON_RESUME if k in saved and saved[k] != current[k]}
+        if fixed:
+            raise DiffutronError(
+                "these settings decide what each step trains on and cannot change on resume: " +
+                ", ".join(f"{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in fixed.items()) +
+                "; resume with the checkpoint's values (`train --resume` alone keeps them), or start a new run from "
+                "its weights in another --output-dir")
         step = int(state["step"])
         if step > self.total_steps:  # (equal: a run killed before final/ was written; it finishes)
             raise DiffutronError(f"checkpoint {path} is at step {step}, past this run's last step "
@@ -494,8 +513,8 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.step = step
-        current = self.cfg.to_dict()
-        changed = {k: (saved[k], current[k]) for k in self._RESUMABLE_CHANGES if k in saved and saved[k] != current[k]}
+        changed = {k: (saved[k], current[k]) for k in saved if k in current and k not in self._FIXED_ON_RESUME
+                   and k not in ("resume", "output_dir") and saved[k] != current[k]}
         if changed:
             # the optimizer and scheduler states carry the checkpoint's lr and weight decay: the flags win
             factor = cosine_with_warmup(self.total_steps, max(int(self.cfg.warmup_ratio * self.total_steps), 1))
@@ -512,6 +531,12 @@ class Trainer:
             ck.rewrite_jsonl(self.metrics_path, [r for r in records if r.get("step", 0) <= self.step])
             if dropped:
                 self.log(f"metrics.jsonl: dropped {dropped} incomplete line(s) (a kill mid-write)")
+        if self.rank == 0:  # later checkpoints belong to the run being abandoned: set aside, never mixed in
+            for later in ck.checkpoint_folders(self.cfg.output_dir):
+                if ck.step_of(later) > self.step:
+                    aside = os.path.join(self.cfg.output_dir, f".set-aside-{os.path.basename(later)}-{int(time.time())}")
+                    os.replace(later, aside)
+                    self.log(f"set aside {later} (after the resumed step {self.step}) as {aside}")
         self.log(f"resumed from {path} at step {self.step}")
 
     def _load_weights(self, path: str) -> None:
