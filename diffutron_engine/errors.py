@@ -29,3 +29,17 @@ def check_utf8(text: str, what: str, from_os: bool = False) -> str:
 class DiffutronWarning(UserWarning):
     """Something the user should know that is not an error (e.g. a checkpoint whose weights are all
     zero). The CLI prints it as one line on stderr."""
+
+
+class StepFailed(RuntimeError):
+    """Raised by Engine.step() (and so by generate(), infill() and stream()) when the step raised: its
+    requests are already finished with finish_reason "error" and removed, slots freed, and the engine
+    is usable. `outputs` is what the step reports (the failed requests' final outputs among them, with
+    `error` set; aborts carried out before the failure); `__cause__` is the original exception."""
+
+    def __init__(self, outputs: list, exc: BaseException):
+        self.outputs = outputs
+        failed = [o.request_id for o in outputs if o.finish_reason == "error"]
+        super().__init__(f"an engine step failed with {type(exc).__name__}: {exc} "
+                         f"({len(failed)} request(s) ended with an error: {', '.join(failed[:4])}"
+                         f"{', ...' if len(failed) > 4 else ''})")

@@ -338,3 +338,19 @@ def test_fast_knobs_need_the_engine(capsys, tiny_checkpoint):
     assert code == 2 and "need the engine" in err
     code, _, err = run_cli(capsys, "generate", "x", "--model", tiny_checkpoint, "--threshold", "1.5")
     assert code == 2 and "threshold must be in (0, 1]" in err
+
+
+def test_a_failed_engine_step_is_one_line_and_exit_1(monkeypatch, capsys):
+    """Not bad input (a device error, out of memory): no traceback either, the cause named, exit 1."""
+    from diffutron_engine.cli.main import main
+    from diffutron_engine.engine.runner import ModelRunner
+
+    def lost(self, batch):
+        raise RuntimeError("device lost\nsecond line")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(ModelRunner, "execute", lost)
+    code = main(["generate", "--model", "tiny-tr", "--max-new-tokens", "4", "--steps", "4", "--block-size", "4", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("diffutron-engine: error: an engine step failed with RuntimeError: device lost second line")

@@ -59,6 +59,34 @@ def test_noise_draw_follows_its_definition():
         assert spread[-1] - spread[0] >= min(length - 1, (copies - 1) * length // copies) - 1 or length == 1
 
 
+def _harness_draw(length, copies, device="cpu"):
+    """The noise of one draw written out as the estimator's description reads (the spec, not our code
+    path): counts from a stratified linspace wrapped into 1..L, then for each copy the mask vector
+    [1]*count + [0]*(L - count) reordered by a fresh random permutation."""
+    k = torch.randint(1, length + 1, (), device=device)
+    counts = torch.round(torch.linspace(float(k), k + (copies - 1) * (length / copies), steps=copies,
+                                        device=device)).long()
+    counts = ((counts - 1) % length) + 1
+    base = torch.arange(length).repeat(copies, 1) < counts.cpu().unsqueeze(1)
+    rows = []
+    for i in range(copies):
+        perm = torch.randperm(length)
+        rows.append(base[i][perm])
+    return torch.stack(rows), (counts.cpu() / length)
+
+
+@pytest.mark.parametrize("length, copies", [(1, 4), (3, 32), (7, 4), (11, 5), (40, 3), (64, 32)])
+def test_noise_draw_is_the_estimators(length, copies):
+    """Same seed, same generator calls in the same order: the same masks and ratios as the description."""
+    torch.manual_seed(length * 100 + copies)
+    want = _harness_draw(length, copies)
+    after_want = torch.rand(3)
+    torch.manual_seed(length * 100 + copies)
+    got = mc.draw_masks(length, copies, "cpu")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(torch.rand(3), after_want)  # and the generator is left where the description leaves it
+
+
 def test_encode_pair_moves_trailing_spaces_and_splits_by_the_context_length(tiny):
     from tokenizers.processors import TemplateProcessing
 
@@ -137,6 +165,17 @@ def test_greedy_check_matches_the_plain_loop(lm, tiny):
         lm.is_check_greedy = False
     assert flags == [mc.greedy_plain(tiny.model, p, mask) for p in pairs]
     assert flags[-1] is True
+    # the check draws nothing from torch's generator: the estimates after it are unchanged
+    reqs = [_Req(c, x) for c, x in PAIRS_TEXT]
+    torch.manual_seed(9)
+    lm.is_check_greedy = True
+    try:
+        with_check = [ll for ll, _ in lm.loglikelihood(reqs)] + [lm.loglikelihood(reqs[:1])[0][0]]
+    finally:
+        lm.is_check_greedy = False
+    torch.manual_seed(9)
+    without = [ll for ll, _ in lm.loglikelihood(reqs)] + [lm.loglikelihood(reqs[:1])[0][0]]
+    assert with_check == without
 
 
 def test_generate_until_cuts_at_until_and_honours_max_gen_toks(lm):
@@ -185,6 +224,25 @@ def test_loglikelihood_rolling_sums_windows(lm, tiny):
     assert got[1] == 0.0 and abs(got[0] - sum(plain)) <= 1e-4 * abs(sum(plain))
 
 
+def test_rolling_windows_hold_no_special_tokens(lm, tiny, monkeypatch):
+    """With a tokenizer that frames every encoding (<bos> ... <eos>, as mmBERT's does), the rolling
+    windows are the text's own tokens."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny.tokenizer
+    framed = type(tok)(tokenizer_object=tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str()),
+                       mask_token="<mask>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    framed.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A <eos>",
+                                                                 special_tokens=[("<bos>", 2), ("<eos>", 1)])
+    seen = []
+    real = mc.loglikelihood_batched
+    monkeypatch.setattr("diffutron_engine.integrations.lm_eval.loglikelihood_batched",
+                        lambda runner, pairs, *a, **k: seen.extend(pairs) or real(runner, pairs, *a, **k))
+    monkeypatch.setattr(lm, "tokenizer", framed)
+    assert lm.loglikelihood_rolling([_Req("Hava bugün güneşli."), _Req("")])[1] == 0.0
+    assert seen and all(2 not in p.context + p.target and 1 not in p.context + p.target for p in seen)
+
+
 def test_chat_template_renders_diffutron_markers(lm):
     msgs = [{"role": "system", "content": "Kısa cevap ver."}, {"role": "user", "content": "Başkent?"}]
     assert lm.apply_chat_template(msgs).endswith("[Question]\nBaşkent?\n[/Question]\n\n[Answer]\n")
@@ -228,6 +286,9 @@ def test_lm_eval_arguments_lose_to_model_args(tiny_checkpoint):
     lm = DiffutronLM.create_from_arg_string(f"pretrained={tiny_checkpoint},mc_num=16", {"batch_size": "8",
                                                                                        "device": "cpu"})
     assert lm.batch_size == 8  # lm-eval's --batch_size (a string on its CLI) when --model_args has none
+    # what lm-eval adds to every model's arguments (--trust_remote_code) is accepted
+    assert DiffutronLM.create_from_arg_string(f"pretrained={tiny_checkpoint},mc_num=8,batch_size=4,"
+                                              "trust_remote_code=True", {"device": "cpu"}).mc_num == 8
 
 
 def test_cli_unknown_model_arg_is_one_line_exit_2(tiny_checkpoint):
@@ -258,9 +319,14 @@ def test_end_to_end_through_lm_eval_evaluator(tiny_checkpoint, tmp_path, monkeyp
     assert 0.0 <= mcq["acc,none"] <= 1.0 and 0.0 <= gen["exact_match,none"] <= 1.0
     samples = out["samples"]["diffutron_tr_mc"]
     assert len(samples) == 6 and all(len(s["resps"]) == 4 for s in samples)
-    for s in samples:  # each choice: a finite log-likelihood estimate and the greedy flag
-        for (ll, greedy), in s["resps"]:
-            assert float(ll) < 0 and str(greedy) in ("True", "False")
+    # acc is lm-eval's own reduction of our numbers: the share of questions whose gold choice scores best
+    best = [max(range(4), key=lambda j: float(s["resps"][j][0][0])) == s["target"] for s in samples]
+    assert mcq["acc,none"] == pytest.approx(sum(best) / len(best))
+    # the greedy flags lm-eval logged are the model's own check (deterministic: no random draw)
+    for s in samples[:2]:
+        pairs = [mc.encode_pair(lm.tokenizer, a["arg_0"], a["arg_1"]) for a in s["arguments"].values()] \
+            if isinstance(s["arguments"], dict) else [mc.encode_pair(lm.tokenizer, *a) for a in s["arguments"]]
+        assert [str(g) for g in lm._greedy(pairs)] == [str(r[0][1]) for r in s["resps"]]
 
 
 @pytest.mark.slow

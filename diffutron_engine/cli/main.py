@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from ..errors import DiffutronError, DiffutronWarning
+from ..errors import DiffutronError, DiffutronWarning, StepFailed
 
 EXIT_STDOUT_CLOSED = 141
 
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except DiffutronError as exc:
         print(f"diffutron-engine: error: {exc}", file=sys.stderr)
         return 2
+    except StepFailed as exc:  # not bad input (e.g. out of memory): one line, the cause named, exit 1
+        print(f"diffutron-engine: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # the reader of our output went away (`| head -1`): stop quietly
         silence_stdout()
         return EXIT_STDOUT_CLOSED

@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..config import CACHE_MODES, SamplingParams
-from ..errors import DiffutronError
+from ..errors import DiffutronError, StepFailed
 from ..loading import DEFAULT_MODEL, check_context, decode_answer, encode_prompt, load_model, prepare_tokenizer
 from ..schedule import row_schedule
 from ..stopping import StopRule
@@ -58,20 +58,6 @@ class RequestOutput:
     seed: int = 0
     seconds: float = 0.0  # from admission to the running batch until finished
     error: BaseException | None = None  # finish_reason "error": what the step that ran the request raised
-
-
-class StepFailed(RuntimeError):
-    """Raised by Engine.step() (and so by generate(), infill() and stream()) when the step raised: its
-    requests are already finished with finish_reason "error" and removed, slots freed, and the engine
-    is usable. `outputs` is what the step reports (the failed requests' final outputs among them, with
-    `error` set; aborts carried out before the failure); `__cause__` is the original exception."""
-
-    def __init__(self, outputs: list[RequestOutput], exc: BaseException):
-        self.outputs = outputs
-        failed = [o.request_id for o in outputs if o.finish_reason == "error"]
-        super().__init__(f"an engine step failed with {type(exc).__name__}: {exc} "
-                         f"({len(failed)} request(s) ended with an error: {', '.join(failed[:4])}"
-                         f"{', ...' if len(failed) > 4 else ''})")
 
 
 def _draw_seed() -> int:

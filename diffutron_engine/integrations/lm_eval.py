@@ -52,8 +52,10 @@ log = logging.getLogger(__name__)
 DEFAULTS = dict(
     pretrained=DEFAULT_MODEL, mc_num=128, batch_size=32, device="auto", dtype="auto", is_check_greedy=False,
     max_new_tokens=128, steps=128, block_size=32, temperature=0.0, remasking="low_confidence", seed=0,
-    token_budget=None, max_batch=16, max_batch_size=None,
+    token_budget=None, max_batch=16, max_batch_size=None, trust_remote_code=False,
 )
+# accepted and unused: lm-eval passes them to every model (max_batch_size: the engine sizes its own
+# forwards; trust_remote_code: Diffutron checkpoints are plain ModernBERT, loaded without remote code)
 # token budget of one likelihood forward (rows x padded length): large enough to keep the matmuls
 # efficient, small enough that the activations stay far below the weights' size
 _BUDGET = {"cpu": 8192, "cuda": 65536}
@@ -185,7 +187,8 @@ class DiffutronLM(LM):
         half = self.max_length // 2
         pairs, owner = [], []
         for i, r in enumerate(requests):
-            ids = list(self.tokenizer(r.args[0])["input_ids"])
+            # the text's own tokens: special tokens are no part of a text's likelihood
+            ids = list(self.tokenizer(r.args[0], add_special_tokens=False)["input_ids"])
             for lo in range(0, len(ids), half):
                 pairs.append(Scored(ids[max(0, lo - half):lo], ids[lo:lo + half]))
                 owner.append(i)
@@ -254,7 +257,9 @@ class DiffutronLM(LM):
 
         mask = self.tokenizer.mask_token_id
         seqs = [p.context + [mask] * len(p.target) for p in pairs]
-        params = [SamplingParams(max_new_tokens=len(p.target), steps=len(p.target), block_size=None,
+        # seed given: greedy needs none, and an unseeded request would draw one from torch's generator,
+        # shifting the noise of every later likelihood estimate (the harness's check draws nothing)
+        params = [SamplingParams(max_new_tokens=len(p.target), steps=len(p.target), block_size=None, seed=0,
                                  temperature=0.0, remasking="low_confidence", early_stop=False) for p in pairs]
         outs = self.engine.infill(seqs, params)
         return [list(o.tokens[len(p.context):]) == p.target for p, o in zip(pairs, outs)]
@@ -263,7 +268,7 @@ class DiffutronLM(LM):
 # ---------------------------------------------------------------------------------------------- CLI
 def cli_main(argv: list[str]) -> int:
     """`diffutron-engine eval lm-eval ARGS`: lm-eval's own CLI with the diffutron model registered.
-    `--model` defaults to diffutron; lm-eval's --device and --batch_size default to this model's
+    `--model` defaults to diffutron; for it, lm-eval's --device and --batch_size default to this model's
     (auto, and the batch_size of --model_args or 32) rather than lm-eval's cuda:0 and 1."""
     import lm_eval.__main__ as lm_main
 
@@ -273,13 +278,15 @@ def cli_main(argv: list[str]) -> int:
         flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
         if "--model" not in flags:
             argv += ["--model", "diffutron"]
-        if _flag_value(argv, "--model") == "diffutron":  # before lm-eval's task indexing (seconds): fail fast
+        if _flag_value(argv, "--model") == "diffutron":
             spec = _flag_value(argv, "--model_args") or ""
-            check_names([p.split("=", 1)[0].strip() for p in spec.split(",") if p.strip()])
-        if "--device" not in flags:
-            argv += ["--device", "auto"]
-        if not flags & {"--batch_size", "-b"}:
-            argv += ["--batch_size", str(_model_arg(argv, "batch_size") or DEFAULTS["batch_size"])]
+            if "-a" not in flags and not spec.lstrip().startswith("{"):  # k=v,...: checked before lm-eval's task
+                # indexing (seconds); other spellings are checked when the model is built
+                check_names([p.split("=", 1)[0].strip() for p in spec.split(",") if p.strip()])
+            if "--device" not in flags:
+                argv += ["--device", "auto"]
+            if not flags & {"--batch_size", "-b"}:
+                argv += ["--batch_size", str(_model_arg(argv, "batch_size") or DEFAULTS["batch_size"])]
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:
