@@ -46,8 +46,8 @@ def run(layers: int = 2, requests: int = 16, mc_num: int = 32, batch_size: int =
         device: str = "cpu", dtype: str = "float32", seed: int = 0, token_budget: int | None = None,
         log=print) -> dict:
     from .benchmark import _PeakMemory, machine_info
-    from .integrations.mc_likelihood import (check_mc, check_requests, encode_pair, loglikelihood_batched,
-                                             loglikelihood_plain)
+    from .integrations.mc_likelihood import (check_mc, check_requests, default_token_budget, encode_pair,
+                                             loglikelihood_batched, loglikelihood_plain, pack)
     from .loading import resolve_device, resolve_dtype
     from .model.modernbert import ModernBertRunner
     from .random_model import MMBERT_BASE, build_tokenizer, random_mmbert
@@ -61,7 +61,7 @@ def run(layers: int = 2, requests: int = 16, mc_num: int = 32, batch_size: int =
     pairs = [encode_pair(tok, c, x) for c, x in texts]
     check_requests(pairs, model.config.max_position_embeddings, texts)
     runner = ModernBertRunner(model)
-    budget = token_budget or (65536 if device.startswith("cuda") else 8192)
+    budget = token_budget or default_token_budget(device)
     log(f"{len(pairs)} requests, context {min(len(p.context) for p in pairs)}-{max(len(p.context) for p in pairs)} "
         f"tokens, continuation {min(len(p.target) for p in pairs)}-{max(len(p.target) for p in pairs)}; "
         f"mc_num {mc_num}, batch {batch_size}; {layers} layers, vocab {vocab:,}, {device} {dtype}")
@@ -79,12 +79,7 @@ def run(layers: int = 2, requests: int = 16, mc_num: int = 32, batch_size: int =
 
     scored = sum(len(p.target) for p in pairs)
     forwards = {"plain": len(pairs) * (mc_num // batch_size)}
-    rows_tokens = sorted((p.length for p in pairs for _ in range(mc_num)), reverse=True)
-    n, i = 0, 0
-    while i < len(rows_tokens):
-        i += max(1, budget // rows_tokens[i])
-        n += 1
-    forwards["batched"] = n
+    forwards["batched"] = len(pack(sorted((p.length for p in pairs for _ in range(mc_num)), reverse=True), budget))
     # warm-up of each path on one request (first-call allocations, MKL initialization)
     loglikelihood_plain(model, pairs[:1], tok.mask_token_id, batch_size, batch_size)
     loglikelihood_batched(runner, pairs[:1], tok.mask_token_id, tok.pad_token_id, batch_size, batch_size, budget)

@@ -13,18 +13,16 @@ import torch
 
 from diffutron_engine import DiffutronError
 from diffutron_engine.training import checkpoints as ck
-from diffutron_engine.training.config import TrainConfig, load_config, parse_value
+from diffutron_engine.training.config import load_config, parse_value
 from diffutron_engine.training.trainer import Trainer, TrainingDiverged, _checkpoints
 
-ROOT = os.path.dirname(os.path.dirname(__file__))
-TEXT = os.path.join(ROOT, "training", "data", "tr", "heldout.txt")
+from test_training import TEXT  # noqa: E402  (the training tests' small run, with its data)
+from test_training import _cfg as _training_cfg  # noqa: E402
 
 
 def _cfg(model, out, **kw):
-    base = dict(model=model, output_dir=str(out), train_files=[TEXT], max_length=32, batch_size=4, max_steps=4,
-                lr=1e-3, lora_r=4, lora_alpha=8, save_every=2, keep_last=3, log_every=1, objective="mdlm", seed=3)
-    base.update(kw)
-    return TrainConfig(**base)
+    """The training tests' run, 4 steps, keeping 3 checkpoints."""
+    return _training_cfg(model, out, **{"max_steps": 4, "keep_last": 3, **kw})
 
 
 def _train(cfg, logs=None, **kw):

@@ -213,16 +213,14 @@ def parse_value(text: str):
                              "lists as [a, b] or a,b") from None
 
 
-def load_config(preset: str | None = None, path: str | None = None, overrides: dict | None = None,
-                base: dict | None = None) -> TrainConfig:
-    """base (a resumed checkpoint's settings) < preset < YAML file < overrides (flags and --set)."""
-    return TrainConfig(**gather(preset, path, overrides, base))
+def load_config(preset: str | None = None, path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """preset < YAML file < overrides (flags and --set)."""
+    return TrainConfig(**gather(preset, path, overrides))
 
 
-def gather(preset: str | None = None, path: str | None = None, overrides: dict | None = None,
-           base: dict | None = None) -> dict:
+def gather(preset: str | None = None, path: str | None = None, overrides: dict | None = None) -> dict:
     """The layered settings, names checked, values not yet converted (load_config converts them)."""
-    values: dict = dict(base or {})
+    values: dict = {}
     if preset:
         if preset not in PRESETS:
             raise DiffutronError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")

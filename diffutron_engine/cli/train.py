@@ -86,18 +86,16 @@ def _quiet_libraries() -> None:
 
 
 def run(args) -> int:
-    from ..training.config import TrainConfig, gather, load_config
+    from ..training.config import TrainConfig, gather
 
-    overrides, saved = _overrides(args), None
-    given = gather(args.preset, args.config, overrides)
+    given = gather(args.preset, args.config, _overrides(args))
     if given.get("resume"):  # a resumed run keeps its checkpoint's settings unless they are given again
         from ..training.checkpoints import saved_config
 
-        out = str(given.get("output_dir", TrainConfig.output_dir))
-        saved = saved_config(out, str(given["resume"]))
-        if saved:
-            saved = {k: v for k, v in saved.items() if k not in ("resume", "output_dir")}
-    cfg = load_config(args.preset, args.config, overrides, base=saved)  # before torch: bad settings fail fast
+        saved = saved_config(str(given.get("output_dir", TrainConfig.output_dir)), str(given["resume"])) or {}
+        known = {f for f in TrainConfig.__dataclass_fields__} - {"resume", "output_dir"}
+        given = {**{k: v for k, v in saved.items() if k in known}, **given}
+    cfg = TrainConfig(**given)  # converted and checked before torch is imported: bad settings fail fast
     _quiet_libraries()
     from ..training.trainer import Trainer
 

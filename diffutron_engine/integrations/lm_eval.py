@@ -44,7 +44,8 @@ except ImportError as exc:  # an optional extra
 
 from ..errors import DiffutronError
 from ..loading import DEFAULT_MODEL, DTYPES, load_model, render_chat
-from .mc_likelihood import Scored, check_mc, check_requests, encode_pair, loglikelihood_batched
+from .mc_likelihood import (Scored, check_mc, check_requests, default_token_budget, encode_pair,
+                            loglikelihood_batched)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,6 @@ DEFAULTS = dict(
 )
 # accepted and unused: lm-eval passes them to every model (max_batch_size: the engine sizes its own
 # forwards; trust_remote_code: Diffutron checkpoints are plain ModernBERT, loaded without remote code)
-# token budget of one likelihood forward (rows x padded length): large enough to keep the matmuls
-# efficient, small enough that the activations stay far below the weights' size
-_BUDGET = {"cpu": 8192, "cuda": 65536}
 
 
 def _int(name: str, value, minimum: int = 1) -> int:
@@ -130,8 +128,7 @@ class DiffutronLM(LM):
         self.model, self.tokenizer, self._device = lm.model, lm.tokenizer, lm.device
         self.max_length = lm.max_context or None
         budget = a["token_budget"]
-        self.token_budget = (_BUDGET["cuda" if str(self._device).startswith("cuda") else "cpu"] if budget is None
-                             else _int("token_budget", budget))
+        self.token_budget = default_token_budget(self._device) if budget is None else _int("token_budget", budget)
         from ..model.modernbert import ModernBertRunner
 
         self.runner = ModernBertRunner(self.model)

@@ -122,12 +122,28 @@ def draw_all(pairs: list[Scored], mc_num: int, batch_size: int, device) -> _Rows
     return rows
 
 
-def _ratio_tensor(ratios: list[float]) -> torch.Tensor:
-    return torch.tensor(ratios, dtype=torch.float32)
+# tokens of one batched forward (rows x padded length): large enough to keep the matmuls efficient,
+# small enough that the activations stay far below the weights' size
+TOKEN_BUDGET = {"cpu": 8192, "cuda": 65536}
+
+
+def default_token_budget(device) -> int:
+    return TOKEN_BUDGET["cuda" if str(device).startswith("cuda") else "cpu"]
+
+
+def pack(lengths: list[int], token_budget: int) -> list[tuple[int, int]]:
+    """(start, rows) of each forward over rows of the given lengths, longest first: a forward holds rows
+    while rows x (its first row's length) fits the budget (at least one row)."""
+    chunks, start = [], 0
+    while start < len(lengths):
+        n = max(1, min(len(lengths) - start, token_budget // lengths[start]))
+        chunks.append((start, n))
+        start += n
+    return chunks
 
 
 def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int, mc_num: int, batch_size: int,
-                          token_budget: int = 8192, ce_backend: str | None = None, progress: bool = False
+                          token_budget: int = TOKEN_BUDGET["cpu"], ce_backend: str | None = None, progress: bool = False
                           ) -> list[float]:
     """The estimate for every pair (module docstring), batched; runner: a ModernBertRunner. progress: a
     tqdm bar over the scored copies (lm-eval runs can be long)."""
@@ -142,8 +158,7 @@ def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int
         ce_backend = cross_entropy_backend(device)
     from ..kernels.cross_entropy import fused_linear_cross_entropy
 
-    # longest first; a forward holds rows while rows x (its first row's length) fits the budget
-    order = sorted(range(len(rows.request)), key=lambda i: -pairs[rows.request[i]].length)
+    order = sorted(range(len(rows.request)), key=lambda i: -pairs[rows.request[i]].length)  # longest first
     totals = torch.zeros(len(pairs), dtype=torch.float64)
     weight, bias = runner.decoder.weight, runner.decoder.bias
     bar = None
@@ -151,12 +166,9 @@ def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int
         from tqdm import tqdm
 
         bar = tqdm(total=len(order), desc="diffutron likelihood (copies)", unit="copy")
-    start = 0
-    while start < len(order):
-        width = pairs[rows.request[order[start]]].length
-        n = max(1, min(len(order) - start, token_budget // width))
+    for start, n in pack([pairs[rows.request[i]].length for i in order], token_budget):
         chunk = order[start:start + n]
-        start += n
+        width = pairs[rows.request[chunk[0]]].length
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         masked = torch.zeros((n, width), dtype=torch.bool)
         lengths = torch.empty(n, dtype=torch.long)
@@ -168,7 +180,7 @@ def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int
             lengths[j] = p.length
         targets = ids[masked]
         ids[masked] = mask_id
-        scale = (1.0 / _ratio_tensor([rows.ratios[i] for i in chunk]))[:, None].expand(n, width)[masked]
+        scale = (1.0 / torch.tensor([rows.ratios[i] for i in chunk], dtype=torch.float32))[:, None].expand(n, width)[masked]
         owner = torch.tensor([rows.request[i] for i in chunk])[:, None].expand(n, width)[masked]
         valid = torch.arange(width)[None, :] < lengths[:, None]
         hidden = runner.forward(ids.to(device), valid.to(device))
