@@ -323,6 +323,9 @@ class SampleParams:
     def resolve(self, n: int, vocab: int, device) -> "_Resolved":
         """Everything as tensors on `device` (made once per (n, vocab, device))."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # 'cuda' and 'cuda:0' are one device: one key, or every call would rebuild (and copy) its params
+            device = torch.device("cuda", torch.cuda.current_device())
         key = (n, vocab, str(device))
         if key not in self._resolved:
             self._resolved[key] = _Resolved.build(self, n, vocab, device)
@@ -480,7 +483,8 @@ def plan_sample(x, weight, bias, vocab: int, r: "_Resolved", ids, conf, sms: int
     n_splits, per_split = _splits(row_blocks, triton.cdiv(vocab, block_v), sms)
     parts = [torch.empty(n, n_splits, dtype=dt, device=device)
              for dt in (torch.float32, torch.long, torch.float32, torch.float32, torch.float32)]
-    valid = r.valid.view(torch.int8) if r.valid is not None else r.temperature  # a dummy when absent
+    # a stand-in when absent (never read): of valid's own type, so that both calls give one program
+    valid = (r.valid if r.valid is not None else r.temperature).view(torch.int8)
     partial = Launch(_sample_partial_kernel, (row_blocks, n_splits), (
         x, x.stride(0),
         weight if fuse else x, weight.stride(0) if fuse else 0, bias if bias is not None else x,

@@ -167,7 +167,9 @@ def plan_unmask(conf, tokens, k, block_start, canvas, rule, value, rows, seen, u
     unseen = tuple(unseen) + (-1, -1)
     return Launch(_unmask_kernel, (B,), (
         conf, conf.stride(0), tokens, tokens.stride(0), k, rule, value, block_start, rows,
-        canvas, canvas.stride(0), seen if seen is not None else chosen, seen.stride(0) if seen is not None else 0,
+        # without a bitmap the kernel never touches seen_ptr, but its atomic_or is still compiled (has_seen is
+        # a runtime flag): the stand-in must be int32 like the bitmap, so `rule` ([B] int32) stands in
+        canvas, canvas.stride(0), seen if seen is not None else rule, seen.stride(0) if seen is not None else 0,
         chosen, chosen.stride(0), L, unseen[0], unseen[1], int(seen is not None)),
         # the sort keeps a few values per position live: 8 positions per thread from 2,048 on, 16 at
         # 8,192 (32 warps would cap a thread at 64 registers and spill) keep them in registers: no
@@ -197,18 +199,21 @@ def unmask_triton(conf, tokens, k, block_start, canvas, rule="topk", value=None,
 def compile_plans(sms: int = 132, batch: int = 64, length: int = 2048, vocab: int = 256_000) -> list[Launch]:
     """Every configuration the launcher can choose for the engine's inputs, on meta tensors: one block
     size per BLOCK_L up to MAX_BLOCK (the engine's blocks are powers of two), odd sizes and a single
-    position where blocks usually are. With or without the seen bitmap is a runtime flag (one program);
-    the grid does not depend on the GPU (`sms` is unused)."""
+    position where blocks usually are, each with and without the seen bitmap (a runtime flag: both calls
+    must give one program, which they do only when the stand-in has the bitmap's type); the grid does not
+    depend on the GPU (`sms` is unused)."""
     meta = torch.device("meta")
     out = []
+    seen = torch.empty(batch, (vocab + 31) // 32, dtype=torch.int32, device=meta)
     for L in [1, 31, 32, 33] + [2**e for e in range(6, MAX_BLOCK.bit_length())]:
-        per_row = torch.empty(batch, dtype=torch.long, device=meta)
-        out.append(plan_unmask(
-            torch.empty(batch, L, device=meta), torch.empty(batch, L, dtype=torch.long, device=meta), per_row, per_row,
-            torch.empty(batch, max(length, L), dtype=torch.long, device=meta),
-            torch.empty(batch, dtype=torch.int32, device=meta), torch.empty(batch, device=meta), per_row,
-            torch.empty(batch, (vocab + 31) // 32, dtype=torch.int32, device=meta), (4, 2),
-            torch.empty(batch, L, dtype=torch.int8, device=meta)).labelled(f"L={L}"))
+        for bitmap in (seen, None):  # with and without a repetition penalty in the batch
+            per_row = torch.empty(batch, dtype=torch.long, device=meta)
+            out.append(plan_unmask(
+                torch.empty(batch, L, device=meta), torch.empty(batch, L, dtype=torch.long, device=meta), per_row,
+                per_row, torch.empty(batch, max(length, L), dtype=torch.long, device=meta),
+                torch.empty(batch, dtype=torch.int32, device=meta), torch.empty(batch, device=meta), per_row,
+                bitmap, (4, 2), torch.empty(batch, L, dtype=torch.int8, device=meta),
+            ).labelled(f"L={L}" + ("" if bitmap is not None else " no-seen")))
     return out
 
 
