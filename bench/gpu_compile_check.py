@@ -3,18 +3,24 @@
 
     python bench/gpu_compile_check.py                    # sm_80, sm_90, sm_100; all kernels
     python bench/gpu_compile_check.py --targets 90 --kernels unmask --jobs 2
-    make gpu-compile-check [TRITON_SPEC=triton==3.6.0]   # the same, optionally with another triton
+    python bench/gpu_compile_check.py --recorded build/launches/recorded.jsonl   # plans + what really ran
+    make gpu-compile-check [TRITON_SPEC=triton==3.6.0]   # records, then the above, optionally another triton
 
 The CPU interpreter that the test suite runs the kernels in accepts programs the real compiler rejects
 (tiles over Triton's size limit, register pressure, spills). This check takes the launches each
 launcher plans (every kernel file's `compile_plans()`: the launcher's own plan function called on meta
 tensors over the configurations it can choose at the model's real shapes), specializes their arguments
-as Triton's runtime would, and compiles each distinct configuration for each target through ptxas
+as Triton's runtime would, adds the launches recorded while the code really ran (`--recorded`: the
+GPU tier's tests and an engine run of every mode under the interpreter, the GPU suite's benchmarks on
+meta tensors; kernels/recorder.py, bench/record_launches.py), and compiles each distinct configuration
+(program) for each target through ptxas
 (shipped in the triton wheel). `cuobjdump -res-usage` on the cubin gives registers, the stack frame
 (spilled registers live there) and local memory; the kernel's shared memory comes from the compiler.
 
 A configuration fails on a compile error, a compile over --compile-timeout seconds, any stack or local
-memory (a spill), or shared memory over the card's per-block limit. Prints a table, then one JSON line:
+memory (a spill), or shared memory over the card's per-block limit; and a recorded launch whose argument
+types or switches no plan has fails as drift (the plans no longer say what runs). Prints a table, then
+one JSON line:
 {"triton", "targets", "kernels", "configs", "failures", "spill_bytes", "max_registers", "max_shared_bytes", ...}.
 Exit code 1 when anything failed. See docs/kernels.md.
 """
@@ -67,7 +73,13 @@ def _compile_one(job):
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a row, the check goes on
         signal.alarm(0)
         row["status"] = "error"
-        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        # a CompilationError reads "at LINE:COL:", the source, then the cause: keep the place and the cause
+        text = lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1]}"
+        cause = getattr(exc, "__cause__", None)
+        if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+            text += f" ({str(cause).strip().splitlines()[-1]})"
+        row["error"] = f"{type(exc).__name__}: {text[:400]}"
     row["seconds"] = round(time.monotonic() - t0, 1)
     limit = TARGETS[cc][1]
     if row["status"] == "ok":
@@ -124,6 +136,44 @@ def collect(kernel_files, sms: int) -> list:
     return plans
 
 
+def collect_recorded(paths, kernel_files) -> list:
+    """(file, Launch) for every distinct launch recorded in `paths` (kernels/recorder.py) by a kernel of
+    the chosen files."""
+    import diffutron_engine  # noqa: F401
+    from diffutron_engine.kernels import recorder
+
+    out = []
+    for launch in recorder.load(paths):
+        name = launch.recorded["kernel"].split(":")[0].rsplit(".", 1)[-1]
+        if name in kernel_files:
+            out.append((name, launch.labelled(f"recorded {_recorded_label(launch)}")))
+    return out
+
+
+def _recorded_label(launch) -> str:
+    """A recorded launch's configuration for the table: its tensors' dtypes in argument order."""
+    dtypes = [a["tensor"] for a in launch.recorded["positional"] if isinstance(a, dict) and "tensor" in a]
+    return "/".join(dict.fromkeys(dtypes))
+
+
+def drift(plans, recorded) -> list[dict]:
+    """A failure row for every recorded launch whose feature key (argument types, bool and string
+    switches: recorder.feature_key) no plan has: the plans no longer describe what runs."""
+    from diffutron_engine.kernels import recorder
+
+    planned = {recorder.feature_key(launch) for _, launch in plans}
+    rows, reported = [], set()
+    for kernel_file, launch in recorded:
+        key = recorder.feature_key(launch)
+        if key in planned or key in reported:
+            continue
+        reported.add(key)
+        rows.append({"kernel": launch.name, "file": kernel_file, "config": launch.describe(), "target": "-",
+                     "status": "drift", "seconds": 0.0,
+                     "error": "a recorded launch that no plan makes: " + recorder.closest_difference(key, planned)})
+    return rows
+
+
 def table(rows) -> str:
     head = f"{'kernel':<24} {'target':<7} {'status':<6} {'regs':>4} {'spill B':>7} {'shared B':>8} {'s':>5}  config"
     lines = [head, "-" * len(head)]
@@ -143,6 +193,10 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-timeout", type=int, default=120,
                     help="seconds one configuration may take to compile (longer is itself a defect)")
     ap.add_argument("--json-out", help="also write the full result (every row) to this file")
+    ap.add_argument("--recorded", action="append", default=[], metavar="FILE",
+                    help="launches recorded by kernels/recorder.py (DIFFUTRON_RECORD_LAUNCHES=FILE, or "
+                         "bench/record_launches.py): compiled beside the plans, and any whose argument types or "
+                         "switches no plan has fails as drift; repeatable")
     args = ap.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -161,6 +215,11 @@ def main(argv=None) -> int:
         print(f"error: targets must be among {sorted(TARGETS)} and kernels among {', '.join(KERNEL_FILES)}; got "
               f"--targets {args.targets!r} --kernels {args.kernels!r}", file=sys.stderr)
         return 2
+    for path in args.recorded:
+        if not os.path.isfile(path):
+            print(f"error: --recorded {path!r} is not a file (record one with bench/record_launches.py)",
+                  file=sys.stderr)
+            return 2
     try:
         import triton
     except ImportError:
@@ -174,18 +233,32 @@ def main(argv=None) -> int:
     from triton.compiler import ASTSource, make_backend
 
     t0 = time.monotonic()
-    jobs, seen = [], set()
+    recorded = collect_recorded(args.recorded, kernel_files) if args.recorded else []
+    if args.recorded and not recorded:
+        print(f"error: no launch of the kernels {', '.join(kernel_files)} was recorded in "
+              f"{', '.join(args.recorded)}", file=sys.stderr)
+        return 2
+    jobs, seen, drifted, from_recording = [], set(), [], set()
     for cc in targets:
         backend = make_backend(GPUTarget("cuda", cc, 32))
-        for kernel_file, launch in collect(kernel_files, SMS[cc]):
+        plans = collect(kernel_files, SMS[cc])
+        if cc == targets[0]:
+            drifted = drift(plans, recorded)
+        # plans first: a recorded launch that compiles to a planned program keeps the plan's label
+        for origin, (kernel_file, launch) in [("plan", p) for p in plans] + [("recorded", r) for r in recorded]:
             src, options = _source(launch, backend, ASTSource)  # specialized once: keyed here, compiled by a worker
             key = _key(src, options, cc)
             if key not in seen:
                 seen.add(key)
                 _PLANS.append((kernel_file, launch, src, options))
                 jobs.append((len(_PLANS) - 1, cc, args.compile_timeout))
-    print(f"[compile-check] triton {triton.__version__}: {len(jobs)} configurations on {len(targets)} targets, "
-          f"{args.jobs} at a time", file=sys.stderr, flush=True)
+                if origin == "recorded":
+                    from_recording.add(key)
+    print(f"[compile-check] triton {triton.__version__}: {len(jobs)} configurations on {len(targets)} targets "
+          f"({len(from_recording)} only from {len(recorded)} recorded launches), {args.jobs} at a time",
+          file=sys.stderr, flush=True)
+    for row in drifted:
+        print(f"[compile-check] drift: {row['kernel']} {row['config']}: {row['error']}", file=sys.stderr, flush=True)
     with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
         rows = []
         for row in pool.imap_unordered(_compile_one, jobs):
@@ -193,6 +266,7 @@ def main(argv=None) -> int:
             if row["status"] != "ok":
                 print(f"[compile-check] {row['kernel']} {row['target']} {row['config']}: {row['error']}",
                       file=sys.stderr, flush=True)
+    rows += drifted
     rows.sort(key=lambda r: (r["file"], r["kernel"], r["config"], r["target"]))
     print(table(rows))
     ok = [r for r in rows if "registers" in r]
@@ -201,7 +275,8 @@ def main(argv=None) -> int:
         "configs": len(rows), "failures": sum(r["status"] != "ok" for r in rows),
         "spill_bytes": sum(r["stack"] + r["local"] for r in ok), "max_registers": max((r["registers"] for r in ok), default=0),
         "max_shared_bytes": max((r["shared"] for r in ok), default=0),
-        "tf32_configs": sum(bool(r.get("tf32")) for r in ok), "seconds": round(time.monotonic() - t0, 1),
+        "tf32_configs": sum(bool(r.get("tf32")) for r in ok), "recorded_launches": len(recorded),
+        "recorded_only_configs": len(from_recording), "drift": len(drifted), "seconds": round(time.monotonic() - t0, 1),
     }
     if args.json_out:
         tmp = args.json_out + ".tmp"

@@ -48,3 +48,10 @@ class Launch:
         """The launch's configuration in one line: the shape's label, constexprs and options."""
         opts = ",".join(f"{k}={v}" for k, v in self.options.items() if k != "enable_fp_fusion")
         return f"{self.label} {opts}".strip()
+
+
+# DIFFUTRON_RECORD_LAUNCHES=FILE records every launch of the process (kernels/recorder.py); every kernel
+# file imports this module, so the switch is read before any kernel can launch
+from . import recorder  # noqa: E402
+
+recorder.install_from_environment()
