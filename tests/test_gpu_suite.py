@@ -138,6 +138,25 @@ def test_a_step_that_raises_in_process_still_leaves_every_report(tmp_path, monke
     assert "The suite was interrupted" in open(summary["files"]["md"]).read()
 
 
+def test_a_suite_terminated_mid_step_kills_the_step_and_still_leaves_every_report(tmp_path, monkeypatch, capsys):
+    suite = _load()
+    pid_file = tmp_path / "pid"
+    # the step terminates the suite itself (SIGTERM, as a session's time limit would), then hangs
+    step = ("import signal\nput('running', {'rows': [{'kernel': 'attention', 'case': 'B=1', 'ours_ms': 2.0}]})\n"
+            f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+            "os.kill(os.getppid(), signal.SIGTERM)\ntime.sleep(60)\n")
+    _fake(suite, monkeypatch, {"kernels": step}, bound=30)
+    with pytest.raises(SystemExit) as info:
+        suite.main(["--quick", "--out", str(tmp_path / "out")])
+    assert info.value.code == 143
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["status"] == {"build": "failed", "kernels": "interrupted"}
+    report = json.load(open(summary["files"]["json"]))
+    assert report["steps"]["kernels"]["result"]["rows"][0]["ours_ms"] == 2.0
+    assert "| kernels | interrupted |" in open(summary["files"]["md"]).read()
+    assert _gone(int(pid_file.read_text()))
+
+
 def test_markdown_of_a_report_whose_every_step_failed():
     suite = _load()
     report = {"started": "now", "steps": {
@@ -213,6 +232,24 @@ def test_the_tests_step_stops_pytest_at_its_own_deadline(tmp_path, monkeypatch):
     assert exc.status == "timeout" and exc.result["passed"] == 1
     assert exc.result["running_when_killed"].endswith("test_hangs")
     assert exc.result["missing"] == ["tests/test_not_written_yet.py"]
+
+
+def test_failures_are_summed_up_by_their_first_error_line():
+    suite = _load()
+    text = textwrap.dedent("""\
+        =================================== FAILURES ===================================
+        __________________ test_one[a] __________________
+
+            def test_one():
+        >       assert f() == 2
+        E       assert 1 == 2
+        E        +  where 1 = f()
+        __________________ test_two __________________
+        E   RuntimeError: boom
+        =========================== short test summary info ============================
+        FAILED tests/x.py::test_one[a] - assert 1 == 2
+        """)
+    assert suite._first_errors(text) == {"test_one[a]": "assert 1 == 2", "test_two": "RuntimeError: boom"}
 
 
 def test_gpu_tests_is_a_list_of_node_ids_or_files():
