@@ -3,6 +3,12 @@
 Builds the real mmBERT-base architecture with random weights (seconds), runs the oracle and each engine
 mode on the same prompts, and reports per mode: generated tokens/s, forward passes per generated
 token, peak working memory above the loaded weights, and token agreement with the oracle.
+
+Every mode is warmed up on the timed run's own batch (the same prompts and sampling parameters) before
+it is timed, so that the timed region holds no first-time work: eager first steps of a shape, CUDA graph
+captures, Triton compiles of new specializations, allocator growth. With CUDA graphs the engine runs the
+batch twice first (a shape's first step runs eagerly, its second is captured), and the timed run's graph
+counters are reported; `problems(report)` lists what makes a report invalid.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .config import BENCH_MODES as MODES, DEFAULT_BENCH_MODES as DEFAULT_MODES, SamplerConfig, SamplingParams
+
+# the graph counters reported per engine mode (report["modes"][mode]["extra"]["graphs"]), counted over
+# the timed run only (diffutron_engine.engine.graphs)
+GRAPH_COUNTERS = ("captures", "replays", "fallbacks")
 
 
 @dataclass
@@ -157,8 +167,12 @@ def run(cfg: BenchConfig, log=print) -> dict:
     oracle_rows = None
     for mode in cfg.modes:
         torch.manual_seed(cfg.seed)
+        extra: dict = {}
         if mode == "reference":
             sampler = ReferenceSampler(model=model, tokenizer=tok)
+            sampler.sample(prompts, SamplerConfig(return_dict=True, **knobs))  # warm-up: the timed batch
+            _sync(cfg.device)
+            torch.manual_seed(cfg.seed)
             with _PeakMemory(cfg.device) as mem:
                 t = time.perf_counter()
                 out = sampler.sample(prompts, SamplerConfig(return_dict=True, **knobs))
@@ -174,7 +188,14 @@ def run(cfg: BenchConfig, log=print) -> dict:
             engine = Engine(model, tok, max_batch=cfg.batch_size, cache=cache, cuda_graphs=cfg.cuda_graphs,
                             fused_head=cfg.fused_head)
             scfg = SamplingParams(early_stop=False, seed=cfg.seed, **knobs, **knobs_mode)
-            engine.generate(prompts[:1], scfg.override(max_new_tokens=cfg.block_size, steps=2))  # warm-up
+            graphs = engine.runner.graphs  # None unless CUDA graphs are in use (CUDA device)
+            # warm-up on the timed batch: the same steps, shapes and graph keys as the timed run (the
+            # seeds are fixed); with graphs, a second pass captures what the first ran eagerly
+            for _ in range(2 if graphs is not None else 1):
+                engine.generate(prompts, scfg)
+            _sync(cfg.device)
+            torch.manual_seed(cfg.seed)
+            before = graphs.stats() if graphs is not None else None
             with _PeakMemory(cfg.device) as mem:
                 t = time.perf_counter()
                 res = engine.generate(prompts, scfg)
@@ -183,6 +204,9 @@ def run(cfg: BenchConfig, log=print) -> dict:
             rows = [r.tokens[len(p):] for r, p in zip(res, prompts)]
             fwd = sum(r.forward_passes for r in res) / n_tokens
             batch_steps = max(r.forward_passes for r in res)  # all rows start together: one step each
+            if graphs is not None:  # what the timed run did: after the warm-up, replays only
+                after = graphs.stats()
+                extra["graphs"] = {k: after[k] - before[k] for k in GRAPH_COUNTERS}
         agree = None
         if oracle_rows is not None:
             same = sum(a == b for ra, rb in zip(rows, oracle_rows) for a, b in zip(ra, rb))
@@ -190,11 +214,39 @@ def run(cfg: BenchConfig, log=print) -> dict:
         results[mode] = ModeResult(tokens_per_s=n_tokens / seconds, forwards_per_token=fwd,
                                    peak_mem_mb=None if mem.peak is None else round(mem.peak, 1),
                                    agreement=agree, seconds=seconds,
-                                   extra={"ms_per_step": round(1000 * seconds / max(batch_steps, 1), 3)})
+                                   extra={"ms_per_step": round(1000 * seconds / max(batch_steps, 1), 3), **extra})
         log(f"  {mode:<18} {seconds:8.2f} s")
     return {"config": asdict(cfg), "machine": machine_info(cfg.device),
             "modes": {k: {kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in asdict(v).items()}
                       for k, v in results.items()}}
+
+
+def problems(report: dict) -> list[str]:
+    """Why a report does not measure what it claims (empty when it does), one readable line each:
+    greedy exact mode differing from the oracle's tokens, a step run eagerly because its CUDA graph
+    capture failed, a graph captured inside the timed region (the warm-up missed a shape), or an engine
+    mode of a CUDA run asked for graphs that reports no graph counters."""
+    out = []
+    cfg = report.get("config", {})
+    greedy = not cfg.get("temperature")
+    graphs_expected = bool(cfg.get("cuda_graphs")) and str(cfg.get("device", "")).startswith("cuda")
+    for name, m in report["modes"].items():
+        agree = m.get("agreement")
+        if name == "exact" and greedy and agree is not None and agree < 100.0:
+            out.append(f"{name}: {agree:g}% of generated tokens agree with the oracle's; greedy exact mode "
+                       "must give the oracle's tokens (100%)")
+        counts = (m.get("extra") or {}).get("graphs")
+        if counts is None:
+            if graphs_expected and name != "reference":
+                out.append(f"{name}: CUDA graphs were asked for but the run reports no graph counters")
+            continue
+        if counts.get("fallbacks"):
+            out.append(f"{name}: {counts['fallbacks']} step(s) ran eagerly because a CUDA graph capture failed "
+                       "(the run does not measure graph replay)")
+        if counts.get("captures"):
+            out.append(f"{name}: {counts['captures']} CUDA graph capture(s) inside the timed region "
+                       "(the warm-up did not run every step shape twice)")
+    return out
 
 
 def _sync(device: str) -> None:

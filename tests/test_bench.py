@@ -1,6 +1,7 @@
 """`diffutron-engine bench` end to end on a small version of the real architecture."""
 
 import json
+import warnings
 
 import pytest
 
@@ -38,3 +39,64 @@ def test_overhead_report_on_small_settings(capsys):
     ops = {r["ops_per_step"] for r in report["rows"]} | {b["ops_per_step"] for b in report["blocks"]}
     assert len(ops) == 1
     assert report["targets"][-1]["met"] and "engine/tf" in format_table(report)
+
+
+def _report(**exact):
+    graphs = {"captures": 0, "replays": 16, "fallbacks": 0}
+    return {"config": {"temperature": 0.0, "device": "cuda", "cuda_graphs": True},
+            "modes": {"reference": {"agreement": 100.0, "extra": {"ms_per_step": 2.0}},
+                      "exact": {"agreement": 100.0, "extra": {"ms_per_step": 1.0, "graphs": dict(graphs)}, **exact},
+                      "dual": {"agreement": 80.0, "extra": {"ms_per_step": 0.5, "graphs": dict(graphs)}}}}
+
+
+def test_problems_lists_what_makes_a_report_invalid():
+    from diffutron_engine.benchmark import problems
+
+    assert problems(_report()) == []  # the cache modes are approximations: their agreement is no problem
+    bad = _report(agreement=99.5)
+    bad["modes"]["exact"]["extra"]["graphs"].update(captures=2, fallbacks=3)
+    del bad["modes"]["dual"]["extra"]["graphs"]
+    found = problems(bad)
+    assert len(found) == 4, found
+    assert found[0].startswith("exact: 99.5% of generated tokens agree")
+    assert "3 step(s) ran eagerly" in found[1] and "2 CUDA graph capture(s) inside the timed region" in found[2]
+    assert found[3].startswith("dual: CUDA graphs were asked for but the run reports no graph counters")
+    sampled = _report(agreement=80.0)
+    sampled["config"]["temperature"] = 0.7  # sampled tokens are the oracle's in distribution, not draw by draw
+    assert problems(sampled) == []
+    cpu = _report()
+    cpu["config"]["device"] = "cpu"  # graphs are ignored on CPU: no counters expected
+    for m in cpu["modes"].values():
+        m["extra"].pop("graphs", None)
+    assert problems(cpu) == []
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["graphs", "failing-captures"])
+def test_bench_warms_up_on_the_timed_batch(monkeypatch, failing):
+    """With graphs (on CPU, tests/test_cuda_graphs.py's stand-in), every step of the timed run is a replay:
+    the warm-up ran the same batch, so nothing is first seen or captured while timed. Captures that fail
+    are counted and make the report invalid."""
+    import diffutron_engine.engine as engine_pkg
+    from diffutron_engine.benchmark import BenchConfig, problems, run
+    from test_cuda_graphs import CPUStepGraphs
+
+    class GraphedEngine(engine_pkg.Engine):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.runner.graphs = CPUStepGraphs(fail=lambda key: failing)
+
+    monkeypatch.setattr(engine_pkg, "Engine", GraphedEngine)
+    modes = ("reference", "exact", "dual") if not failing else ("exact",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the failed captures' warnings
+        report = run(BenchConfig(layers=2, vocab_size=2048, prompt_len=8, new_tokens=8, block_size=4, steps=8,
+                                 batch_size=2, modes=modes), log=lambda s: None)
+    counts = {m: report["modes"][m]["extra"]["graphs"] for m in modes if m != "reference"}
+    if not failing:
+        assert counts == {m: {"captures": 0, "replays": 8, "fallbacks": 0} for m in counts}  # 8 steps, all replays
+        assert "graphs" not in report["modes"]["reference"]["extra"]
+        assert report["modes"]["exact"]["agreement"] == 100.0 and problems(report) == []
+    else:
+        assert counts == {"exact": {"captures": 0, "replays": 0, "fallbacks": 8}}
+        assert problems(report) == ["exact: 8 step(s) ran eagerly because a CUDA graph capture failed "
+                                    "(the run does not measure graph replay)"]
