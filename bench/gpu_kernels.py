@@ -3,6 +3,10 @@ same run, and reports derived figures (GB/s against the card's measured copy ban
 memory). On CUDA the timer is triton.testing.do_bench (median); on CPU (the suite's self-test, tiny
 shapes, Triton interpreter) a median of perf_counter rounds.
 
+On the meta device (bench/record_launches.py) every benchmark goes through its calls once without
+timing, checking or reading back anything: the Triton launches it would make at its shapes are recorded
+(kernels/recorder.py) and not run, so the compile check compiles the launches of a full run without a GPU.
+
 The sampler is timed twice: its public call (sample_triton: output allocation, the parameters' cache
 lookup, the launch plan) and its two launches alone, planned once with parameters resolved on the
 logits' own device and replayed from a CUDA graph (triton.testing.do_bench_cudagraph), so that a kernel
@@ -19,8 +23,21 @@ import torch
 import torch.nn.functional as F
 
 
+def _real(device) -> bool:
+    """Whether tensors on `device` hold data (not meta): only then is anything timed, compared or read."""
+    return torch.device(device).type != "meta"
+
+
+def _generator(device: str, seed: int = 0):
+    """A seeded generator on `device` (None on meta, where nothing is drawn)."""
+    return torch.Generator(device=device).manual_seed(seed) if _real(device) else None
+
+
 def timeit(fn, device: str, rounds: int = 5) -> float:
-    """Median seconds of fn()."""
+    """Median seconds of fn() (on meta: fn() once, NaN)."""
+    if not _real(device):
+        fn()
+        return float("nan")
     if device.startswith("cuda"):
         from triton.testing import do_bench
 
@@ -141,16 +158,18 @@ def sampler(device: str, n: int = 64, vocab: int = 256_000, dtype=torch.bfloat16
             hidden: int = 768) -> list[dict]:
     from diffutron_engine.kernels.sampling import SampleParams, sample_head_triton, sample_triton
 
-    g = torch.Generator(device=device).manual_seed(0)
+    g = _generator(device)
     logits = (torch.randn(n, vocab, device=device, generator=g) * 3).to(dtype)
-    seen = torch.randint(0, vocab, (n, 64), device=device, generator=g)
+    # the penalty's seen ids are drawn on the host, where the params' bitmaps are built from them anyway
+    seen_ids = torch.randint(0, vocab, (n, 64), generator=torch.Generator().manual_seed(1))
+    seen = seen_ids.to(device)
     nbytes = logits.numel() * logits.element_size()
     copies = [logits] + [logits.clone() for _ in range(_copies(device, nbytes) - 1)]
     rows = []
     for mode, kw in (("greedy", {}), ("penalty+suppress", dict(penalty=1.2, suppress=(0, 1, 2, 3))),
                      ("temperature 0.7", dict(temperature=0.7))):
         p = SampleParams(seeds=torch.arange(n), positions=torch.arange(n), steps=torch.zeros(n, dtype=torch.long),
-                         seen=[seen[i] for i in range(n)] if "penalty" in kw else None,
+                         seen=[seen_ids[i] for i in range(n)] if "penalty" in kw else None,
                          row_request=torch.arange(n) if "penalty" in kw else None, **kw)
         # bitmaps and per-row tensors on the logits' own device (the engine keeps them there), so that
         # no timed call builds or copies them
@@ -162,8 +181,9 @@ def sampler(device: str, n: int = 64, vocab: int = 256_000, dtype=torch.bfloat16
                                                      seen, kw.get("suppress", ())), device)
         ids, _ = sample_triton(logits, p)
         kernel_only()  # the next copy: the same values, so the same tokens
-        assert torch.equal(k_ids, ids), f"sampler {mode}: the pre-resolved launches and the call chose differently"
-        if not p.sample:
+        if _real(device):
+            assert torch.equal(k_ids, ids), f"sampler {mode}: the pre-resolved launches and the call chose differently"
+        if not p.sample and _real(device):
             ref, _ = torch_sampler_chain(logits, 0.0, kw.get("penalty", 1.0), seen, kw.get("suppress", ()))
             assert torch.equal(ids, ref), f"sampler {mode}: kernel and torch chain chose different tokens"
         gbs = nbytes / t_launches / 1e9
@@ -206,7 +226,7 @@ def attention(device: str, dtype=torch.bfloat16, shapes=None) -> list[dict]:
         flash_attn_func = None
     for B, Q, T in shapes:
         for window in (None, 64):
-            g = torch.Generator(device=device).manual_seed(0)
+            g = _generator(device)
             q = torch.randn(B, heads, Q, dim, device=device, generator=g).to(dtype)
             k = torch.randn(B, heads, T, dim, device=device, generator=g).to(dtype)
             v = torch.randn(B, heads, T, dim, device=device, generator=g).to(dtype)
@@ -221,7 +241,7 @@ def attention(device: str, dtype=torch.bfloat16, shapes=None) -> list[dict]:
             t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), device)
             out = flash_attention(q, k, v, slots, q_pos, valid, window)
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-            err = (out.float() - ref).abs().max().item()
+            err = (out.float() - ref).abs().max().item() if _real(device) else None
             keys = T if not window else min(T, 2 * window + 1)
             flops = 4 * B * heads * Q * keys * dim  # QK^T and PV over the attended keys
             row = {"kernel": "attention", "case": f"B={B} Q={Q} T={T} {'sliding' if window else 'global'}",
@@ -239,14 +259,15 @@ def cross_entropy(device: str, n: int = 8192, vocab: int = 256_000, hidden: int 
     """Loss + gradients (hidden, weight, bias): fused linear cross-entropy vs linear + F.cross_entropy."""
     from diffutron_engine.kernels.cross_entropy import fused_linear_cross_entropy
 
-    g = torch.Generator(device=device).manual_seed(0)
+    g = _generator(device)
     h = torch.randn(n, hidden, device=device, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(vocab, hidden, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
     b = torch.zeros(vocab, device=device, dtype=dtype, requires_grad=True)
     target = torch.randint(0, vocab, (n,), device=device, generator=g)
 
     def fused():
-        fused_linear_cross_entropy(h, w, target, bias=b, reduction="mean").backward()
+        # the Triton kernels wherever this runs (the default is torch off CUDA: the self-test, meta)
+        fused_linear_cross_entropy(h, w, target, bias=b, reduction="mean", backend="triton").backward()
 
     def plain():
         F.cross_entropy(F.linear(h, w, b).float(), target).backward()
@@ -263,3 +284,18 @@ def cross_entropy(device: str, n: int = 8192, vocab: int = 256_000, hidden: int 
         out.update(ours_peak_mb=fused_row["peak_bytes"] / 2**20, torch_peak_mb=torch_row["peak_bytes"] / 2**20,
                    memory_ratio=torch_row["peak_bytes"] / max(fused_row["peak_bytes"], 1))
     return [out]
+
+
+# ------------------------------------------------------------------------------------------ the runs
+def runs(device: str, quick: bool, copy_gbs: float | None = None) -> dict:
+    """The GPU suite's kernel benchmarks, name -> call: at the model's shapes (a full run), or tiny ones
+    for the suite's self-test (quick). The suite times them on its device; bench/record_launches.py runs
+    the full ones on meta tensors to record their launches."""
+    if quick:
+        half = torch.float16 if device == "cpu" else torch.bfloat16  # the interpreter's bfloat16 dot is wrong
+        return {"sampler": lambda: sampler(device, n=4, vocab=3000, dtype=torch.float32, copy_gbs=copy_gbs, hidden=32),
+                "attention": lambda: attention(device, dtype=half, shapes=[(1, 16, 40), (2, 8, 40)]),
+                "cross_entropy": lambda: cross_entropy(device, n=64, vocab=1000, hidden=32, dtype=torch.float32)}
+    return {"sampler": lambda: sampler(device, n=64, vocab=256_000, dtype=torch.bfloat16, copy_gbs=copy_gbs),
+            "attention": lambda: attention(device, dtype=torch.bfloat16),
+            "cross_entropy": lambda: cross_entropy(device, n=8192, vocab=256_000, hidden=768, dtype=torch.bfloat16)}
