@@ -223,12 +223,15 @@ def run(cfg: BenchConfig, log=print) -> dict:
 
 def problems(report: dict) -> list[str]:
     """Why a report does not measure what it claims (empty when it does), one readable line each:
-    greedy exact mode differing from the oracle's tokens, a step run eagerly because its CUDA graph
+    greedy float32 exact mode differing from the oracle's tokens, a step run eagerly because its CUDA graph
     capture failed, a graph captured inside the timed region (the warm-up missed a shape), or an engine
     mode of a CUDA run asked for graphs that reports no graph counters."""
     out = []
     cfg = report.get("config", {})
-    greedy = not cfg.get("temperature")
+    # Exactness is token for token in float32, where the engine's kernels and the oracle's forward round
+    # alike (the golden tests hold it); in bfloat16/float16 they round differently, and random weights
+    # leave near-ties everywhere, so agreement there is a figure reported, not a rule.
+    greedy = not cfg.get("temperature") and cfg.get("dtype", "float32") in ("float32", "float64")
     graphs_expected = bool(cfg.get("cuda_graphs")) and str(cfg.get("device", "")).startswith("cuda")
     for name, m in report["modes"].items():
         agree = m.get("agreement")

@@ -64,6 +64,12 @@ def test_problems_lists_what_makes_a_report_invalid():
     sampled = _report(agreement=80.0)
     sampled["config"]["temperature"] = 0.7  # sampled tokens are the oracle's in distribution, not draw by draw
     assert problems(sampled) == []
+    half = _report(agreement=50.0)
+    half["config"]["dtype"] = "bfloat16"  # other roundings than the oracle's: a figure, not a rule
+    assert problems(half) == []
+    half["config"]["dtype"] = "float32"
+    assert problems(half) == ["exact: 50% of generated tokens agree with the oracle's; greedy exact mode "
+                              "must give the oracle's tokens (100%)"]
     cpu = _report()
     cpu["config"]["device"] = "cpu"  # graphs are ignored on CPU: no counters expected
     for m in cpu["modes"].values():
