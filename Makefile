@@ -76,5 +76,69 @@ $(COMPILE_VENV)/.installed:
 	$(COMPILE_VENV)/bin/python -m pip install -q numpy "$(TRITON_SPEC)"
 	touch $@
 
+# A rehearsal of the GPU machine without a GPU: bench/gpu_suite --quick (kernels in Triton's interpreter
+# on CPU) in an environment with that machine's versions and, as there, none of the optional packages
+# (no fastapi, uvicorn, openai, lm_eval, datasets, peft: the tests that need them skip); the package runs
+# from the source tree. Every Triton launch the suite makes is recorded, then compiled for the GPUs
+# together with the launchers' plans (bench/gpu_compile_check.py --recorded fails on drift).
+#   make gpu-rehearsal                              finds python3.12 on PATH, else pyenv's
+#   make gpu-rehearsal PYTHON312=/path/to/python3.12
+# torch 2.11.0 from PyPI is a CUDA build: the first run fetches about 3.5 GB of wheels.
+.PHONY: gpu-rehearsal
+REHEARSAL_VENV := .venv-gpu-rehearsal
+REHEARSAL_PY := $(REHEARSAL_VENV)/bin/python
+REHEARSAL_OUT := build/gpu-rehearsal
+REHEARSAL_PINS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 tokenizers==0.23.2 numpy==2.5.*
+REHEARSAL_ABSENT := fastapi uvicorn openai lm_eval datasets peft
+PYTHON312 ?=
+
+gpu-rehearsal: $(REHEARSAL_VENV)/.installed
+	$(REHEARSAL_PY) -c "$$REHEARSAL_CHECK" $(foreach p,$(REHEARSAL_PINS),'$(p)') -- $(REHEARSAL_ABSENT)
+	rm -rf $(REHEARSAL_OUT) && mkdir -p $(REHEARSAL_OUT)
+	HF_HUB_OFFLINE=1 DIFFUTRON_RECORD_LAUNCHES=$(CURDIR)/$(REHEARSAL_OUT)/rehearsal-launches.jsonl \
+		PYTHONPATH=$(CURDIR) $(REHEARSAL_PY) bench/gpu_suite --quick --out $(REHEARSAL_OUT)
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(REHEARSAL_PY) bench/gpu_compile_check.py \
+		--recorded $(REHEARSAL_OUT)/rehearsal-launches.jsonl
+
+# Only what the package needs besides the pinned versions (safetensors; pybind11 and setuptools to build
+# the C++ extension, which the suite's build step requires) and pytest. A venv left by another Python is
+# rebuilt; the stamp is written only once the versions are the ones asked for.
+$(REHEARSAL_VENV)/.installed: Makefile
+	@if ! $(REHEARSAL_PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then \
+		py="$(PYTHON312)"; \
+		if [ -z "$$py" ]; then \
+			for c in python3.12 "$${PYENV_ROOT:-$$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do \
+				if "$$c" -c 'import sys, venv; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then \
+					py="$$c"; break; fi; \
+			done; \
+		fi; \
+		if [ -z "$$py" ]; then \
+			echo "error: no Python 3.12 found (python3.12 on PATH or under pyenv's versions/);" \
+				"give one: make gpu-rehearsal PYTHON312=/path/to/python3.12" >&2; exit 1; fi; \
+		echo "$$py -m venv --clear $(REHEARSAL_VENV)"; "$$py" -m venv --clear $(REHEARSAL_VENV); \
+	fi
+	$(REHEARSAL_PY) -m pip install -q --upgrade pip
+	$(REHEARSAL_PY) -m pip install -q $(foreach p,$(REHEARSAL_PINS),'$(p)') safetensors pybind11 setuptools pytest
+	$(REHEARSAL_PY) -c "$$REHEARSAL_CHECK" $(foreach p,$(REHEARSAL_PINS),'$(p)') -- $(REHEARSAL_ABSENT)
+	touch $@
+
+# argv: name==version pins (fnmatch patterns), then --, then modules that must not be importable
+define REHEARSAL_CHECK
+import fnmatch, importlib.metadata as md, importlib.util, sys
+i = sys.argv.index("--")
+bad = [] if sys.version_info[:2] == (3, 12) else [f"python {sys.version.split()[0]} (wanted 3.12)"]
+for pin in sys.argv[1:i]:
+    name, want = pin.split("==")
+    try:
+        got = md.version(name)
+    except md.PackageNotFoundError:
+        got = "missing"
+    if not fnmatch.fnmatch(got, want):
+        bad.append(f"{name} {got} (wanted {want})")
+bad += [f"{m} installed (the GPU machine has none)" for m in sys.argv[i + 1:] if importlib.util.find_spec(m)]
+sys.exit("error: the rehearsal environment differs from the GPU machine: " + "; ".join(bad) if bad else 0)
+endef
+export REHEARSAL_CHECK
+
 clean:
 	rm -rf $(VENV) .venv-triton-* build *.egg-info diffutron_engine/_C*.so
