@@ -15,6 +15,32 @@ HERE = os.path.dirname(__file__)
 GOLDEN_MODEL = os.path.join(HERE, "data", "golden", "mdlm-tiny", "model")
 
 
+# Optional packages a test may need (`@pytest.mark.needs("fastapi", "uvicorn")`, by import name), each with
+# the install that provides it. A test that needs a missing one is skipped with that install in its reason;
+# `pip install -e '.[test]'` provides all of them except `datasets`.
+OPTIONAL_PACKAGES = {
+    "fastapi": "pip install -e '.[serve]'",
+    "uvicorn": "pip install -e '.[serve]'",
+    "openai": "pip install -e '.[test]'",
+    "httpx": "pip install -e '.[test]'",
+    "lm_eval": "pip install -e '.[eval]'",
+    "peft": "pip install -e '.[train]'",
+    "pyarrow": "pip install -e '.[train]'",
+    "matplotlib": "pip install -e '.[train]'",
+    "yaml": "pip install -e '.[train]'",
+    "datasets": "pip install datasets",
+}
+
+
+def _missing_packages(names) -> list[str]:
+    import importlib.util
+
+    unknown = [n for n in names if n not in OPTIONAL_PACKAGES]
+    if unknown:  # a typo would skip the test everywhere
+        raise pytest.UsageError(f"needs(): {', '.join(unknown)} not in tests/conftest.py's OPTIONAL_PACKAGES")
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
 def pytest_collection_modifyitems(config, items):
     import importlib.util
 
@@ -23,12 +49,19 @@ def pytest_collection_modifyitems(config, items):
     needs = {
         "cuda": (torch.cuda.is_available(), "needs a CUDA GPU"),
         "triton": (importlib.util.find_spec("triton") is not None, "needs triton"),
-        "cext": (cpp_available(), "needs the compiled C++ extension (diffutron_engine._C)"),
+        "cext": (cpp_available(), "needs the compiled C++ extension (diffutron_engine._C: pip install -e . "
+                                  "with a C++ compiler, or python setup.py build_ext --inplace)"),
     }
     for item in items:
         for marker, (ok, why) in needs.items():
             if marker in item.keywords and not ok:
                 item.add_marker(pytest.mark.skip(reason=why))
+        names = [name for mark in item.iter_markers("needs") for name in mark.args]
+        missing = _missing_packages(dict.fromkeys(names))
+        if missing:
+            installs = dict.fromkeys(OPTIONAL_PACKAGES[n] for n in missing)
+            item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)} (not installed: "
+                                                    f"{'; '.join(installs)})"))
 
 
 @pytest.fixture(scope="session")

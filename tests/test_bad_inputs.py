@@ -45,6 +45,7 @@ class Case:
     run_dir: str | None = None  # a folder under {tmp} (train's --output-dir) that must stay empty
     in_process: bool = False  # run the command line's main() in this process (seconds saved per row that
     # loads a model); stderr is still read at the file descriptor, and an exception escaping main() fails
+    needs: tuple[str, ...] = ()  # optional packages the row reaches (pytest.mark.needs: skipped without them)
 
 
 def _checkpoint_with(edit: Callable) -> Callable:
@@ -147,8 +148,8 @@ CPT = ("train", "cpt", "--model", "tiny-tr", "--output-dir", "{tmp}/out")
 DATA = ("--data", TEXT)
 
 
-def _train(id, argv, message, files=None, in_process=False):
-    return Case(id, argv, message, files=files, output=False, run_dir="out", in_process=in_process)
+def _train(id, argv, message, files=None, in_process=False, needs=()):
+    return Case(id, argv, message, files=files, output=False, run_dir="out", in_process=in_process, needs=needs)
 
 
 def _folder_with(name: str, content: bytes) -> Callable:
@@ -205,12 +206,13 @@ TRAIN_CASES = [
     _train("data empty", (*CPT, "--data", "{tmp}/x.txt"), "the data holds no text", files={"x.txt": b"\n\n"},
            in_process=True),
     _train("data without its text field", (*CPT, "--data", "{tmp}/x.jsonl"), "has no string field 'text'",
-           files={"x.jsonl": b'{"body": "Merhaba"}\n'}, in_process=True),
+           files={"x.jsonl": b'{"body": "Merhaba"}\n'}, in_process=True, needs=("peft",)),
     _train("sft rows without columns", ("train", "sft", "--model", "tiny-tr", "--output-dir", "{tmp}/out", "--data",
                                         "{tmp}/x.jsonl"), "an SFT row needs instruction/input/output",
-           files={"x.jsonl": b'{"text": "Merhaba"}\n'}, in_process=True),
+           files={"x.jsonl": b'{"text": "Merhaba"}\n'}, in_process=True, needs=("peft",)),
     _train("eval data missing", (*CPT, *DATA, "--eval-data", "{tmp}/none.txt"), "none.txt' does not exist", in_process=True),
-    _train("hub dataset offline", (*CPT, "--dataset", "nobody/nothing"), "could not load the hub dataset", in_process=True),
+    _train("hub dataset offline", (*CPT, "--dataset", "nobody/nothing"), "could not load the hub dataset", in_process=True,
+           needs=("datasets",)),
     # the model, the output folder, the resume target
     _train("model missing", ("train", "cpt", "--model", "{tmp}/none", "--output-dir", "{tmp}/out", *DATA),
            "none' does not exist", in_process=True),
@@ -219,17 +221,19 @@ TRAIN_CASES = [
     _train("model weights NaN", ("train", "cpt", "--model", "{tmp}/m", "--output-dir", "{tmp}/out", *DATA),
            "has broken weights: model.layers.0.mlp.Wo.weight", files={"m": _checkpoint_with(_nan_weight)}, in_process=True),
     _train("output a file", ("train", "cpt", "--model", "tiny-tr", "--output-dir", "{tmp}/f", *DATA),
-           "is not a writable folder", files={"f": b"x"}, in_process=True),
+           "is not a writable folder", files={"f": b"x"}, in_process=True, needs=("peft",)),
     _train("lora target unknown", (*CPT, *DATA, "--set", "lora_targets=attn"), "do not name modules of this model",
-           in_process=True),
+           in_process=True, needs=("peft",)),
     _train("length beyond the context", (*CPT, *DATA, "--max-length", "4096"), "exceeds the model's context of 512",
-           in_process=True),
-    _train("batch beyond the data", (*CPT, *DATA, "--batch-size", "100000"), "fewer than one global batch", in_process=True),
+           in_process=True, needs=("peft",)),
+    _train("batch beyond the data", (*CPT, *DATA, "--batch-size", "100000"), "fewer than one global batch", in_process=True,
+           needs=("peft",)),
     _train("resume without checkpoints", (*CPT, *DATA, "--resume", "latest"), "--resume latest: no checkpoint in",
-           in_process=True),
-    _train("resume folder missing", (*CPT, *DATA, "--resume", "{tmp}/none"), "no such checkpoint folder", in_process=True),
+           in_process=True, needs=("peft",)),
+    _train("resume folder missing", (*CPT, *DATA, "--resume", "{tmp}/none"), "no such checkpoint folder", in_process=True,
+           needs=("peft",)),
     _train("merge not an adapter", ("train", "merge", "--adapter", "{tmp}", "--out", "{tmp}/merged"),
-           "is not a LoRA adapter", in_process=True),
+           "is not a LoRA adapter", in_process=True, needs=("peft",)),
 ]
 
 ALL_CASES = GENERATE_CASES + TRAIN_CASES
@@ -237,6 +241,8 @@ ALL_CASES = GENERATE_CASES + TRAIN_CASES
 
 def _param(case: Case):
     marks = [pytest.mark.slow] if case.slow else []
+    if case.needs:
+        marks.append(pytest.mark.needs(*case.needs))
     if case.stdout == "full" and not os.path.exists("/dev/full"):
         marks.append(pytest.mark.skip(reason="needs /dev/full"))
     if "triton" in (case.env or {}).values():

@@ -25,6 +25,7 @@ def test_bench_reports_every_mode_and_ends_with_json(capsys, tmp_path):
     assert json.loads(next(tmp_path.glob("*-t.json")).read_text())["modes"].keys() == report["modes"].keys()
 
 
+@pytest.mark.cext
 def test_overhead_report_on_small_settings(capsys):
     """The overhead harness at tiny settings: every figure is there, ops per step do not change with the
     batch or the block, and `bench --overhead` prints a table then one JSON line."""

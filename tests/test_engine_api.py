@@ -440,8 +440,8 @@ def test_seeds_of_one_params_for_many_prompts_wrap_around(golden):
     assert outs[1].tokens == engine.generate([[8, 9]], params.override(seed=0))[0].tokens
 
 
+@pytest.mark.needs("fastapi")
 def test_the_server_maps_openai_fields_and_refuses_out_of_bound_settings():
-    pytest.importorskip("fastapi")
     from diffutron_engine.server.app import ApiError, sampling_params
 
     assert sampling_params({"stop": "</s>"}).stop_strings == ["</s>"]

@@ -93,7 +93,7 @@ def _workload(seed, n=30):
     return prompts, params
 
 
-@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("cache", [pytest.param("none", marks=pytest.mark.cext), "prefix", "dual"])
 def test_steps_are_capturable_and_shapes_come_from_buckets(golden, cache):
     engine = Engine(golden.model, golden.tokenizer, max_batch=6, cache=cache)
     traces = audited(engine)

@@ -15,8 +15,6 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
-
 from diffutron_engine.errors import DiffutronError  # noqa: E402
 from diffutron_engine.integrations import mc_likelihood as mc  # noqa: E402
 from diffutron_engine.model.modernbert import ModernBertRunner  # noqa: E402
@@ -133,6 +131,7 @@ def test_the_estimate_converges_with_more_copies(tiny):
     assert spread(64) < spread(4)
 
 
+@pytest.mark.needs("lm_eval")
 def test_loglikelihood_through_the_lm_class(lm, tiny):
     reqs = [_Req(c, x) for c, x in PAIRS_TEXT]
     torch.manual_seed(5)
@@ -144,6 +143,7 @@ def test_loglikelihood_through_the_lm_class(lm, tiny):
     assert all(flag is False for _, flag in got)  # no greedy check unless asked
 
 
+@pytest.mark.needs("lm_eval")
 def test_greedy_check_matches_the_plain_loop(lm, tiny):
     """is_check_greedy: the engine's infill answers as the harness's one-token-per-step loop does, and a
     continuation equal to the model's own greedy fill is reported greedy."""
@@ -178,6 +178,7 @@ def test_greedy_check_matches_the_plain_loop(lm, tiny):
     assert with_check == without
 
 
+@pytest.mark.needs("lm_eval")
 def test_generate_until_cuts_at_until_and_honours_max_gen_toks(lm):
     reqs = [_Req("Soru: Türkiye'nin başkenti neresidir?\nCevap:", {"until": ["\n"], "max_gen_toks": 6}),
             _Req("Bir dil modeli", {"until": "a", "max_gen_toks": 4, "do_sample": False}),
@@ -207,6 +208,7 @@ def test_generate_until_cuts_at_until_and_honours_max_gen_toks(lm):
     assert again == outs[:2]  # greedy: deterministic
 
 
+@pytest.mark.needs("lm_eval")
 def test_loglikelihood_rolling_sums_windows(lm, tiny):
     """Rolling: windows of half the context, each scored after the half-context before it; the sum."""
     text = " ".join(["Kitap okumak insanın hayal gücünü geliştirir ve yeni dünyalar açar."] * 6)
@@ -224,6 +226,7 @@ def test_loglikelihood_rolling_sums_windows(lm, tiny):
     assert got[1] == 0.0 and abs(got[0] - sum(plain)) <= 1e-4 * abs(sum(plain))
 
 
+@pytest.mark.needs("lm_eval")
 def test_rolling_windows_hold_no_special_tokens(lm, tiny, monkeypatch):
     """With a tokenizer that frames every encoding (<bos> ... <eos>, as mmBERT's does), the rolling
     windows are the text's own tokens."""
@@ -243,6 +246,7 @@ def test_rolling_windows_hold_no_special_tokens(lm, tiny, monkeypatch):
     assert seen and all(2 not in p.context + p.target and 1 not in p.context + p.target for p in seen)
 
 
+@pytest.mark.needs("lm_eval")
 def test_chat_template_renders_diffutron_markers(lm):
     msgs = [{"role": "system", "content": "Kısa cevap ver."}, {"role": "user", "content": "Başkent?"}]
     assert lm.apply_chat_template(msgs).endswith("[Question]\nBaşkent?\n[/Question]\n\n[Answer]\n")
@@ -257,6 +261,7 @@ def test_chat_template_renders_diffutron_markers(lm):
     (dict(dtype="float64"), "dtype must be one of"),
     (dict(temperature=-1), "temperature"),
 ])
+@pytest.mark.needs("lm_eval")
 def test_bad_model_arguments_are_named(tiny_checkpoint, kwargs, message):
     from diffutron_engine.integrations.lm_eval import DiffutronLM
 
@@ -264,6 +269,7 @@ def test_bad_model_arguments_are_named(tiny_checkpoint, kwargs, message):
         DiffutronLM(pretrained=tiny_checkpoint, device="cpu", **kwargs)
 
 
+@pytest.mark.needs("lm_eval")
 def test_bad_requests_are_named(lm):
     with pytest.raises(DiffutronError, match="empty continuation"):
         lm.loglikelihood([_Req("Hava bugün", "")])
@@ -273,6 +279,7 @@ def test_bad_requests_are_named(lm):
         lm.generate_until([_Req("kelime " * 600, {"max_gen_toks": 8})])
 
 
+@pytest.mark.needs("lm_eval")
 def test_lm_eval_arguments_lose_to_model_args(tiny_checkpoint):
     """lm-eval's CLI always sends its own batch_size (default 1) and device: --model_args win."""
     from diffutron_engine.integrations.lm_eval import DiffutronLM
@@ -291,6 +298,7 @@ def test_lm_eval_arguments_lose_to_model_args(tiny_checkpoint):
                                               "trust_remote_code=True", {"device": "cpu"}).mc_num == 8
 
 
+@pytest.mark.needs("lm_eval")
 def test_cli_unknown_model_arg_is_one_line_exit_2(tiny_checkpoint):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "diffutron_engine", "eval", "lm-eval", "--model_args",
@@ -301,6 +309,7 @@ def test_cli_unknown_model_arg_is_one_line_exit_2(tiny_checkpoint):
     assert "error: unknown model argument(s) for diffutron: 'mc_nmu' (did you mean 'mc_num'?)" in r.stderr
 
 
+@pytest.mark.needs("lm_eval")
 def test_end_to_end_through_lm_eval_evaluator(tiny_checkpoint, tmp_path, monkeypatch):
     """lm-eval's own evaluator on the shipped tasks: a multiple-choice task (acc) and a generation task
     (exact match), offline; the numbers are the model's own (a random model: chance level)."""
@@ -330,6 +339,7 @@ def test_end_to_end_through_lm_eval_evaluator(tiny_checkpoint, tmp_path, monkeyp
 
 
 @pytest.mark.slow
+@pytest.mark.needs("lm_eval")
 def test_end_to_end_through_the_cli(tiny_checkpoint, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "ds"))
     r = subprocess.run([sys.executable, "-m", "diffutron_engine", "eval", "lm-eval", "--model_args",

@@ -54,6 +54,7 @@ def test_config_layers_and_errors(tmp_path):
     assert set(PRESETS) >= {"paper-cpt", "paper-sft-1", "paper-sft-2", "tiny-tr"}
 
 
+@pytest.mark.needs("peft")
 def test_lora_on_the_real_configuration_counts_the_papers_parameters():
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
@@ -113,6 +114,7 @@ def test_fused_loss_equals_the_plain_loss(tiny):
 
 
 # ----------------------------------------------------------------------------------------------- runs
+@pytest.mark.needs("peft")
 def test_resume_continues_the_uninterrupted_loss_curve(tiny_checkpoint, tmp_path):
     full = Trainer(_cfg(tiny_checkpoint, tmp_path / "a"), log=lambda s: None).train()
     assert full["steps"] == 6 and os.path.isdir(full["final_model"])
@@ -127,6 +129,7 @@ def test_resume_continues_the_uninterrupted_loss_curve(tiny_checkpoint, tmp_path
     assert not [n for n in os.listdir(tmp_path / "b") if n.startswith(".tmp")]  # no half-written folder
 
 
+@pytest.mark.needs("peft")
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = MaskedLMLoss.forward
@@ -143,6 +146,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_checkpoint, tmp_path,
     assert os.path.isfile(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
 
 
+@pytest.mark.needs("peft")
 def test_merge_gives_a_plain_checkpoint_with_the_adapters_outputs(tiny_checkpoint, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForMaskedLM
@@ -172,6 +176,7 @@ def test_cli_train_and_bad_config(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.needs("peft")
 def test_torchrun_two_processes_match_one_process(tiny_checkpoint, tmp_path):
     """Global batch 8: one process with batch 8, then two gloo processes with batch 4 each."""
     common = ["train", "cpt", "--model", tiny_checkpoint, "--data", TEXT, "--max-length", "32", "--max-steps", "4",
@@ -192,6 +197,7 @@ def test_torchrun_two_processes_match_one_process(tiny_checkpoint, tmp_path):
     assert a == pytest.approx(b, rel=1e-4)
 
 
+@pytest.mark.needs("pyarrow")
 def test_cpt_reads_jsonl_and_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -232,7 +238,8 @@ def test_sft_run_and_eval_through_the_cli(tiny_checkpoint, tmp_path, capsys):
     assert {"perplexity", "accuracy", "tokens"} <= set(report) and report["tokens"] > 0
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("lora", [pytest.param(True, id="lora", marks=pytest.mark.needs("peft")),
+                                  pytest.param(False, id="full")])
 @pytest.mark.slow
 def test_torchrun_fsdp_matches_one_process(tiny_checkpoint, tmp_path, lora):
     """FSDP2 (parameters sharded per layer) over 2 gloo processes: the 1-process loss curve, and a final

@@ -77,6 +77,7 @@ def test_yaml_file_numbers_in_any_spelling(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.needs("peft")
 def test_checkpoints_carry_a_manifest_that_verifies(tiny_checkpoint, tmp_path):
     _train(_cfg(tiny_checkpoint, tmp_path))
     assert _names(tmp_path) == ["checkpoint-2", "checkpoint-4"]
@@ -94,6 +95,7 @@ def _zero_a_megabyte(path):
         f.write(b"\0" * min(size, 1 << 20))
 
 
+@pytest.mark.needs("peft")
 def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_checkpoint, tmp_path):
     _train(_cfg(tiny_checkpoint, tmp_path, max_steps=6), stop_after=4)  # checkpoints 2 and 4
     weights = os.path.join(tmp_path, "checkpoint-4", "adapter_model.safetensors")
@@ -113,6 +115,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_checkpoint, tmp_
                 log=lambda s: None).train()
 
 
+@pytest.mark.needs("peft")
 def test_leftovers_of_killed_saves_and_prunes_are_removed_at_start(tiny_checkpoint, tmp_path):
     _train(_cfg(tiny_checkpoint, tmp_path, max_steps=2))
     os.makedirs(tmp_path / ".tmp-checkpoint-6-1234")  # a save killed before its rename
@@ -127,6 +130,7 @@ def test_leftovers_of_killed_saves_and_prunes_are_removed_at_start(tiny_checkpoi
     assert "checkpoint-2" in left and any("leftovers" in l for l in logs)
 
 
+@pytest.mark.needs("peft")
 def test_pruning_renames_before_deleting(tiny_checkpoint, tmp_path, monkeypatch):
     """A kill in the middle of a prune (here: rmtree fails on the trash) leaves no checkpoint-N folder
     without its files: the old checkpoint was renamed away first."""
@@ -151,6 +155,7 @@ def test_pruning_renames_before_deleting(tiny_checkpoint, tmp_path, monkeypatch)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".trash-")]
 
 
+@pytest.mark.needs("peft")
 def test_folders_that_are_not_ours_are_never_removed_nor_pruned(tiny_checkpoint, tmp_path):
     """Another trainer's checkpoint-N (files this package never writes) survives cleanup and pruning."""
     foreign = tmp_path / "checkpoint-100"
@@ -162,6 +167,7 @@ def test_folders_that_are_not_ours_are_never_removed_nor_pruned(tiny_checkpoint,
     assert _names(tmp_path) == ["checkpoint-4"]
 
 
+@pytest.mark.needs("peft")
 def test_a_complete_save_killed_before_its_rename_is_recovered(tiny_checkpoint, tmp_path):
     _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4), stop_after=2)
     os.replace(tmp_path / "checkpoint-2", tmp_path / ".tmp-checkpoint-2-999")  # killed between the renames
@@ -171,6 +177,7 @@ def test_a_complete_save_killed_before_its_rename_is_recovered(tiny_checkpoint, 
     assert any(l.endswith("at step 2") and "resumed from" in l for l in logs)
 
 
+@pytest.mark.needs("peft")
 def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tiny_checkpoint, tmp_path):
     _train(_cfg(tiny_checkpoint, tmp_path, max_steps=6), stop_after=4)  # checkpoints 2 and 4
     logs = []
@@ -180,6 +187,7 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tiny_checkpoint,
     assert any("set aside" in l for l in logs)
 
 
+@pytest.mark.needs("peft")
 def test_an_older_versions_checkpoint_resumes_with_a_warning(tiny_checkpoint, tmp_path):
     _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4), stop_after=2)
     os.remove(tmp_path / "checkpoint-2" / ck.MANIFEST)
@@ -188,6 +196,7 @@ def test_an_older_versions_checkpoint_resumes_with_a_warning(tiny_checkpoint, tm
     assert any("no manifest" in l and "resumed unverified" in l for l in logs)
 
 
+@pytest.mark.needs("peft")
 def test_cli_resume_keeps_the_checkpoints_settings_and_refuses_data_changes(tiny_checkpoint, tmp_path, capsys):
     """`train --resume latest` alone continues with the run's own settings (not the defaults); a setting
     that decides the steps' data is refused with what to do; lr may change and is printed."""
@@ -210,11 +219,13 @@ def test_cli_resume_keeps_the_checkpoints_settings_and_refuses_data_changes(tiny
     assert "lr 0.0005 (checkpoint: 0.001)" in capsys.readouterr().err
 
 
+@pytest.mark.needs("peft")
 def test_any_seed_the_config_accepts_trains(tiny_checkpoint, tmp_path):
     res = _train(_cfg(tiny_checkpoint, tmp_path, max_steps=1, seed=2**63 - 1))
     assert res["steps"] == 1
 
 
+@pytest.mark.needs("peft")
 def test_partial_metrics_line_is_dropped_on_resume(tiny_checkpoint, tmp_path):
     _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4), stop_after=3)
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -226,12 +237,14 @@ def test_partial_metrics_line_is_dropped_on_resume(tiny_checkpoint, tmp_path):
     assert any("dropped 1 incomplete line" in l for l in logs)
 
 
+@pytest.mark.needs("peft")
 def test_resume_with_the_other_lora_choice_is_refused(tiny_checkpoint, tmp_path):
     _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4), stop_after=2)
     with pytest.raises(DiffutronError, match="trained LoRA adapters; resume it with --lora"):
         Trainer(_cfg(tiny_checkpoint, tmp_path, max_steps=4, lora=False, resume="latest"), log=lambda s: None).train()
 
 
+@pytest.mark.needs("peft")
 def test_trainer_state_cannot_run_code(tiny_checkpoint, tmp_path):
     """torch.load(weights_only=True): a crafted trainer_state.pt whose manifest was forged to match is
     refused, and its payload never runs."""
@@ -276,12 +289,14 @@ def test_a_diverging_run_never_saves_a_poisoned_checkpoint(tiny_checkpoint, tmp_
     assert res["perplexity"] < float("inf")
 
 
+@pytest.mark.needs("peft")
 def test_resume_behind_the_checkpoint_is_an_error_before_any_step(tiny_checkpoint, tmp_path):
     _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4))
     with pytest.raises(DiffutronError, match="at step 4, past this run's last step 2 .*raise --max-steps above 4"):
         Trainer(_cfg(tiny_checkpoint, tmp_path, max_steps=2, resume="latest"), log=lambda s: None).train()
 
 
+@pytest.mark.needs("peft")
 def test_what_a_run_needs_is_checked_before_the_first_step(tiny_checkpoint, tmp_path):
     with pytest.raises(DiffutronError, match="missing.txt"):
         Trainer(_cfg(tiny_checkpoint, tmp_path / "a", eval_files=[str(tmp_path / "missing.txt")]), log=print)
