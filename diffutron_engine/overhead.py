@@ -43,10 +43,11 @@ class OverheadConfig:
                 raise ValueError(f"{name} must be >= 1")
 
 
-def _timed(fn, min_seconds: float) -> float:
-    """Seconds per call: repeated until min_seconds have passed (at least 5 calls)."""
+def _timed(fn, min_seconds: float, max_calls: int | None = None) -> float:
+    """Seconds per call: repeated until min_seconds have passed (at least 5 calls), and never more than
+    max_calls times (an engine's requests have only so many steps before they finish)."""
     n, total = 0, 0.0
-    while n < 5 or total < min_seconds:
+    while (n < 5 or total < min_seconds) and (max_calls is None or n < max_calls):
         t = time.perf_counter()
         fn()
         total += time.perf_counter() - t
@@ -87,7 +88,9 @@ def run(cfg: OverheadConfig, log=print) -> dict:
     steps_budget = cfg.new_tokens // cfg.block_size * cfg.block_size  # every step commits one token
     for batch in cfg.batches:
         engine, ids = _setup(model, tok, batch, cfg, cfg.block_size)
-        step_s = _timed(engine.step, cfg.min_seconds)
+        # the steps left after the set-up's three, less two: the op count that follows steps once more, and the
+        # requests must still be running after it (a fast machine would otherwise step them to their end)
+        step_s = _timed(engine.step, cfg.min_seconds, max_calls=max(5, steps_budget - 3 - 2))
         ops = count_step_ops(engine)
         canvas = torch.tensor([engine.canvas(rid) for rid in ids])
         mask = torch.ones_like(canvas)
