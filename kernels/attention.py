@@ -75,6 +75,10 @@ if triton is not None:
             lo = tl.maximum(tl.min(pos, axis=0) - w, 0)
             lo = ((lo // BLOCK_N) * BLOCK_N).to(tl.int32)
             hi = tl.minimum(tl.max(pos, axis=0) + w + 1, T).to(tl.int32)
+            # clamped (and w <= T, see plan_attention), positions and distances fit in 32 bits: the per-key
+            # mask below keeps no 64-bit values live across the loop (ptxas on sm_80 put some on the stack)
+            pos = pos.to(tl.int32)
+            w = w.to(tl.int32)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -98,7 +102,7 @@ if triton is not None:
             s = tl.dot(q_tile, k_t, input_precision="ieee") * qk_scale  # log2 domain
             allowed = key_ok[None, :]
             if SLIDING:
-                dist = pos[:, None] - offs_n[None, :].to(tl.int64)
+                dist = pos[:, None] - offs_n[None, :]
                 allowed = allowed & (tl.abs(dist) <= w)
             s = tl.where(allowed, s, float("-inf"))
 
@@ -206,7 +210,9 @@ def plan_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window, sc
         slots, slots.stride(0),
         q_pos, q_pos.stride(0), q_pos.stride(1),
         valid, valid.stride(0), valid.stride(1),
-        H, Q, T, 0 if half_window is None else half_window, scale * math.log2(math.e)),
+        # a window past T keys reaches every key as one of T does: clamped, the kernel's range math and
+        # its 32-bit distances hold for any window
+        H, Q, T, 0 if half_window is None else min(half_window, T), scale * math.log2(math.e)),
         # half-precision 16-row query tiles in 2 warps (4 spill on sm_90 with triton 3.9, and a 16-row
         # tile has little work for four); float32 keeps 4 (2 spill on sm_80 with triton 3.6)
         dict(SLIDING=half_window is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,

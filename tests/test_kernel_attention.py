@@ -68,6 +68,17 @@ def test_default_blocks_head_dim_64(half_window):
 
 
 @pytest.mark.triton
+def test_a_window_past_every_key_is_global_attention():
+    """A window wider than the keys (up to the largest int the kernel takes) attends to every key, as a
+    global layer does: the launcher clamps it to the key count, so the kernel's 32-bit distances hold."""
+    q, k, v = _inputs(2, 2, 21, 32, 2, 21, torch.float32, seed=2)
+    slots, q_pos, key_valid = _full_forward(2, 21, [21, 15])
+    glob = _check(q, k, v, slots, q_pos, key_valid, None)
+    for window in (21, 2**31 - 1):
+        torch.testing.assert_close(_check(q, k, v, slots, q_pos, key_valid, window), glob)
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("half_window", [None, 4])
 def test_query_subset_permuted_slots(dtype, half_window):
