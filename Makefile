@@ -55,18 +55,30 @@ test-fast: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # Every Triton kernel compiled for sm_80, sm_90 and sm_100 without a GPU (ptxas from the triton wheel):
-# registers, spills, shared memory; fails on a compile error or a spill (bench/gpu_compile_check.py).
+# the launchers' plans and the launches recorded while the code really ran; registers, spills, shared
+# memory; fails on a compile error, a spill, or a recorded launch that no plan makes (drift)
+# (bench/gpu_compile_check.py, docs/kernels.md).
 #   make gpu-compile-check                           with the environment's triton
 #   make gpu-compile-check TRITON_SPEC=triton==3.6.0  in an environment of its own with that triton
 #                                                    (3.6.0 is the GPU machine's)
 TRITON_SPEC ?=
 COMPILE_VENV := .venv-$(subst ==,-,$(TRITON_SPEC))
-gpu-compile-check: $(if $(strip $(TRITON_SPEC)),$(COMPILE_VENV)/.installed,$(VENV)/.installed)
+LAUNCHES := build/launches/recorded.jsonl
+gpu-compile-check: $(if $(strip $(TRITON_SPEC)),$(COMPILE_VENV)/.installed,$(VENV)/.installed) $(LAUNCHES)
 ifeq ($(strip $(TRITON_SPEC)),)
-	env -u TRITON_INTERPRET $(PY) bench/gpu_compile_check.py
+	env -u TRITON_INTERPRET $(PY) bench/gpu_compile_check.py --recorded $(LAUNCHES)
 else
-	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(COMPILE_VENV)/bin/python bench/gpu_compile_check.py
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(COMPILE_VENV)/bin/python bench/gpu_compile_check.py \
+		--recorded $(LAUNCHES)
 endif
+
+# What the GPU suite and the engine launch, recorded under the interpreter (bench/record_launches.py, about
+# 5 minutes on 2 cores): made again when a kernel, the engine, the model, a benchmark or a GPU test changes.
+$(LAUNCHES): $(VENV)/.installed bench/record_launches.py bench/gpu_kernels.py bench/gpu_suite \
+		$(wildcard kernels/*.py diffutron_engine/engine/*.py diffutron_engine/model/*.py tests/test_kernel_*.py) \
+		tests/test_backends.py tests/test_engine.py tests/test_cuda_graphs.py
+	mkdir -p $(dir $@)
+	HF_HUB_OFFLINE=1 $(PY) bench/record_launches.py --out $@
 
 # the check needs torch (CPU), numpy and the chosen triton; the package runs from the source tree
 $(COMPILE_VENV)/.installed:
@@ -141,4 +153,4 @@ endef
 export REHEARSAL_CHECK
 
 clean:
-	rm -rf $(VENV) .venv-triton-* build *.egg-info diffutron_engine/_C*.so
+	rm -rf $(VENV) .venv-triton-* $(REHEARSAL_VENV) build *.egg-info diffutron_engine/_C*.so
