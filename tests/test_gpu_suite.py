@@ -273,12 +273,28 @@ def test_only_writes_its_own_report_beside_the_full_run(tmp_path, monkeypatch, c
     assert list(json.load(open(rerun["files"]["json"]))["steps"]) == ["end_to_end", "tests"]
 
 
+def test_a_rerun_takes_the_bound_it_is_given(tmp_path, monkeypatch, capsys):
+    """The full run's bound kills a slow step; its rerun with --bound gives it the time it needs."""
+    suite = _load()
+    slow = "time.sleep(1.5)\nput('passed', {})\n"
+    _fake(suite, monkeypatch, {"end_to_end": slow}, bound=0.5)
+    suite.main(["--quick", "--only", "end_to_end", "--out", str(tmp_path)])
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["status"]["end_to_end"] == "timeout"
+    assert suite.main(["--quick", "--only", "end_to_end", "--bound", "end_to_end=20", "--out", str(tmp_path)]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["status"]["end_to_end"] == "passed"
+
+
 @pytest.mark.parametrize("args, says", [
     (["--skip", "kernels,nope"], "unknown step(s) nope"),
     (["--only", "bild"], "unknown step(s) bild"),
     (["--only", "build", "--skip", "tests"], "not both"),
     (["--out", "{file}"], "is not a folder"),
     (["--out", "{file}/sub"], "is not a folder"),
+    (["--bound", "end_to_end=ten"], "--bound takes STEP=SECONDS"),
+    (["--bound", "end2end=30"], "--bound takes STEP=SECONDS"),
+    (["--bound", "tests=-1"], "--bound takes STEP=SECONDS"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(tmp_path, capsys, args, says):
     suite = _load()
