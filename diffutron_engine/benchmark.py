@@ -24,8 +24,9 @@ import torch
 from .config import BENCH_MODES as MODES, DEFAULT_BENCH_MODES as DEFAULT_MODES, SamplerConfig, SamplingParams
 
 # the graph counters reported per engine mode (report["modes"][mode]["extra"]["graphs"]), counted over
-# the timed run only (diffutron_engine.engine.graphs)
-GRAPH_COUNTERS = ("captures", "replays", "fallbacks")
+# the timed run only (diffutron_engine.engine.graphs): a valid run only replays (no warm-up, capture or
+# fallback while timed)
+GRAPH_COUNTERS = ("captures", "replays", "fallbacks", "warmups")
 
 
 @dataclass
@@ -224,8 +225,9 @@ def run(cfg: BenchConfig, log=print) -> dict:
 def problems(report: dict) -> list[str]:
     """Why a report does not measure what it claims (empty when it does), one readable line each:
     greedy float32 exact mode differing from the oracle's tokens, a step run eagerly because its CUDA graph
-    capture failed, a graph captured inside the timed region (the warm-up missed a shape), or an engine
-    mode of a CUDA run asked for graphs that reports no graph counters."""
+    capture failed, a step key first seen (run eagerly, as a warm-up) or a graph captured inside the timed
+    region (the warm-up missed a shape), or an engine mode of a CUDA run asked for graphs that reports no
+    graph counters."""
     out = []
     cfg = report.get("config", {})
     # Exactness is token for token in float32, where the engine's kernels and the oracle's forward round
@@ -246,6 +248,9 @@ def problems(report: dict) -> list[str]:
         if counts.get("fallbacks"):
             out.append(f"{name}: {counts['fallbacks']} step(s) ran eagerly because a CUDA graph capture failed "
                        "(the run does not measure graph replay)")
+        if counts.get("warmups"):
+            out.append(f"{name}: {counts['warmups']} step(s) of a shape first seen inside the timed region ran "
+                       "eagerly as CUDA graph warm-ups (the warm-up did not run every step shape)")
         if counts.get("captures"):
             out.append(f"{name}: {counts['captures']} CUDA graph capture(s) inside the timed region "
                        "(the warm-up did not run every step shape twice)")

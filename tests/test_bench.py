@@ -43,7 +43,7 @@ def test_overhead_report_on_small_settings(capsys):
 
 
 def _report(**exact):
-    graphs = {"captures": 0, "replays": 16, "fallbacks": 0}
+    graphs = {"captures": 0, "replays": 16, "fallbacks": 0, "warmups": 0}
     return {"config": {"temperature": 0.0, "device": "cuda", "cuda_graphs": True},
             "modes": {"reference": {"agreement": 100.0, "extra": {"ms_per_step": 2.0}},
                       "exact": {"agreement": 100.0, "extra": {"ms_per_step": 1.0, "graphs": dict(graphs)}, **exact},
@@ -55,13 +55,19 @@ def test_problems_lists_what_makes_a_report_invalid():
 
     assert problems(_report()) == []  # the cache modes are approximations: their agreement is no problem
     bad = _report(agreement=99.5)
-    bad["modes"]["exact"]["extra"]["graphs"].update(captures=2, fallbacks=3)
+    bad["modes"]["exact"]["extra"]["graphs"].update(captures=2, fallbacks=3, warmups=1)
     del bad["modes"]["dual"]["extra"]["graphs"]
     found = problems(bad)
-    assert len(found) == 4, found
+    assert len(found) == 5, found
     assert found[0].startswith("exact: 99.5% of generated tokens agree")
-    assert "3 step(s) ran eagerly" in found[1] and "2 CUDA graph capture(s) inside the timed region" in found[2]
-    assert found[3].startswith("dual: CUDA graphs were asked for but the run reports no graph counters")
+    assert "3 step(s) ran eagerly" in found[1]
+    assert found[2].startswith("exact: 1 step(s) of a shape first seen inside the timed region ran eagerly")
+    assert "2 CUDA graph capture(s) inside the timed region" in found[3]
+    assert found[4].startswith("dual: CUDA graphs were asked for but the run reports no graph counters")
+    first_seen = _report()  # a shape first seen while timed: its step ran eagerly, nothing else shows it
+    first_seen["modes"]["dual"]["extra"]["graphs"].update(warmups=2, replays=14)
+    assert problems(first_seen) == ["dual: 2 step(s) of a shape first seen inside the timed region ran eagerly "
+                                    "as CUDA graph warm-ups (the warm-up did not run every step shape)"]
     sampled = _report(agreement=80.0)
     sampled["config"]["temperature"] = 0.7  # sampled tokens are the oracle's in distribution, not draw by draw
     assert problems(sampled) == []
@@ -100,10 +106,11 @@ def test_bench_warms_up_on_the_timed_batch(monkeypatch, failing):
                                  batch_size=2, modes=modes), log=lambda s: None)
     counts = {m: report["modes"][m]["extra"]["graphs"] for m in modes if m != "reference"}
     if not failing:
-        assert counts == {m: {"captures": 0, "replays": 8, "fallbacks": 0} for m in counts}  # 8 steps, all replays
+        assert counts == {m: {"captures": 0, "replays": 8, "fallbacks": 0, "warmups": 0}
+                          for m in counts}  # 8 steps, all replays
         assert "graphs" not in report["modes"]["reference"]["extra"]
         assert report["modes"]["exact"]["agreement"] == 100.0 and problems(report) == []
     else:
-        assert counts == {"exact": {"captures": 0, "replays": 0, "fallbacks": 8}}
+        assert counts == {"exact": {"captures": 0, "replays": 0, "fallbacks": 8, "warmups": 0}}
         assert problems(report) == ["exact: 8 step(s) ran eagerly because a CUDA graph capture failed "
                                     "(the run does not measure graph replay)"]

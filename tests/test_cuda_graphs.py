@@ -1,15 +1,20 @@
 """CUDA graphs change nothing but launch overhead: an engine that replays its steps from graphs gives the
 tokens of one that launches them op by op.
 
-- On a GPU (marked cuda): Engine(cuda_graphs=True) against Engine(cuda_graphs=False) over one scenario
-  that uses every feature (cache modes, greedy and seeded sampling, repetition penalty, CFG, the parallel
+- On a GPU (marked cuda): Engine(cuda_graphs=True) against the same engine whose StepGraphs is replaced
+  by a pass-through (every step runs eagerly on the graph path's shapes: candidates padded to the whole
+  block, so both run the same GEMM shapes and differ only by capture and replay) over one scenario that
+  uses every feature (cache modes, greedy and seeded sampling, repetition penalty, CFG, the parallel
   rules, suppression, right shift, random remasking) while rows join and leave mid-run, with and without
   the fused LM head, in float32 and bfloat16; the graph counters show replays and no eager fallback.
 - On CPU the same scenario runs with a stand-in for StepGraphs: its "graph" for a key is the step seen
-  at capture time, and every replay re-runs it while checking, op by op, that it issues the captured
-  work (the same ops, the same persistent tensors at the same addresses, the same shapes and Python
-  scalars), which is what a real graph would replay. The runner then takes its graph path (candidates
-  padded to the whole block, graphs cleared when a tensor they point at is reallocated).
+  at capture time, and every replay re-runs it while checking that it issues the captured work, which
+  is what a real graph would replay: every torch op (seen by a TorchDispatchMode: the same ops, the
+  same persistent tensors at the same addresses, the same shapes and non-tensor arguments) and every
+  Triton launch (kernels.launch.Launch.run: the same kernel, grid, options and arguments, persistent
+  tensors by address, non-tensor arguments by value). Work outside both, such as the C++ extension's
+  sampler, is not seen: the CPU tests force the torch backend. The runner then takes its graph path
+  (candidates padded to the whole block, graphs cleared when a tensor they point at is reallocated).
 - StepGraphs' own bookkeeping (warm-up, capture, replay, fallback, stream ordering) against a fake
   torch.cuda namespace.
 """
@@ -26,6 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffutron_engine import Engine, SamplingParams
+from diffutron_engine.backends import force_backend
 from diffutron_engine.config import CACHE_MODES
 from diffutron_engine.engine.graphs import StepGraphs
 
@@ -102,9 +108,10 @@ def _storage(t: torch.Tensor) -> int:
 
 
 class OpTrace(TorchDispatchMode):
-    """Every op of a step with what a CUDA graph would bake into it: for tensors that existed before
-    the step (persistent), their address, shape, strides and dtype; for tensors the step made, shape,
-    strides and dtype; every other argument by value."""
+    """Every torch op and every Triton launch (Launch.run) of a step with what a CUDA graph would bake
+    into it: for tensors that existed before the step (persistent), their address, shape, strides and
+    dtype; for tensors the step made, shape, strides and dtype; every other argument by value. Calls that
+    are neither (the C++ extension's) are not seen."""
 
     def __init__(self):
         super().__init__()
@@ -130,6 +137,29 @@ class OpTrace(TorchDispatchMode):
             return tuple(sorted((k, self._describe(v)) for k, v in x.items()))
         return repr(x)
 
+    def launch(self, launch) -> None:
+        """Record a Triton launch: its kernel, grid, arguments and options."""
+        self.ops.append(("launch", launch.name, launch.grid, self._describe(launch.args),
+                         self._describe(launch.options)))
+
+    @contextlib.contextmanager
+    def launches(self):
+        """Record every Launch.run made inside the block (through any hook already installed on it)."""
+        from diffutron_engine.kernels.launch import Launch
+
+        original = Launch.__dict__["run"]
+        trace = self
+
+        def run(launch) -> None:
+            trace.launch(launch)
+            original(launch)
+
+        Launch.run = run
+        try:
+            yield self
+        finally:
+            Launch.run = original
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops.append((str(func), self._describe(args), self._describe(kwargs)))
@@ -150,7 +180,7 @@ class TracedGraph:
 
     def replay(self) -> None:
         trace = OpTrace()
-        with trace:
+        with trace.launches(), trace:
             self.fn()
         if self.ops is None:
             self.ops = trace.ops
@@ -189,6 +219,19 @@ class CPUStepGraphs(StepGraphs):
         super().clear()
 
 
+class EagerStepGraphs(StepGraphs):
+    """The runner's graph path without graphs: every step runs eagerly on the current stream (same
+    stats() and clear() as StepGraphs, counters left at zero). An engine with cuda_graphs=True and this
+    in place of its StepGraphs runs the shapes a graphed engine runs (candidates padded to the whole
+    block), so the two differ only by capture and replay."""
+
+    def __init__(self):
+        super().__init__(cuda=object())
+
+    def run(self, key, fn) -> None:
+        fn()
+
+
 def _graphs_used(graphs: StepGraphs) -> dict:
     s = graphs.stats()
     assert s["replays"] > 0 and s["captures"] > 0, s
@@ -196,23 +239,28 @@ def _graphs_used(graphs: StepGraphs) -> dict:
     return s
 
 
-def _check_the_scenario_ran(spans: dict, results: dict) -> None:
-    """Rows joined after the start and left at different steps; one was aborted, the others completed."""
+def _check_the_scenario_ran(spans: dict, results: dict, reruns_match: bool = True) -> None:
+    """Rows joined after the start and left at different steps; one was aborted, the others completed.
+    reruns_match: a request that runs again gives the same tokens. The rerun's batch is made of other
+    rows than the first run's (other row counts, so other GEMM shapes): checked in float32, not in
+    bfloat16, where cuBLAS's kernel for another shape may round a row differently."""
     assert len({left for _, left in spans.values()}) >= 4
     assert sum(first > 0 for first, _ in spans.values()) >= 4
     reasons = Counter(reason for _, reason, _ in results.values())
     assert reasons == {"complete": len(PLAN) + AGAIN - 1, "abort": 1}
-    for i in range(AGAIN):
-        if i != ABORT[0]:  # a request gives the same tokens when it runs again
-            assert results[len(PLAN) + i][0] == results[i][0]
+    if reruns_match:
+        for i in range(AGAIN):
+            if i != ABORT[0]:
+                assert results[len(PLAN) + i][0] == results[i][0]
 
 
 @pytest.mark.parametrize("cache", CACHE_MODES)
 def test_graph_path_gives_the_eager_tokens_on_cpu(golden, cache):
-    eager, spans, _ = run_scenario(golden, cache=cache)
-    _check_the_scenario_ran(spans, eager)
-    graphs = CPUStepGraphs()
-    graphed, spans_g, eng = run_scenario(golden, graphs=graphs, cache=cache)
+    with force_backend("torch"):  # every op a torch op, which the stand-in's trace sees (not the C++ sampler)
+        eager, spans, _ = run_scenario(golden, cache=cache)
+        _check_the_scenario_ran(spans, eager)
+        graphs = CPUStepGraphs()
+        graphed, spans_g, eng = run_scenario(golden, graphs=graphs, cache=cache)
     assert graphed == eager and spans_g == spans
     _graphs_used(graphs)
     assert graphs.clears >= 2  # tensors graphs point at were reallocated mid-run (longer canvas; CFG's pool)
@@ -220,12 +268,19 @@ def test_graph_path_gives_the_eager_tokens_on_cpu(golden, cache):
     assert all(sh.candidates == sh.rows * sh.block for sh in eng.runner.signatures)
 
 
+# Triton on CPU tensors runs only in the interpreter, which tests/conftest.py switches on when there is no
+# GPU; with one, the Triton backend refuses the CPU model (the GPU tests cover Triton there)
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 "
+                                              "(set by tests/conftest.py when no GPU is present)")
+
+
 @pytest.mark.slow
 @pytest.mark.triton
+@needs_interpreter
 def test_graph_path_with_the_fused_head_on_cpu(golden):
-    """The Triton sampler (interpreter) with the LM head fused into it, on the graph path."""
-    from diffutron_engine.backends import force_backend
-
+    """The Triton sampler (interpreter) with the LM head fused into it, on the graph path; its replays
+    are checked launch by launch too."""
     with force_backend("triton"):
         eager, _, eng = run_scenario(golden, cache="dual", fused_head=True)
         assert eng.runner.fused_head
@@ -235,12 +290,36 @@ def test_graph_path_with_the_fused_head_on_cpu(golden):
     _graphs_used(graphs)
 
 
+def test_a_replay_is_checked_launch_by_launch():
+    """A replay whose Triton launch has another Python scalar, or another persistent tensor, than the
+    captured launch (a real graph would replay the captured ones) fails; the same launch passes. The
+    launches have an empty grid: Launch.run records them and runs nothing."""
+    from diffutron_engine.kernels.launch import Launch
+
+    def _kernel():  # never runs (empty grid)
+        pass
+
+    bufs, args = [torch.zeros(4), torch.zeros(4)], {"buf": 0, "n": 3}
+    graph = TracedGraph(lambda: Launch(_kernel, (0,), (bufs[args["buf"]], args["n"]), {"BLOCK": 8}).run())
+    graph.replay()  # the capture
+    graph.replay()
+    assert graph.ops == [("launch", "_kernel", (0,), ("tuple", (("kept", bufs[0].data_ptr(), (4,), (1,),
+                                                                 torch.float32), "3")), (("BLOCK", "8"),))]
+    for change in ({"n": 4}, {"n": 3, "buf": 1}):
+        args.update(change)
+        with pytest.raises(AssertionError, match="would not do the captured work: op 0 is \\('launch'"):
+            graph.replay()
+    args.update(buf=0, n=3)
+    graph.replay()
+
+
 def test_a_capture_that_fails_falls_back_and_is_counted(golden):
-    eager, _, _ = run_scenario(golden)
-    graphs = CPUStepGraphs(fail=lambda key: key.cfg_rows > 0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        graphed, _, _ = run_scenario(golden, graphs=graphs)
+    with force_backend("torch"):
+        eager, _, _ = run_scenario(golden)
+        graphs = CPUStepGraphs(fail=lambda key: key.cfg_rows > 0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graphed, _, _ = run_scenario(golden, graphs=graphs)
     assert graphed == eager
     s = graphs.stats()
     assert s["fallbacks"] > 0 and s["replays"] > 0
@@ -266,9 +345,11 @@ def _golden_on_cuda(dtype: str):
 @pytest.mark.parametrize("cache", CACHE_MODES)
 def test_cuda_graphs_give_the_eager_tokens(cache, fused_head, dtype):
     lm = _golden_on_cuda(dtype)
-    eager, spans, eng_eager = run_scenario(lm, cache=cache, fused_head=fused_head)
-    assert eng_eager.runner.graphs is None
-    _check_the_scenario_ran(spans, eager)
+    # the reference: the graph path's shapes, run eagerly (a plain eager engine runs other LM-head shapes)
+    eager, spans, eng_eager = run_scenario(lm, graphs=EagerStepGraphs(), cache=cache, fused_head=fused_head,
+                                           cuda_graphs=True)
+    assert isinstance(eng_eager.runner.graphs, EagerStepGraphs)
+    _check_the_scenario_ran(spans, eager, reruns_match=dtype == "float32")
     graphed, spans_g, eng = run_scenario(lm, cache=cache, fused_head=fused_head, cuda_graphs=True)
     assert eng.runner.graphs is not None and eng.runner.fused_head == eng_eager.runner.fused_head
     if fused_head:
