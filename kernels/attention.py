@@ -76,7 +76,8 @@ if triton is not None:
             lo = ((lo // BLOCK_N) * BLOCK_N).to(tl.int32)
             hi = tl.minimum(tl.max(pos, axis=0) + w + 1, T).to(tl.int32)
             # clamped (and w <= T, see plan_attention), positions and distances fit in 32 bits: the per-key
-            # mask below keeps no 64-bit values live across the loop (ptxas on sm_80 put some on the stack)
+            # mask below keeps no 64-bit values live across the loop, and compares without an abs (both
+            # forms put a few bytes on the stack on sm_80 for some tiles: bench/gpu_compile_check.py)
             pos = pos.to(tl.int32)
             w = w.to(tl.int32)
 
@@ -103,7 +104,7 @@ if triton is not None:
             allowed = key_ok[None, :]
             if SLIDING:
                 dist = pos[:, None] - offs_n[None, :]
-                allowed = allowed & (tl.abs(dist) <= w)
+                allowed = allowed & (dist <= w) & (dist >= -w)
             s = tl.where(allowed, s, float("-inf"))
 
             # Online softmax. A row with no allowed key so far keeps m = -inf; shifting by 0
@@ -213,10 +214,11 @@ def plan_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window, sc
         # a window past T keys reaches every key as one of T does: clamped, the kernel's range math and
         # its 32-bit distances hold for any window
         H, Q, T, 0 if half_window is None else min(half_window, T), scale * math.log2(math.e)),
-        # half-precision 16-row query tiles in 2 warps (4 spill on sm_90 with triton 3.9, and a 16-row
-        # tile has little work for four); float32 keeps 4 (2 spill on sm_80 with triton 3.6)
+        # 16-row query tiles in 2 warps: a 16-row tile has little work for four, and with four ptxas keeps
+        # a few bytes on the stack for some of them (half precision on sm_90 with triton 3.9; float32 at
+        # head dim 16 on sm_80 with triton 3.6 and 3.9); bench/gpu_compile_check.py
         dict(SLIDING=half_window is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-             num_warps=2 if block_m == 16 and q.dtype != torch.float32 else 4, enable_fp_fusion=True))
+             num_warps=2 if block_m == 16 else 4, enable_fp_fusion=True))
 
 
 def compile_plans(sms: int = 132, batch: int = 64, heads: int = 12, head_dim: int = 64, length: int = 2048,
