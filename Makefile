@@ -73,10 +73,9 @@ else
 endif
 
 # What the GPU suite and the engine launch, recorded under the interpreter (bench/record_launches.py, about
-# 5 minutes on 2 cores): made again when a kernel, the engine, the model, a benchmark or a GPU test changes.
+# 5 minutes on 2 cores): made again when the package, a kernel, a benchmark, a test or the golden model changes.
 $(LAUNCHES): $(VENV)/.installed bench/record_launches.py bench/gpu_kernels.py bench/gpu_suite \
-		$(wildcard kernels/*.py diffutron_engine/engine/*.py diffutron_engine/model/*.py tests/test_kernel_*.py) \
-		tests/test_backends.py tests/test_engine.py tests/test_cuda_graphs.py
+		$(wildcard kernels/*.py diffutron_engine/*.py diffutron_engine/*/*.py tests/*.py tests/data/golden/*/*/*)
 	mkdir -p $(dir $@)
 	HF_HUB_OFFLINE=1 $(PY) bench/record_launches.py --out $@
 

@@ -142,11 +142,16 @@ def collect_recorded(paths, kernel_files) -> list:
     import diffutron_engine  # noqa: F401
     from diffutron_engine.kernels import recorder
 
-    out = []
+    out, elsewhere = [], set()
     for launch in recorder.load(paths):
         name = launch.recorded["kernel"].split(":")[0].rsplit(".", 1)[-1]
         if name in kernel_files:
             out.append((name, launch.labelled(f"recorded {_recorded_label(launch)}")))
+        elif name not in KERNEL_FILES:
+            elsewhere.add(launch.recorded["kernel"])
+    if elsewhere:  # a kernel outside the checked files still runs: say so rather than drop it in silence
+        print(f"[compile-check] recorded launches of kernels this check does not know: {', '.join(sorted(elsewhere))}",
+              file=sys.stderr, flush=True)
     return out
 
 
@@ -233,7 +238,11 @@ def main(argv=None) -> int:
     from triton.compiler import ASTSource, make_backend
 
     t0 = time.monotonic()
-    recorded = collect_recorded(args.recorded, kernel_files) if args.recorded else []
+    try:
+        recorded = collect_recorded(args.recorded, kernel_files) if args.recorded else []
+    except (ValueError, KeyError, ImportError, AttributeError) as exc:
+        print(f"error: --recorded: {exc}", file=sys.stderr)
+        return 2
     if args.recorded and not recorded:
         print(f"error: no launch of the kernels {', '.join(kernel_files)} was recorded in "
               f"{', '.join(args.recorded)}", file=sys.stderr)

@@ -29,9 +29,11 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("engine", "benchmarks", "tests")
+TESTS_TIMEOUT = 900
 GOLDEN_MODEL = os.path.join(ROOT, "tests", "data", "golden", "mdlm-tiny", "model")
 
 
@@ -47,7 +49,7 @@ def engine_matrix(path: str, log) -> None:
     import torch
 
     from diffutron_engine.backends import force_backend
-    from diffutron_engine.config import SamplingParams
+    from diffutron_engine.config import CACHE_MODES, SamplingParams
     from diffutron_engine.engine import Engine
     from diffutron_engine.kernels import recorder
     from diffutron_engine.loading import load_model
@@ -66,7 +68,7 @@ def engine_matrix(path: str, log) -> None:
     with recorder.recording(path):
         for dtype in ("float32", "bfloat16", "float16"):
             lm = load_model(GOLDEN_MODEL, dtype=dtype, device="cpu")
-            for cache in ("none", "prefix", "dual"):
+            for cache in CACHE_MODES:
                 for fused in (False, True):
                     t = time.monotonic()
                     with force_backend("triton"):
@@ -99,7 +101,12 @@ def tests(path: str, log) -> None:
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     t = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:  # a hung test must not hang the compile check: 4 minutes on 2 cores, 15 allowed
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=TESTS_TIMEOUT, start_new_session=True)
+    except subprocess.TimeoutExpired as exc:
+        tail = exc.output if isinstance(exc.output, str) else (exc.output or b"").decode(errors="replace")
+        raise RuntimeError(f"the GPU tier's tests did not finish in {TESTS_TIMEOUT} s:\n{tail[-3000:]}") from None
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     log(f"[record] tests ({len(files)} files and nodes): {tail} in {time.monotonic() - t:.1f} s")
     if proc.returncode != 0:
@@ -137,15 +144,17 @@ def main(argv=None) -> int:
         before = _count(partial)
         try:
             fn(partial, log)
-        except Exception as exc:  # one line, and the previous recording is left as it was
-            print(f"error: recording {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                  file=sys.stderr)
+        except Exception as exc:  # the previous recording is left as it was
+            traceback.print_exc()
+            print(f"error: recording {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         counts[name] = _count(partial) - before
     if not os.path.exists(partial):
         open(partial, "w").close()
     os.replace(partial, out)
-    kernels = sorted({json.loads(line)["kernel"].split(":")[1] for line in open(out) if line.strip()})
+    from diffutron_engine.kernels import recorder
+
+    kernels = sorted({rec["kernel"].split(":")[1] for rec in recorder.read(out)})
     print(json.dumps({"out": out, "launches": counts, "kernels": kernels, "seconds": round(time.monotonic() - t0, 1)}))
     return 0
 

@@ -90,7 +90,7 @@ def run(cfg: OverheadConfig, log=print) -> dict:
         engine, ids = _setup(model, tok, batch, cfg, cfg.block_size)
         # the steps left after the set-up's three, less two: the op count that follows steps once more, and the
         # requests must still be running after it (a fast machine would otherwise step them to their end)
-        step_s = _timed(engine.step, cfg.min_seconds, max_calls=max(5, steps_budget - 3 - 2))
+        step_s = _timed(engine.step, cfg.min_seconds, max_calls=max(1, steps_budget - 3 - 2))
         ops = count_step_ops(engine)
         canvas = torch.tensor([engine.canvas(rid) for rid in ids])
         mask = torch.ones_like(canvas)

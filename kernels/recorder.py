@@ -12,7 +12,9 @@ compile options. `load()` turns the lines back into `Launch`es whose stand-in te
 as the recorded ones did, for the compile check to compile beside the plans.
 
 Recording is switched on for a whole process (and its children) by the environment variable
-DIFFUTRON_RECORD_LAUNCHES=FILE, read when the kernels package is imported, or in code with `recording()`.
+DIFFUTRON_RECORD_LAUNCHES=FILE, read when kernels/launch.py (which every kernel file imports) is
+imported, or in code with `recording()`. Lines are appended: a file from an earlier run keeps that run's
+launches (bench/record_launches.py starts each recording afresh).
 With execute=False the launches are recorded and not run: the GPU suite's benchmarks at the real shapes,
 on meta tensors, record what they would launch without a GPU. Lines are appended with one write each (a
 line never interleaves with another process's), so a test run and its subprocesses share one file.
@@ -29,7 +31,7 @@ import os
 
 ENV = "DIFFUTRON_RECORD_LAUNCHES"
 
-_state: dict = {"path": None, "execute": True, "seen": set(), "originals": {}}
+_state: dict = {"path": None, "execute": True, "seen": {}, "originals": {}}  # seen: lines written, per file
 
 
 def describe(value):
@@ -41,7 +43,9 @@ def describe(value):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else {"float": repr(value)}
-    raise TypeError(f"cannot record a launch argument of type {type(value).__name__}")
+    # anything else is written down by type, never raised in the launch path: replaying it is an error
+    # the compile check reports
+    return {"other": type(value).__name__}
 
 
 def _python_fn(kernel):
@@ -57,9 +61,10 @@ def _record(kernel, grid, args, kwargs) -> None:
         "positional": [describe(a) for a in args],
         "keywords": {k: describe(v) for k, v in sorted(kwargs.items())},
     }, sort_keys=True)
-    if line in _state["seen"]:
+    seen = _state["seen"].setdefault(_state["path"], set())
+    if line in seen:
         return
-    _state["seen"].add(line)
+    seen.add(line)
     fd = os.open(_state["path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (line + "\n").encode())
@@ -150,19 +155,28 @@ def _stand_in(spec: dict):
 
 def _value(spec):
     if isinstance(spec, dict):
+        if "other" in spec:
+            raise ValueError(f"a recorded launch has an argument of type {spec['other']}, which the recorder "
+                             "cannot replay (kernels/recorder.py describe)")
         return _stand_in(spec) if "tensor" in spec else float(spec["float"])
     return spec
 
 
 def read(path: str) -> list[dict]:
-    """The recorded lines of `path` (a cut-off last line, from a killed process, is skipped)."""
-    records = []
+    """The recorded lines of `path`. A cut-off last line (a process killed mid-write) is skipped; a bad
+    line anywhere else means the file is not a recording, and raises."""
     with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: a write that never finished
                 continue
+            raise ValueError(f"{path}, line {number}: not a recorded launch (kernels/recorder.py)") from None
     return records
 
 

@@ -165,6 +165,8 @@ def plan_unmask(conf, tokens, k, block_start, canvas, rule, value, rows, seen, u
         raise ValueError("conf, tokens and canvas must be contiguous along their last dimension")
     block = max(16, triton.next_power_of_2(L))
     unseen = tuple(unseen) + (-1, -1)
+    if rule.dtype != torch.int32 or (seen is not None and seen.dtype != torch.int32):
+        raise ValueError("rule and seen must be int32 (`rule` stands in for an absent seen bitmap)")
     return Launch(_unmask_kernel, (B,), (
         conf, conf.stride(0), tokens, tokens.stride(0), k, rule, value, block_start, rows,
         # without a bitmap the kernel never touches seen_ptr, but its atomic_or is still compiled (has_seen is

@@ -284,6 +284,9 @@ def test_a_rerun_takes_the_bound_it_is_given(tmp_path, monkeypatch, capsys):
     assert suite.main(["--quick", "--only", "end_to_end", "--bound", "end_to_end=20", "--out", str(tmp_path)]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["status"]["end_to_end"] == "passed"
+    # the second rerun of the same step is written beside the first, which stays
+    assert again["files"]["json"] == first["files"]["json"].replace(".json", "-2.json")
+    assert json.load(open(first["files"]["json"]))["steps"]["end_to_end"]["status"] == "timeout"
 
 
 @pytest.mark.parametrize("args, says", [

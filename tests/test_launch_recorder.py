@@ -53,6 +53,55 @@ def test_a_launch_is_recorded_once_as_triton_specializes_it(tmp_path):
     assert len(open(path).read().splitlines()) == 1
 
 
+def test_nested_recordings_each_get_every_launch(tmp_path):
+    from diffutron_engine.kernels import recorder
+
+    outer, inner = str(tmp_path / "outer.jsonl"), str(tmp_path / "inner.jsonl")
+    with recorder.recording(outer):
+        _unmask_once()
+        with recorder.recording(inner):
+            _unmask_once()
+            _unmask_once(seen=torch.zeros(2, 2, dtype=torch.int32))
+        _unmask_once(seen=torch.zeros(2, 2, dtype=torch.int32))
+    assert len(open(outer).read().splitlines()) == 2 and len(open(inner).read().splitlines()) == 2
+
+
+def test_a_corrupt_recording_is_refused_and_an_unknown_argument_is_named(tmp_path):
+    from diffutron_engine.kernels import recorder
+
+    assert recorder.describe(object()) == {"other": "object"}  # recorded, never raised in the launch path
+    path = tmp_path / "r.jsonl"
+    rec = {"kernel": "diffutron_engine.kernels.unmask:_unmask_kernel", "grid": [1], "keywords": {},
+           "positional": [{"other": "object"}]}
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match="argument of type object"):
+        recorder.load(str(path))
+    path.write_text("not json\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match="line 1: not a recorded launch"):
+        recorder.read(str(path))
+
+
+def test_runtime_flags_are_never_specialized():
+    """Feature switches passed as ints (has_*) must be in do_not_specialize: Triton compiles an int equal
+    to 1 as a constant, so a switch left out would make one program per value, which the drift rule
+    (ints are sizes) would not see."""
+    import inspect
+
+    from diffutron_engine.kernels import attention, cross_entropy, sampling, unmask
+
+    for module in (attention, cross_entropy, sampling, unmask):
+        for name, fn in vars(module).items():
+            if not name.endswith("_kernel"):
+                continue
+            params = inspect.signature(getattr(fn, "fn", fn)).parameters
+            flags = [p for p in params if p.startswith("has_")]
+            # a JITFunction keeps the list itself, the interpreter's stand-in in its kwargs; names or indices
+            kept = (getattr(fn, "do_not_specialize", None) or getattr(fn, "kwargs", {}).get("do_not_specialize")
+                    or [])
+            kept = {p if isinstance(p, str) else list(params)[p] for p in kept}
+            assert set(flags) <= kept, f"{name}: {sorted(set(flags) - kept)} not in do_not_specialize"
+
+
 def test_recording_without_running(tmp_path):
     from diffutron_engine.kernels import recorder
 
