@@ -210,10 +210,9 @@ def test_run_group_kills_a_grandchild_at_its_deadline(tmp_path):
         time.sleep(60)
     """)
     echo = types.SimpleNamespace(text="")
-    echo.write = lambda s: setattr(echo, "text", echo.text + s)
-    echo.flush = lambda: None
     t = time.monotonic()
-    rc, tail = suite.run_group([sys.executable, "-c", code], 2, str(tmp_path / "out.txt"), echo=echo)
+    rc, tail = suite.run_group([sys.executable, "-c", code], 2, str(tmp_path / "out.txt"),
+                               echo=lambda s: setattr(echo, "text", echo.text + s))
     assert rc is None and time.monotonic() - t < 10
     assert "waiting on the grandchild" in tail and "waiting on the grandchild" in echo.text
     assert _gone(int(pid_file.read_text()))
