@@ -27,6 +27,12 @@ DIFFUTRON_STOP_STRINGS = ("|USER|>", "<|USER|>", "<s>", "</s>")
 MAX_STEPS = 2**14
 MAX_TEMPERATURE = 100.0
 
+# The engine computes the float knobs in float32 on the device: a value float64 holds but float32 does
+# not (1e308 becomes inf, 1e-320 becomes 0 and a penalty of 0 divides by zero) is refused by name
+# instead of turning into inf or NaN inside a step.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32; devices flush smaller ones to 0
+
 # Kernel backends (diffutron_engine.backends); the names live here, without torch, so that the command
 # line refuses a bad DIFFUTRON_BACKEND before it imports torch or loads a model.
 BACKENDS = ("triton", "cpp", "torch")
@@ -50,15 +56,43 @@ def _check_int(name: str, value, *, minimum: int, allow_none: bool = False) -> i
             raise TypeError
         value = operator.index(value)  # ints, numpy and torch integer scalars
     except TypeError:
-        raise DiffutronError(f"{name} must be an integer, got {value!r}") from None
+        raise DiffutronError(f"{name} must be an integer, got {value!r:.80}") from None
     if value < minimum:
         raise DiffutronError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
+def _check_float(name: str, value, *, allow_none: bool = False) -> float | None:
+    """A finite real number that float32 represents (zero, or magnitude in [FLOAT32_TINY, FLOAT32_MAX])."""
+    if value is None and allow_none:
+        return None
+    try:
+        number = None if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    except OverflowError:  # an int beyond float64
+        number = math.inf
+    if number is None or not math.isfinite(number):
+        raise DiffutronError(f"{name} must be a finite number{' or None' if allow_none else ''}, got {value!r:.80}")
+    value = number
+    if value != 0.0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+        raise DiffutronError(f"{name}={value:g} is outside float32's range, in which the engine computes it "
+                             f"(nonzero magnitudes from {FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g})")
+    return value
+
+
+def _check_bool(name: str, value) -> bool:
+    """True or False (numpy's booleans too); never bool(x) of a string, where "no" would read as True."""
+    if value is True or value is False:
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    raise DiffutronError(f"{name} must be true or false, got {value!r}")
+
+
 def _check_ids(name: str, value) -> list[int] | None:
     if value is None:
         return None
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise DiffutronError(f"{name} must be a list of non-negative token ids, got {value!r:.80}")
     ids = list(value)
     for i in ids:
         if isinstance(i, bool) or not isinstance(i, int) or i < 0:
@@ -111,18 +145,16 @@ class SamplerConfig:
                 f"steps must be <= {MAX_STEPS:,}, got {self.steps:,}: a request takes at most one step per "
                 f"token it fills, and the schedule is built step by step; give at most {MAX_STEPS:,}"
             )
-        for name in ("temperature", "cfg_scale", "repetition_penalty"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise DiffutronError(f"{name} must be a finite number, got {v!r}")
-            setattr(self, name, float(v))
-        if self.temperature < 0:
-            raise DiffutronError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.temperature > MAX_TEMPERATURE:
+        t = self.temperature  # its own bound first: it names the reason better than float32's range
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and t > MAX_TEMPERATURE:
             raise DiffutronError(
-                f"temperature must be <= {MAX_TEMPERATURE:g}, got {self.temperature:g}: beyond it the Gumbel-max "
+                f"temperature must be <= {MAX_TEMPERATURE:g}, got {t:g}: beyond it the Gumbel-max "
                 "draw overflows in float64 (and at 100 it is already nearly uniform over the vocabulary)"
             )
+        for name in ("temperature", "cfg_scale", "repetition_penalty"):
+            setattr(self, name, _check_float(name, getattr(self, name)))
+        if self.temperature < 0:
+            raise DiffutronError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.cfg_scale < 0:
             raise DiffutronError(f"cfg_scale must be >= 0 (0 = off), got {self.cfg_scale}")
         if self.repetition_penalty <= 0:
@@ -139,14 +171,16 @@ class SamplerConfig:
         if self.stop_strings is not None:
             if isinstance(self.stop_strings, str):
                 self.stop_strings = [self.stop_strings]
+            # a list or tuple only: list() of a dict would take its keys as the stop strings
+            if not isinstance(self.stop_strings, (list, tuple)) or not all(isinstance(s, str) and s
+                                                                         for s in self.stop_strings):
+                raise DiffutronError(f"stop_strings must be a non-empty string or a list of them, "
+                                     f"got {self.stop_strings!r:.80}")
             self.stop_strings = list(self.stop_strings)
-            if not all(isinstance(s, str) and s for s in self.stop_strings):
-                raise DiffutronError("stop_strings must be non-empty strings")
             for i, s in enumerate(self.stop_strings):
                 check_utf8(s, f"stop string {i + 1}")
-        self.stochastic_transfer = bool(self.stochastic_transfer)
-        self.right_shift_logits = bool(self.right_shift_logits)
-        self.return_dict = bool(self.return_dict)
+        for name in ("stochastic_transfer", "right_shift_logits", "return_dict"):
+            setattr(self, name, _check_bool(name, getattr(self, name)))
 
     def override(self, **kwargs) -> "SamplerConfig":
         """A validated copy with some fields replaced (the `sample(..., **kwargs)` contract)."""
@@ -218,21 +252,17 @@ class SamplingParams:
         for k in _ORACLE_KNOBS:
             setattr(self, k, getattr(oracle, k))
         for name in ("threshold", "factor"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                raise DiffutronError(f"{name} must be a finite number or None, got {v!r}")
+            setattr(self, name, _check_float(name, getattr(self, name), allow_none=True))
         if self.threshold is not None and self.factor is not None:
             raise DiffutronError("give either threshold or factor, not both")
         if self.threshold is not None and not (0.0 < float(self.threshold) <= 1.0):
             raise DiffutronError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.factor is not None and not float(self.factor) > 0.0:
             raise DiffutronError(f"factor must be > 0, got {self.factor}")
-        self.threshold = None if self.threshold is None else float(self.threshold)
-        self.factor = None if self.factor is None else float(self.factor)
         self.seed = _check_int("seed", self.seed, minimum=0, allow_none=True)
         if self.seed is not None and self.seed >= 2**63:
             raise DiffutronError(f"seed must be < 2**63, got {self.seed}")
-        self.early_stop = bool(self.early_stop)
+        self.early_stop = _check_bool("early_stop", self.early_stop)
 
     def override(self, **kwargs) -> "SamplingParams":
         """A validated copy with some fields replaced."""
