@@ -412,11 +412,12 @@ def test_the_server_loop_reports_a_failed_step_and_keeps_serving(golden, monkeyp
                 return out
 
     async def serve():
-        _, qa = loop.submit([5, 6, 7], params)  # both queued before the loop runs: a first (max_batch 1)
-        _, qb = loop.submit([8, 9], params)
+        here = asyncio.get_running_loop()
+        _, qa = loop.submit([5, 6, 7], params, here)  # both queued before the loop runs: a first (max_batch 1)
+        _, qb = loop.submit([8, 9], params, here)
         loop.start()
         a, b = await final(qa), await final(qb)
-        _, qc = loop.submit([8, 9], params)
+        _, qc = loop.submit([8, 9], params, here)
         return a, b, await final(qc)
 
     try:
@@ -438,16 +439,3 @@ def test_seeds_of_one_params_for_many_prompts_wrap_around(golden):
     outs = engine.generate([[5, 6, 7], [8, 9]], params)
     assert [o.seed for o in outs] == [2**63 - 1, 0]
     assert outs[1].tokens == engine.generate([[8, 9]], params.override(seed=0))[0].tokens
-
-
-@pytest.mark.needs("fastapi")
-def test_the_server_maps_openai_fields_and_refuses_out_of_bound_settings():
-    from diffutron_engine.server.app import ApiError, sampling_params
-
-    assert sampling_params({"stop": "</s>"}).stop_strings == ["</s>"]
-    assert sampling_params({"stop": ["a", "b"], "max_tokens": 5}).stop_strings == ["a", "b"]
-    for body, message in (({"temperature": 1e308}, "temperature must be <= 100"),
-                          ({"steps": 10**8}, "steps must be <= 16,384")):
-        with pytest.raises(ApiError) as info:
-            sampling_params(body)
-        assert info.value.status == 400 and message in info.value.body["error"]["message"]

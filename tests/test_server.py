@@ -1,17 +1,15 @@
-"""`diffutron-engine serve` (WIP, issue 11): the official openai client against a real server on a free
-loopback port (started and stopped by the test), bad requests, disconnects, SIGTERM."""
+"""`diffutron-engine serve`: the official openai client against a real server on a loopback port
+(started and stopped by the test), bad requests, disconnects, SIGTERM, a thousand requests.
+The hostile clients are in test_server_limits.py."""
 
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 
 import pytest
+from serve_util import AUTH, KEY, KNOBS, Server
 
 # every test here starts a server process (model load included): the slow tier, like the torchrun tests
 pytestmark = [pytest.mark.slow, pytest.mark.needs("openai", "fastapi", "uvicorn")]
@@ -21,64 +19,17 @@ try:
 except ImportError:  # the tests skip (needs)
     openai = None
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KNOBS = dict(steps=8, block_size=8)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *flags):
-        self.port = _free_port()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("TRITON_INTERPRET", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "diffutron_engine.cli.main", "serve", "--model", "tiny-tr",
-                                      "--port", str(self.port), "--max-batch", "8", *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stdout.read().decode()[-2000:]}")
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the server did not start within 120 s")
-
-    def post(self, path, body: bytes, headers=None):
-        req = urllib.request.Request(self.url + path, data=body, method="POST",
-                                     headers={"content-type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--api-key", "sekret")
+    s = Server()
     yield s
     s.stop()
 
 
 def _client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="sekret", max_retries=0)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
 
 
 def test_openai_client_completions_chat_streaming_n_seed(server):
@@ -98,10 +49,9 @@ def test_openai_client_completions_chat_streaming_n_seed(server):
     pieces = [ch.choices[0].text for ch in c.completions.create(model="tiny-tr", prompt="Bu işlev", max_tokens=8,
                                                                  temperature=0, stream=True, extra_body=KNOBS)]
     assert "".join(pieces) == r.choices[0].text
-    metrics = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
-    for name in ('diffutron_requests_total{outcome="ok"}', "diffutron_generation_tokens_total",
-                 "diffutron_requests_in_flight 0", 'diffutron_step_seconds_bucket{le="+Inf"}'):
-        assert name in metrics, name
+    metrics = server.metrics()
+    assert metrics['diffutron_requests_total{outcome="ok"}'] >= 5 and metrics["diffutron_generation_tokens_total"] > 0
+    assert metrics["diffutron_requests_in_flight"] == 0 and metrics['diffutron_step_seconds_bucket{le="+Inf"}'] > 0
 
 
 def test_bad_requests_get_the_error_shape(server):
@@ -112,7 +62,7 @@ def test_bad_requests_get_the_error_shape(server):
         c.completions.create(model="tiny-tr", prompt="x", max_tokens=-1)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
-    auth = {"authorization": "Bearer sekret"}
+    auth = AUTH
     for body, status in ((b"{not json", 400), (b"[1, 2]", 400), (json.dumps({"prompt": 5}).encode(), 400),
                          (json.dumps({"prompt": "x", "steps": "many"}).encode(), 400),
                          (b"{" + b" " * (2 << 20) + b"}", 413)):
@@ -160,7 +110,7 @@ def test_a_client_that_disconnects_frees_its_slot():
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
         conn.request("POST", "/v1/completions", json.dumps({"prompt": "Bu işlev", "max_tokens": 400, "steps": 400, "early_stop": False,
                                                             "block_size": 16, "stream": True}),
-                     {"content-type": "application/json"})
+                     {"content-type": "application/json", **AUTH})
         resp = conn.getresponse()
         assert resp.status == 200 and resp.readline().startswith(b"data: ")  # streaming: it holds the slot
         done = []
@@ -175,11 +125,6 @@ def test_a_client_that_disconnects_frees_its_slot():
         assert done and done[0][0] == 200 and time.time() - t < 10
     finally:
         s.stop()
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from /proc")
@@ -203,9 +148,9 @@ def test_a_thousand_requests_at_concurrency_64():
 
         with ThreadPoolExecutor(64) as pool:
             list(pool.map(ask, prompts[:128]))  # warm-up
-            warm = _rss_mb(s.proc.pid)
+            warm = s.rss_mb()
             answers = list(pool.map(ask, prompts))
-        after = _rss_mb(s.proc.pid)
+        after = s.rss_mb()
     finally:
         s.stop()
     assert all(code == 200 for code, _ in answers)

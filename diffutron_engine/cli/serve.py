@@ -1,14 +1,25 @@
-"""`diffutron-engine serve`: the OpenAI-compatible server (WIP, issue 11)."""
+"""`diffutron-engine serve`: the OpenAI-compatible server (diffutron_engine/server/, docs/serving.md).
+
+Everything a flag can get wrong is refused before the model loads, the port included: one line on
+stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import stat
 import sys
+import warnings
 
 from ..config import CACHE_MODES, FAST_PRESET
-from ..errors import DiffutronError
+from ..errors import DiffutronError, DiffutronWarning
 from ..loading import DEFAULT_MODEL, DEVICES, DTYPES
+from ..server.config import ServerConfig
+
+KEY_ENV = "DIFFUTRON_API_KEY"
+_D = ServerConfig()  # the defaults, shown in --help
 
 
 def add_parser(sub) -> None:
@@ -18,50 +29,136 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default: {DEFAULT_MODEL})")
     p.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
     p.add_argument("--max-batch", type=int, default=8, help="requests stepped together (default: 8)")
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default: auto)")
     p.add_argument("--cache", choices=CACHE_MODES, help="K/V reuse across the steps of a block (default: none)")
     p.add_argument("--fast", action="store_true",
-                   help=f"the measured fast setting: {', '.join(f'{k}={v}' for k, v in FAST_PRESET.items())}")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: no key)")
-    p.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429 (default: 256)")
-    p.add_argument("--drain-timeout", type=float, default=60.0,
-                   help="on SIGTERM/SIGINT, seconds to finish the requests in flight (default: 60)")
+                   help=f"the measured fast setting: {', '.join(f'{k}={v}' for k, v in FAST_PRESET.items())} "
+                   "(the threshold is every request's default; a request may give its own, or null)")
+    key = p.add_argument_group("the API key (required on every route but /health once set)")
+    key.add_argument("--api-key-file", metavar="FILE", help="read the key from FILE (its first line)")
+    key.add_argument("--api-key", metavar="KEY",
+                     help=f"the key itself: visible to every local user in `ps`; prefer --api-key-file or "
+                     f"the {KEY_ENV} environment variable")
+    lim = p.add_argument_group("bounds on what one client can hold")
+    lim.add_argument("--max-queue", type=int, default=_D.max_queue,
+                     help=f"requests (prompts x n) in flight before 429; also the most one request may hold "
+                     f"(default: {_D.max_queue})")
+    lim.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes,
+                     help=f"largest request body, counted as it arrives (default: {_D.max_body_bytes})")
+    lim.add_argument("--max-prompt-bytes", type=int, default=_D.max_prompt_bytes,
+                     help=f"largest prompt (or chat), checked before tokenizing (default: {_D.max_prompt_bytes})")
+    lim.add_argument("--max-connections", type=int, default=_D.max_connections,
+                     help="open connections; more are closed as they arrive, and the file-descriptor limit "
+                     f"is raised to fit them where it can (default: {_D.max_connections})")
+    lim.add_argument("--timeout-header", type=float, default=_D.timeout_header,
+                     help=f"seconds a connection has to send a request's headers (default: {_D.timeout_header:g})")
+    lim.add_argument("--timeout-body", type=float, default=_D.timeout_body,
+                     help=f"seconds a client has to send a whole body before 408 (default: {_D.timeout_body:g})")
+    lim.add_argument("--timeout-keep-alive", type=float, default=_D.timeout_keep_alive,
+                     help=f"seconds an idle connection is kept open (default: {_D.timeout_keep_alive:g})")
+    p.add_argument("--drain-timeout", type=float, default=_D.drain_timeout,
+                   help="on SIGTERM/SIGINT, seconds the requests in flight have to finish; the rest then get "
+                   f"an error (default: {_D.drain_timeout:g})")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the key)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
+def read_api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, DIFFUTRON_API_KEY or --api-key (with a warning), at most one of them."""
+    given = [name for name, v in (("--api-key-file", args.api_key_file), ("--api-key", args.api_key)) if v is not None]
+    if len(given) > 1:
+        raise DiffutronError("give the key one way: --api-key-file or --api-key (or DIFFUTRON_API_KEY), not both")
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                raw = f.read(4097)
+        except OSError as exc:
+            raise DiffutronError(f"cannot read --api-key-file {args.api_key_file}: {exc.strerror or exc}") from None
+        if len(raw) > 4096:
+            raise DiffutronError(f"--api-key-file {args.api_key_file} is over 4 KiB: not a key file")
+        try:
+            lines = raw.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise DiffutronError(f"--api-key-file {args.api_key_file} is not UTF-8 text") from None
+        if not lines or not lines[0].strip():
+            raise DiffutronError(f"--api-key-file {args.api_key_file} is empty: its first line is the key")
+        if stat.S_ISREG(mode) and mode & 0o077:
+            warnings.warn(f"--api-key-file {args.api_key_file} can be read by other users (chmod 600 it)",
+                          DiffutronWarning, stacklevel=2)
+        return lines[0].strip()
+    if args.api_key is not None:
+        warnings.warn(f"--api-key shows the key to every local user in the process list; use --api-key-file or "
+                      f"{KEY_ENV}", DiffutronWarning, stacklevel=2)
+        return args.api_key
+    env = os.environ.get(KEY_ENV)
+    if env is not None and not env.strip():
+        raise DiffutronError(f"{KEY_ENV} is set but empty; unset it to serve without a key")
+    return env
 
-        from ..server.app import create_app
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model_name=args.served_model_name or args.model, max_body_bytes=args.max_body_bytes,
+        max_prompt_bytes=args.max_prompt_bytes, max_queue=args.max_queue, max_connections=args.max_connections,
+        timeout_header=args.timeout_header, timeout_body=args.timeout_body,
+        timeout_keep_alive=args.timeout_keep_alive, drain_timeout=args.drain_timeout, api_key=read_api_key(args),
+        docs=args.docs, defaults={k: v for k, v in FAST_PRESET.items() if k != "cache"} if args.fast else {})
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.port < 65536:
+        raise DiffutronError(f"--port must be in 0..65535 (0: a free one), got {args.port}")
+    if isinstance(args.max_batch, bool) or args.max_batch < 1:
+        raise DiffutronError(f"--max-batch must be >= 1, got {args.max_batch}")
+    config = server_config(args)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as exc:
         raise DiffutronError(f"serving needs the `serve` extra ({exc.name} is missing): "
                              "pip install 'diffutron-engine[serve]'") from None
+    from ..server.http import bind_socket, connection_budget
+
+    max_connections = connection_budget(config.max_connections)
+    if max_connections < config.max_connections:
+        warnings.warn(f"the file-descriptor limit fits {max_connections} connections, not --max-connections "
+                      f"{config.max_connections} (raise `ulimit -n`)", DiffutronWarning, stacklevel=2)
+    sock = bind_socket(args.host, args.port)  # before the model: a busy port is one line, at once
+    try:
+        return _serve(args, config, sock, max_connections)
+    finally:
+        sock.close()
+
+
+def _serve(args, config: ServerConfig, sock, max_connections: int) -> int:
     from ..engine import Engine
+    from ..server.app import create_app
+    from ..server.http import make_server
     from ..server.loop import EngineLoop
 
-    if not 0 < args.port < 65536:
-        raise DiffutronError(f"--port must be in 1..65535, got {args.port}")
-    if args.max_queue < 1 or args.drain_timeout < 0:
-        raise DiffutronError("--max-queue must be >= 1 and --drain-timeout >= 0")
     cache = args.cache or (FAST_PRESET["cache"] if args.fast else "none")
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
                                     cache=cache)
     loop = EngineLoop(engine)
+    app = create_app(loop, config)
+    server = make_server(app, loop, config, max_connections)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
     loop.start()
-    app = create_app(loop, args.served_model_name or args.model, api_key=args.api_key, max_queue=args.max_queue)
-    print(f"diffutron-engine: serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"diffutron-engine: serving {args.model} on http://{shown}:{port}/v1", file=sys.stderr, flush=True)
     # SIGTERM/SIGINT: uvicorn stops accepting, lets the requests in flight finish (up to the drain
     # timeout), then hands the signal to the handler that was there before it; that one does nothing,
     # so the drained server exits 0 instead of dying of the signal
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                    timeout_graceful_shutdown=args.drain_timeout)
+        server.run(sockets=[sock])
     finally:
+        server.cancel_deadline()
         loop.stop(timeout=30)
+        app.serving.close()
     return 0

@@ -3,8 +3,9 @@ requests and await their outputs.
 
 Why a thread: a step is a blocking call into torch (milliseconds to seconds on CPU); running it on the
 event loop would stall every connection. The engine's add_request/abort are thread-safe (a locked
-inbox drained by step()), so handlers call them directly; outputs travel back through one asyncio queue
-per request, filled with loop.call_soon_threadsafe. Requests that arrive mid-flight join the running
+inbox drained by step()), so the serving layer calls add_request from its worker threads (tokenizing and
+scheduling a request take milliseconds to seconds too) and abort from anywhere; outputs travel back
+through one asyncio queue per request, filled with loop.call_soon_threadsafe. Requests that arrive mid-flight join the running
 batch at the engine's next admission (its block boundary).
 """
 
@@ -23,6 +24,10 @@ from ..engine import Engine, RequestOutput, StepFailed
 log = logging.getLogger("diffutron_engine.server")
 
 
+class ShuttingDown(RuntimeError):
+    """What the requests still running get when the server stops: past the drain timeout, or the loop's end."""
+
+
 # Upper bounds (seconds) of the step-time histogram's buckets, Prometheus style (the last one is +Inf).
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -36,7 +41,7 @@ class StepStats:
     steps: int = 0
     step_hist: list[int] = field(default_factory=lambda: [0] * (len(STEP_BUCKETS) + 1))  # per bucket, +Inf last
     step_sum: float = 0.0
-    running: int = 0  # requests the last step touched
+    running: int = 0  # rows of the running batch after the last step
     failed_steps: int = 0
     failed_requests: int = 0
 
@@ -72,15 +77,15 @@ class EngineLoop:
         with self._lock:
             return len(self._queues)
 
-    # ------------------------------------------------------------------ requests (event-loop side)
-    def submit(self, prompt, params, prefix: str = "cmpl") -> tuple[str, asyncio.Queue]:
-        """Queue a prompt; returns its id and the queue its outputs arrive on. Bad input raises the
-        engine's DiffutronError here, before anything is registered."""
-        loop = asyncio.get_running_loop()
+    # ------------------------------------------------------------------ requests (any thread)
+    def submit(self, prompt, params, aloop: asyncio.AbstractEventLoop, prefix: str = "cmpl") -> tuple[str, asyncio.Queue]:
+        """Queue a prompt; returns its id and the queue its outputs arrive on, in event loop `aloop`.
+        Called from a worker thread (tokenizing and scheduling are not the event loop's work). Bad input
+        raises the engine's DiffutronError here, before anything is registered."""
         rid = f"{prefix}-{uuid.uuid4().hex}"
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()  # bound to `aloop` at its first get, there
         with self._lock:  # registered before the engine can report on it
-            self._queues[rid] = (loop, queue)
+            self._queues[rid] = (aloop, queue)
         try:
             self.engine.add_request(prompt, params, request_id=rid)
         except BaseException:
@@ -113,12 +118,13 @@ class EngineLoop:
             except Exception as exc:  # not the engine's step: nothing in flight can be trusted
                 log.exception("engine loop failed")
                 self.stats.failed_steps += 1
-                self._fail_all(exc)
+                self.fail_all(exc)
                 continue
             self.stats.observe(time.perf_counter() - t)
-            self.stats.running = len(outputs)
+            # the rows still running: not the step's outputs, which also report aborted and finished ones
+            self.stats.running = len(self.engine.scheduler.running)
             self._deliver(outputs)
-        self._fail_all(RuntimeError("the server is shutting down"))
+        self.fail_all(ShuttingDown("the server is shutting down"))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Each output to its request's queue; a request that failed (its step raised) gets the error
@@ -137,7 +143,9 @@ class EngineLoop:
                 except RuntimeError:  # its event loop is closed: nobody is waiting
                     pass
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def fail_all(self, exc: BaseException) -> None:
+        """End every request in flight with `exc` (their handlers answer 503); the engine drops them at
+        its next step. Thread-safe: the drain deadline calls it from a timer thread."""
         with self._lock:
             targets, self._queues = list(self._queues.items()), {}
         for rid, (loop, queue) in targets:
