@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
@@ -102,7 +103,8 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompts", help="JSONL file with a {\"prompt\": ...} per line")
     ap.add_argument("--extra-body", help="JSON object merged into every request (diffusion knobs)")
-    ap.add_argument("--api-key")
+    ap.add_argument("--api-key", default=os.environ.get("DIFFUTRON_API_KEY"),
+                    help="the server's key (default: DIFFUTRON_API_KEY, which keeps it out of `ps`)")
     ap.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
     ap.add_argument("--tag", default="serve", help="file name tag for --save")
     args = ap.parse_args(argv)
@@ -118,7 +120,6 @@ def main(argv=None, prog: str | None = None) -> int:
           f"{fmt(lat['p50']) + '/' + fmt(lat['p99']):>18}")
     if args.save:
         import datetime
-        import os
 
         os.makedirs(args.save, exist_ok=True)
         path = os.path.join(args.save, f"{datetime.date.today().isoformat()}-{args.tag}-c{args.concurrency}.json")

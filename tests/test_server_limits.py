@@ -139,6 +139,27 @@ def test_stalled_connections_neither_block_nor_stay(server):
             sock.close()
 
 
+def test_connections_beyond_the_cap_are_closed_as_they_arrive():
+    """--max-connections 20: of 30 silent connections the last 10 are closed at once, the first 20 at
+    the header timeout (2 s); then the server answers again."""
+    import select
+
+    s = Server("--max-connections", "20", "--timeout-header", "2")
+    socks = [s.connect() for _ in range(30)]
+    try:
+        time.sleep(0.5)
+        readable, _, _ = select.select(socks, [], [], 0)  # a closed connection reads as end-of-file
+        assert {socks.index(x) for x in readable} == set(range(20, 30))
+        assert all(x.recv(1) == b"" for x in readable)
+        time.sleep(2.5)
+        assert len(select.select(socks[:20], [], [], 0)[0]) == 20
+        assert s.get("/health", timeout=5)[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+        s.stop()
+
+
 def _step_count(server) -> float:
     return server.metrics()["diffutron_step_seconds_count"]
 

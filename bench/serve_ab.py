@@ -1,0 +1,138 @@
+"""`bench serve` on two checkouts of the server, interleaved, to tell a change from the machine's noise.
+
+    python bench/serve_ab.py --repo-a /tmp/before --repo-b . --concurrency 1 16 64 --rounds 3
+
+Starts `serve --model tiny-tr` from each checkout (one server at a time, so they never share the CPU),
+and for each round and concurrency runs the same load (streaming completions, this checkout's client)
+against A then B. Prints per concurrency the median over rounds of output tokens/s and p50 latency for
+each, their ratio B/A, and the spread across rounds (what noise looks like here); then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from diffutron_engine import bench_serve  # noqa: E402
+
+KEY = "serve-ab-key"
+
+
+class Served:
+    def __init__(self, repo: str, python: str, max_batch: int):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=repo, DIFFUTRON_API_KEY=KEY)
+        env.pop("TRITON_INTERPRET", None)
+        port = _free_port()
+        # --api-key works in every version of the server (newer ones also read DIFFUTRON_API_KEY)
+        self.proc = subprocess.Popen([python, "-m", "diffutron_engine.cli.main", "serve", "--model", "tiny-tr",
+                                      "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "1024",
+                                      "--api-key", KEY], cwd=repo, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        import urllib.request
+
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"error: the server from {repo} exited: {self.proc.stderr.read().decode()[-500:]}")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise SystemExit(f"error: the server from {repo} did not start within 120 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load(url: str, concurrency: int, requests: int, max_tokens: int, extra: dict) -> dict:
+    args = argparse.Namespace(url=url, num_requests=requests, concurrency=concurrency, request_rate=None,
+                              max_tokens=max_tokens, prompts=None, extra_body=json.dumps(extra), api_key=KEY)
+    return asyncio.run(bench_serve.run(args))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo-a", required=True, help="checkout A (e.g. a worktree of the base commit)")
+    ap.add_argument("--repo-b", default=ROOT, help="checkout B (default: this one)")
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests-per-client", type=int, default=4, help="requests = concurrency x this (min 16)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--save", metavar="FILE", help="also write the JSON report here")
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or min(args.concurrency) < 1:
+        print("error: --rounds and --concurrency must be >= 1", file=sys.stderr)
+        return 2
+    extra = {"steps": args.max_tokens, "block_size": args.max_tokens}
+    rows: dict[tuple[str, int], list[dict]] = {}
+    max_batch = max(args.concurrency)
+    for r in range(args.rounds):
+        for side, repo in (("A", args.repo_a), ("B", args.repo_b)):
+            server = Served(os.path.abspath(repo), args.python, max_batch)
+            try:
+                _load(server.url, 4, 16, args.max_tokens, extra)  # warm-up
+                for c in args.concurrency:
+                    report = _load(server.url, c, max(16, c * args.requests_per_client), args.max_tokens, extra)
+                    rows.setdefault((side, c), []).append(report)
+                    print(f"round {r + 1} {side} c{c}: {report['output_tokens_per_s']:.0f} tok/s, p50 "
+                          f"{report['latency_s']['p50']:.3f} s, errors {report['errors']}", file=sys.stderr)
+            finally:
+                server.stop()
+    summary = []
+    print(f"\n| concurrency | A tok/s | B tok/s | B/A | A p50 s | B p50 s | B/A | spread A, B (tok/s, max/min) | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for c in args.concurrency:
+        a, b = rows[("A", c)], rows[("B", c)]
+        ta = statistics.median(x["output_tokens_per_s"] for x in a)
+        tb = statistics.median(x["output_tokens_per_s"] for x in b)
+        la = statistics.median(x["latency_s"]["p50"] for x in a)
+        lb = statistics.median(x["latency_s"]["p50"] for x in b)
+        spread = [max(x["output_tokens_per_s"] for x in xs) / min(x["output_tokens_per_s"] for x in xs) for xs in (a, b)]
+        errors = sum(x["errors"] for x in a + b)
+        print(f"| {c} | {ta:.0f} | {tb:.0f} | {tb / ta:.2f} | {la:.3f} | {lb:.3f} | {lb / la:.2f} | "
+              f"{spread[0]:.2f}, {spread[1]:.2f} | {errors} |")
+        summary.append({"concurrency": c, "a_tokens_per_s": ta, "b_tokens_per_s": tb, "ratio_tokens": tb / ta,
+                        "a_p50_s": la, "b_p50_s": lb, "ratio_p50": lb / la, "spread": spread, "errors": errors})
+    cpu = next((m.group(1) for m in [re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())] if m),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    out = {"repo_a": args.repo_a, "repo_b": args.repo_b, "rounds": args.rounds, "max_tokens": args.max_tokens,
+           "hardware": {"cpu": cpu, "cores": os.cpu_count()}, "rows": summary}
+    if args.save:
+        with open(args.save + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(args.save + ".tmp", args.save)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
