@@ -7,6 +7,7 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import stat
@@ -128,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
         warnings.warn(f"the file-descriptor limit fits {max_connections} connections, not --max-connections "
                       f"{config.max_connections} (raise `ulimit -n`)", DiffutronWarning, stacklevel=2)
     sock = bind_socket(args.host, args.port)  # before the model: a busy port is one line, at once
+    if config.api_key is None and not ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback:
+        warnings.warn(f"serving on {args.host} without a key: anyone who reaches this address can use the model "
+                      f"(set {KEY_ENV} or --api-key-file)", DiffutronWarning, stacklevel=2)
     try:
         return _serve(args, config, sock, max_connections)
     finally:
