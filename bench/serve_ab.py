@@ -16,60 +16,18 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from diffutron_engine import bench_serve  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_probe import Server, package_origin  # noqa: E402  (one way to start a checkout's server)
+
 KEY = "serve-ab-key"
-
-
-class Served:
-    def __init__(self, repo: str, python: str, max_batch: int):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=repo, DIFFUTRON_API_KEY=KEY)
-        env.pop("TRITON_INTERPRET", None)
-        port = _free_port()
-        # --api-key works in every version of the server (newer ones also read DIFFUTRON_API_KEY)
-        self.proc = subprocess.Popen([python, "-m", "diffutron_engine.cli.main", "serve", "--model", "tiny-tr",
-                                      "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "1024",
-                                      "--api-key", KEY], cwd=repo, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        import urllib.request
-
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"error: the server from {repo} exited: {self.proc.stderr.read().decode()[-500:]}")
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise SystemExit(f"error: the server from {repo} did not start within 120 s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _load(url: str, concurrency: int, requests: int, max_tokens: int, extra: dict) -> dict:
@@ -92,21 +50,30 @@ def main(argv=None) -> int:
     if args.rounds < 1 or min(args.concurrency) < 1:
         print("error: --rounds and --concurrency must be >= 1", file=sys.stderr)
         return 2
+    for repo in (args.repo_a, args.repo_b):  # an editable install would otherwise serve another checkout
+        if os.path.realpath(package_origin(os.path.abspath(repo), args.python)) != os.path.realpath(repo):
+            print(f"error: {repo} does not hold the diffutron_engine that {args.python} would run there",
+                  file=sys.stderr)
+            return 2
     extra = {"steps": args.max_tokens, "block_size": args.max_tokens}
     rows: dict[tuple[str, int], list[dict]] = {}
     max_batch = max(args.concurrency)
     for r in range(args.rounds):
         for side, repo in (("A", args.repo_a), ("B", args.repo_b)):
-            server = Served(os.path.abspath(repo), args.python, max_batch)
+            # --api-key works in every version of the server (newer ones warn and prefer a file)
+            server = Server(os.path.abspath(repo), args.python, ["--max-batch", str(max_batch), "--max-queue", "1024",
+                                                                 "--api-key", KEY]).start()
+            url = f"http://127.0.0.1:{server.port}"
             try:
-                _load(server.url, 4, 16, args.max_tokens, extra)  # warm-up
+                _load(url, 4, 16, args.max_tokens, extra)  # warm-up
                 for c in args.concurrency:
-                    report = _load(server.url, c, max(16, c * args.requests_per_client), args.max_tokens, extra)
+                    report = _load(url, c, max(16, c * args.requests_per_client), args.max_tokens, extra)
                     rows.setdefault((side, c), []).append(report)
                     print(f"round {r + 1} {side} c{c}: {report['output_tokens_per_s']:.0f} tok/s, p50 "
                           f"{report['latency_s']['p50']:.3f} s, errors {report['errors']}", file=sys.stderr)
             finally:
                 server.stop()
+                os.unlink(server.log.name)
     summary = []
     print(f"\n| concurrency | A tok/s | B tok/s | B/A | A p50 s | B p50 s | B/A | spread A, B (tok/s, max/min) | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
