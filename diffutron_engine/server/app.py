@@ -197,7 +197,8 @@ class Guard:
         if length is not None and length.isdigit() and int(length) > self.max_body:
             self.metrics.outcome("too_large")
             return await _send_json(send, 413, error_body(
-                413, f"the request body is over {self.max_body:,} bytes (--max-body-bytes)"), [(b"connection", b"close")])
+                413, f"the request body is over {self.max_body:,} bytes (--max-body-bytes)"),
+                [(b"connection", b"close")])
         await self.app(scope, receive, send)
 
 

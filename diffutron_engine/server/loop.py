@@ -5,8 +5,8 @@ Why a thread: a step is a blocking call into torch (milliseconds to seconds on C
 event loop would stall every connection. The engine's add_request/abort are thread-safe (a locked
 inbox drained by step()), so the serving layer calls add_request from its worker threads (tokenizing and
 scheduling a request take milliseconds to seconds too) and abort from anywhere; outputs travel back
-through one asyncio queue per request, filled with loop.call_soon_threadsafe. Requests that arrive mid-flight join the running
-batch at the engine's next admission (its block boundary).
+through one asyncio queue per request, filled with loop.call_soon_threadsafe. Requests that arrive
+mid-flight join the running batch at the engine's next admission (its block boundary).
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class EngineLoop:
             return len(self._queues)
 
     # ------------------------------------------------------------------ requests (any thread)
-    def submit(self, prompt, params, aloop: asyncio.AbstractEventLoop, prefix: str = "cmpl") -> tuple[str, asyncio.Queue]:
+    def submit(self, prompt, params, aloop: asyncio.AbstractEventLoop,
+               prefix: str = "cmpl") -> tuple[str, asyncio.Queue]:
         """Queue a prompt; returns its id and the queue its outputs arrive on, in event loop `aloop`.
         Called from a worker thread (tokenizing and scheduling are not the event loop's work). Bad input
         raises the engine's DiffutronError here, before anything is registered."""

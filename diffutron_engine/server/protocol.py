@@ -45,7 +45,8 @@ _FIELDS = {False: {**_COMMON, "prompt": (str, list)}, True: {**_COMMON, "message
 # default), refused with a clear message otherwise
 NEUTRAL = {"top_p": (1, 1.0), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
            "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "logit_bias": ({},), "suffix": (),
-           "parallel_tool_calls": (False,), "tools": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+           "parallel_tool_calls": (False,), "tools": ([],), "tool_choice": ("none",),
+           "response_format": ({"type": "text"},),
            "modalities": (["text"],), "store": (False,), "metadata": ({},)}
 
 # The JSON types of SamplingParams' fields, from their declarations (one source of truth: a field added

@@ -80,8 +80,8 @@ class OpenAIServing:
         prefix = "chatcmpl" if req.chat else "cmpl"
         try:
             for i, prompt in enumerate(req.prompts):
-                ids = encode_prompt(self.tokenizer, prompt, chat=False) if not req.chat else \
-                    encode_prompt(self.tokenizer, prompt)
+                # completions: the prompt as it is; chat: the messages through the chat template
+                ids = encode_prompt(self.tokenizer, prompt, chat=False)
                 for j in range(req.n):
                     params = req.params
                     if params.seed is not None and j:  # choice j draws from seed + j, as prompt i offline
