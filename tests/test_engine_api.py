@@ -439,3 +439,43 @@ def test_seeds_of_one_params_for_many_prompts_wrap_around(golden):
     outs = engine.generate([[5, 6, 7], [8, 9]], params)
     assert [o.seed for o in outs] == [2**63 - 1, 0]
     assert outs[1].tokens == engine.generate([[8, 9]], params.override(seed=0))[0].tokens
+
+
+def test_request_ids_are_strings_and_prompts_hold_tokens(golden):
+    """A request id that is not a string is refused (str(5) once stored "5", and abort(5) then never
+    matched it); an empty token-id prompt is refused, except under right shift, where it starts from
+    BOS as dllm's sampler does."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    params = SamplingParams(max_new_tokens=4, block_size=4, steps=4)
+    for bad in (5, b"id", "", 3.0, ("a",)):
+        with pytest.raises(DiffutronError, match="request id must be a non-empty string"):
+            engine.add_request([5, 6], params, request_id=bad)
+        with pytest.raises(DiffutronError, match="request id must be a non-empty string"):
+            engine.abort(bad)
+    for empty in ([], torch.tensor([], dtype=torch.long)):
+        with pytest.raises(DiffutronError, match="empty prompt"):
+            engine.add_request(empty, params)
+    assert not engine.has_unfinished()
+    out = engine.generate([[]], params.override(right_shift_logits=True))[0]
+    assert out.prompt_token_ids == [golden.tokenizer.bos_token_id] and out.finished
+
+
+@pytest.mark.parametrize("how", ["generate", "stream"])
+def test_a_request_added_before_generate_keeps_its_outputs(golden, how):
+    """generate()/stream() step every request in the engine; one added earlier by the caller is not
+    theirs: its outputs are held and the caller's next step() returns them, the final one included."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=4)
+    params = SamplingParams(max_new_tokens=8, block_size=4, steps=8, early_stop=False)
+    alone = Engine(golden.model, golden.tokenizer, max_batch=4).generate([[9, 10, 11]], params)[0]
+    rid = engine.add_request([9, 10, 11], params, request_id="mine")
+    if how == "generate":
+        engine.generate([[5, 6, 7]], params.override(max_new_tokens=16, steps=16))
+    else:
+        list(engine.stream([[5, 6, 7]], params.override(max_new_tokens=16, steps=16)))
+    seen = []
+    for _ in range(50):  # bounded: a lost output fails the test instead of hanging it
+        seen += [o for o in engine.step() if o.request_id == rid]
+        if seen and seen[-1].finished:
+            break
+    assert seen and seen[-1].finished and seen[-1].tokens == alone.tokens
+    assert engine.step() == []  # nothing held twice

@@ -60,6 +60,12 @@ class RequestOutput:
     error: BaseException | None = None  # finish_reason "error": what the step that ran the request raised
 
 
+def _check_request_id(request_id) -> None:
+    # str(5) would store "5", and abort(5) would then never match it
+    if not isinstance(request_id, str) or not request_id:
+        raise DiffutronError(f"a request id must be a non-empty string, got {request_id!r:.60}")
+
+
 def _draw_seed() -> int:
     import torch  # torch's global generator, so that torch.manual_seed applies
 
@@ -95,6 +101,9 @@ class Engine:
         self._lock = threading.Lock()
         self._inbox: deque = deque()  # ("add", Request) | ("abort", request_id), from any thread
         self._live: dict[str, Request] = {}  # added, not yet reported finished
+        # outputs of requests that generate()/stream() stepped but did not add: the caller's next step()
+        # returns them first, so a request added before those calls never loses its result
+        self._held: list[RequestOutput] = []
         self._ids = itertools.count()
         self._id_prefix = f"req-{uuid.uuid4().hex[:8]}"
 
@@ -126,7 +135,9 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request (from any thread): its slot is freed at the next step, which reports it
-        finished with finish_reason "abort". Unknown or finished ids are ignored."""
+        finished with finish_reason "abort". Unknown or finished ids are ignored; an id that is not a
+        string (never one of this engine's) is refused."""
+        _check_request_id(request_id)
         with self._lock:
             self._inbox.append(("abort", request_id))
 
@@ -142,7 +153,17 @@ class Engine:
         scheduler, its slot and the engine (the host and device state of a half-run step cannot be
         trusted); then StepFailed is raised, carrying the step's outputs. Waiting requests and later
         ones run normally at the next step. KeyboardInterrupt and SystemExit get the same cleanup and
-        propagate as they are."""
+        propagate as they are.
+
+        Outputs that generate(), infill() or stream() produced for requests they did not add come first."""
+        held, self._held = self._held, []
+        try:
+            return held + self._step()
+        except StepFailed as exc:
+            exc.outputs[:0] = held
+            raise
+
+    def _step(self) -> list[RequestOutput]:
         outputs = self._drain_inbox()
         failed = [o.error for o in outputs if o.finish_reason == "error"]
         if failed:  # a request failed in the inbox (the others were carried out): report it now
@@ -164,8 +185,9 @@ class Engine:
                  ) -> list[RequestOutput]:
         """Answer every prompt; final outputs in prompt order. One SamplingParams for all (prompt i then
         draws from seed + i, mod 2**63) or one per prompt. Drives the loop itself: do not call it while
-        another thread steps this engine. A step that fails raises StepFailed; the call's other requests
-        are then aborted and the engine is ready for the next call."""
+        another thread steps this engine. Requests added earlier with add_request run along (they share
+        the batch) and keep their outputs: the next step() returns them. A step that fails raises
+        StepFailed; the call's other requests are then aborted and the engine is ready for the next call."""
         return self._run(prompts, params, infill=False)
 
     def infill(self, sequences: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
@@ -176,13 +198,16 @@ class Engine:
     def stream(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:
         """Yield each request's outputs as its text grows (non-empty deltas), then its final output.
-        A step that fails raises StepFailed (the call's other requests end at the next step)."""
+        A step that fails raises StepFailed (the call's other requests end at the next step). Requests
+        added earlier with add_request keep their outputs: the next step() returns them."""
         ids = self.add_requests(prompts, params)
-        pending = set(ids)
+        pending, ids_set = set(ids), set(ids)
         try:
             while pending:
                 for out in self.step():
-                    if out.request_id in pending and (out.delta or out.finished):
+                    if out.request_id not in ids_set:
+                        self._held.append(out)  # another caller's request: its next step() gets it
+                    elif out.request_id in pending and (out.delta or out.finished):
                         if out.finished:
                             pending.discard(out.request_id)
                         yield out
@@ -204,14 +229,19 @@ class Engine:
         try:
             while len(done) < len(ids):
                 for out in self.step():
-                    if out.finished and out.request_id in wanted:
+                    if out.request_id not in wanted:
+                        self._held.append(out)  # another caller's request: its next step() gets it
+                    elif out.finished:
                         done[out.request_id] = out
-        except BaseException:  # interrupted, or a step failed: the rest are aborted now (this call
+        except BaseException as exc:  # interrupted, or a step failed: the rest are aborted now (this call
             # owns the loop), so that nothing of this call is left in the engine
             for rid in ids:
                 if rid not in done:
                     self.abort(rid)
-            self._drain_inbox()
+            reported = self._drain_inbox() + (exc.outputs if isinstance(exc, StepFailed) else [])
+            self._held += [out for out in reported if out.request_id not in wanted]  # others' outputs stay
+            if isinstance(exc, StepFailed):
+                exc.outputs[:] = [out for out in exc.outputs if out.request_id in wanted]
             raise
         return [done[rid] for rid in ids]
 
@@ -266,7 +296,12 @@ class Engine:
 
     def _make(self, prompt, params: SamplingParams, seed: int, request_id, index: int, infill: bool) -> Request:
         """A request: its canvas, blocks and commit schedules, all validated (no side effects)."""
+        if request_id is not None:
+            _check_request_id(request_id)
         ids = self._ids_of(prompt)
+        if not ids and not infill and not params.right_shift_logits:
+            raise DiffutronError("an empty prompt (no token ids): give at least one (with right_shift_logits an "
+                                 "empty prompt starts from BOS, as dllm's sampler does)")
         vocab = self.runner.model.vocab_size
         for name in ("suppress_tokens", "begin_suppress_tokens", "cfg_keep_tokens"):
             bad = [i for i in getattr(params, name) or [] if i >= vocab]
@@ -313,7 +348,7 @@ class Engine:
         stop = StopRule(self.tokenizer, params.stop_strings) if params.stop_strings else None
         serial = next(self._ids)
         # generated ids carry this engine's random prefix: they never collide with the caller's own ids
-        rid = str(request_id) if request_id is not None else f"{self._id_prefix}-{serial}"
+        rid = request_id if request_id is not None else f"{self._id_prefix}-{serial}"
         answer = AnswerState(self.tokenizer, tokens, start, self.mask_id, holdback=stop.window if stop else 0)
         return Request(request_id=rid, serial=serial, index=index, prompt_ids=ids, params=params, seed=seed,
                        tokens=tokens, blocks=blocks, schedules=schedules, answer_start=start, given=given,
