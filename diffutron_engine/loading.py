@@ -206,16 +206,55 @@ def load_model(
             "Diffutron needs a *ForMaskedLM checkpoint such as ModernBertForMaskedLM"
         )
     tokenizer = load_tokenizer(name_or_path)
+    check_tokenizer_fits(tokenizer, config.vocab_size, name_or_path)
     kwargs = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForMaskedLM.from_pretrained(name_or_path, **kwargs)
+        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except Exception as exc:  # corrupt or truncated weights raise library-specific errors
         raise DiffutronError(f"could not load model weights from {name_or_path!r}: {_one_line(exc)}") from exc
+    check_loading_info(info, name_or_path)
     check_weights(model, name_or_path)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=torch_dtype)
+
+
+def check_loading_info(info: dict, name_or_path: str) -> None:
+    """Refuse a checkpoint that lacks tensors of its architecture (transformers would initialize them at
+    random, and the model would answer garbage without a word) or holds tensors the architecture does not
+    have (another architecture's, or a broken export), naming them."""
+    def names(key: str) -> list[str]:
+        return sorted(str(k) for k in (info.get(key) or ()))
+
+    for key, what in (("missing_keys", "lacks"), ("unexpected_keys", "holds tensors its architecture does not have:"),
+                      ("mismatched_keys", "has tensors of the wrong shape:")):
+        bad = names(key)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise DiffutronError(f"{name_or_path!r} {what} {shown}; the checkpoint does not match its config.json "
+                                 "(export or download it again)")
+    errors = info.get("error_msgs") or []
+    if errors:
+        raise DiffutronError(f"could not load model weights from {name_or_path!r}: {_one_line(errors[0])}")
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, name_or_path: str) -> None:
+    """Every id the tokenizer can produce, its special tokens first, must be a row of the model's
+    embeddings: a mask id past the vocabulary loads fine and fails in the first step."""
+    named = {"mask": tokenizer.mask_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
+             "bos": tokenizer.bos_token_id, "unk": getattr(tokenizer, "unk_token_id", None)}
+    for name, tid in named.items():
+        if tid is not None and not 0 <= int(tid) < vocab_size:
+            raise DiffutronError(f"{name_or_path!r}: the tokenizer's {name} token id {tid} is outside the model's "
+                                 f"vocabulary of {vocab_size:,}; the tokenizer and the model do not belong together")
+    special = [i for i in getattr(tokenizer, "all_special_ids", []) or [] if not 0 <= int(i) < vocab_size]
+    if special:
+        raise DiffutronError(f"{name_or_path!r}: the tokenizer's special token id(s) {special[:5]} are outside the "
+                             f"model's vocabulary of {vocab_size:,}")
+    if len(tokenizer) > vocab_size:
+        raise DiffutronError(f"{name_or_path!r}: the tokenizer has {len(tokenizer):,} tokens but the model's "
+                             f"vocabulary has {vocab_size:,}; the tokenizer and the model do not belong together")
 
 
 def check_weights(model, name_or_path: str) -> None:

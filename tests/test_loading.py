@@ -113,6 +113,42 @@ def test_weights_that_are_not_finite_are_refused_by_name(tmp_path, tiny_checkpoi
         load_model(_with_weights(tmp_path, tiny_checkpoint, poison), device="cpu")
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda w: w.pop("model.final_norm.weight"), r"lacks model\.final_norm\.weight; the checkpoint does not match"),
+    (lambda w: w.update({"model.extra.weight": torch.ones(3)}), r"holds tensors its architecture does not have: "
+                                                               r"model\.extra\.weight"),
+    (lambda w: [w.pop(k) for k in sorted(w) if ".layers." in k],
+     r"lacks model\.layers\.0\.attn\.Wo\.weight, .* and \d+ more"),
+])
+def test_a_checkpoint_missing_or_adding_tensors_is_refused_by_name(tmp_path, tiny_checkpoint, edit, message):
+    """transformers initializes a missing tensor at random and ignores an unexpected one, and the model
+    then answers garbage without a word: both are refused at load, naming the tensors."""
+    with pytest.raises(DiffutronError, match=message):
+        load_model(_with_weights(tmp_path, tiny_checkpoint, edit), device="cpu")
+
+
+def test_a_tokenizer_whose_ids_lie_past_the_vocabulary_is_refused_at_load(tmp_path):
+    """A mask token added to the tokenizer (id 8192 of a model with 8,192 rows) loads, then fails in the
+    first step; it is refused at load, naming the token."""
+    import json
+    import shutil
+
+    from diffutron_engine.loading import check_tokenizer_fits, load_tokenizer
+
+    folder = tmp_path / "m"
+    shutil.copytree(BUNDLED_MODELS["tiny-tr"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["mask_token"] = "<a-new-mask>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(DiffutronError, match=r"the tokenizer's mask token id 8192 is outside the model's vocabulary "
+                                             r"of 8,192"):
+        load_model(str(folder), device="cpu")
+    tok = load_tokenizer("tiny-tr")
+    check_tokenizer_fits(tok, 8192, "tiny-tr")
+    with pytest.raises(DiffutronError, match="the tokenizer has 8,192 tokens but the model's vocabulary has 8,000"):
+        check_tokenizer_fits(tok, 8000, "tiny-tr")
+
+
 def test_all_zero_weights_load_with_a_warning(tmp_path, tiny_checkpoint):
     import warnings
 

@@ -30,7 +30,8 @@ import numpy as np
 
 from ..config import CACHE_MODES, SamplingParams
 from ..errors import DiffutronError, StepFailed
-from ..loading import DEFAULT_MODEL, check_context, decode_answer, encode_prompt, load_model, prepare_tokenizer
+from ..loading import (DEFAULT_MODEL, check_context, check_tokenizer_fits, decode_answer, encode_prompt, load_model,
+                       prepare_tokenizer)
 from ..schedule import row_schedule
 from ..stopping import StopRule
 from .request import Request, Status
@@ -92,6 +93,7 @@ class Engine:
             raise DiffutronError(f"unknown cache {cache!r}; choose one of: {', '.join(CACHE_MODES)}")
         self.model = model
         self.tokenizer = prepare_tokenizer(tokenizer)
+        check_tokenizer_fits(self.tokenizer, model.config.vocab_size, "the model")
         self.mask_id = self.tokenizer.mask_token_id
         self.max_batch = max_batch
         self.cache = cache
