@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from diffutron_engine import bench_serve  # noqa: E402
+from diffutron_engine.outputs import check_file_output, write_text_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serve_probe import Server, package_origin  # noqa: E402  (one way to start a checkout's server)
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     if args.rounds < 1 or min(args.concurrency) < 1:
         print("error: --rounds and --concurrency must be >= 1", file=sys.stderr)
         return 2
+    check_file_output(args.save, "--save")  # before minutes of measuring
     for repo in (args.repo_a, args.repo_b):  # an editable install would otherwise serve another checkout
         if os.path.realpath(package_origin(os.path.abspath(repo), args.python)) != os.path.realpath(repo):
             print(f"error: {repo} does not hold the diffutron_engine that {args.python} would run there",
@@ -94,9 +96,7 @@ def main(argv=None) -> int:
     out = {"repo_a": args.repo_a, "repo_b": args.repo_b, "rounds": args.rounds, "max_tokens": args.max_tokens,
            "hardware": {"cpu": cpu, "cores": os.cpu_count()}, "rows": summary}
     if args.save:
-        with open(args.save + ".tmp", "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(args.save + ".tmp", args.save)
+        write_text_file(args.save, json.dumps(out, indent=1), "--save")
     print(json.dumps(out))
     return 0
 
