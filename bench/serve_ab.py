@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from diffutron_engine import bench_serve  # noqa: E402
+from diffutron_engine.errors import DiffutronError  # noqa: E402
 from diffutron_engine.outputs import check_file_output, write_text_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +52,11 @@ def main(argv=None) -> int:
     if args.rounds < 1 or min(args.concurrency) < 1:
         print("error: --rounds and --concurrency must be >= 1", file=sys.stderr)
         return 2
-    check_file_output(args.save, "--save")  # before minutes of measuring
+    try:
+        check_file_output(args.save, "--save")  # before minutes of measuring
+    except DiffutronError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for repo in (args.repo_a, args.repo_b):  # an editable install would otherwise serve another checkout
         if os.path.realpath(package_origin(os.path.abspath(repo), args.python)) != os.path.realpath(repo):
             print(f"error: {repo} does not hold the diffutron_engine that {args.python} would run there",
