@@ -74,6 +74,8 @@ setup(
         "diffutron_engine.model",
         "diffutron_engine.engine",
         "diffutron_engine.integrations",
+        "diffutron_engine.server",
+        "diffutron_engine.models",  # data only: the bundled demo model
         "diffutron_engine.kernels",
         "diffutron_engine.training",
         "diffutron_engine.training.data",
@@ -84,7 +86,7 @@ setup(
         "diffutron_engine.training": "training",
     },
     # the bundled demo model (trained by `make tiny-tr`, committed: ~16 MB)
-    package_data={"diffutron_engine": ["models/tiny-tr/*"]},
+    package_data={"diffutron_engine.models": ["tiny-tr/*"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
 )
