@@ -143,13 +143,19 @@ def main(argv=None, prog: str | None = None) -> int:
             raise DiffutronError(f"{flag} must be >= {least}, got {v}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    tag = None
+    if args.save is not None:  # checked before the benchmark runs, not after minutes of it
+        from .benchmark import check_save
+        from .loading import resolve_device
+
+        tag = args.tag or f"eval-{resolve_device(args.device).split(':')[0]}-l{args.layers}"
+        check_save(args.save, tag)
     report = run(args.layers, args.requests, args.mc_num, args.batch_size, args.vocab, args.device, args.dtype,
                  args.seed, args.token_budget, log=lambda m: print(m, file=sys.stderr))
     print(format_table(report))
-    if args.save:
+    if args.save is not None:
         from .benchmark import save
 
-        tag = args.tag or f"eval-{report['config']['device'].split(':')[0]}-l{args.layers}"
         print(f"saved {save(report, args.save, tag)}", file=sys.stderr)
     print(json.dumps(report))
     return 0

@@ -1,14 +1,17 @@
 """Bad inputs of the command line, each run as a real process (`python -m diffutron_engine ...`, offline):
 exactly one line on stderr ("diffutron-engine: error: ..." naming the problem), exit code 2, no
-traceback, nothing on stdout, and no output file (nor a temporary one) where --output was given. A
-standard output closed by its reader is the one quiet exit: code 141 and nothing on stderr.
+traceback, nothing on stdout, no output file (nor a temporary one) where --output was given, and
+nothing destroyed: the files a row names as intact (an input given as the output, a read-only file, a
+device node, a FIFO, a hard link) are afterwards what they were, byte for byte, the same inode of the
+same type. A standard output closed by its reader is the one quiet exit: code 141 and nothing on stderr.
 
 The checks are a table: one Case per row, one parametrized test over all tables. GENERATE_CASES are
-the rows of `generate`, TRAIN_CASES those of `train` (whose output folder must stay empty). A row
-that fails before a model is loaded takes a fraction of a second (the command line refuses it before
-it imports torch); rows that load a model run the command line's main() in this process (a second
-instead of eight: no interpreter, torch and transformers start-up per row), except those about standard
-output and the interpreter's exit, which need a real process and are marked slow.
+the rows of `generate`, TRAIN_CASES those of `train` (whose output folder must stay empty), BENCH_CASES
+those of `bench eval --save`. A row that fails before a model is loaded takes a fraction of a second
+(the command line refuses it before it imports torch); rows that load a model run the command line's
+main() in this process (a second instead of eight: no interpreter, torch and transformers start-up per
+row), except those about standard output and the interpreter's exit, which need a real process and are
+marked slow.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,7 +40,7 @@ class Case:
     id: str
     argv: tuple[str, ...]  # after the program's name; "{tmp}" in an argument is the case's own folder
     message: str | None  # a part of the one stderr line; None: a quiet exit (closed stdout)
-    stdin: bytes | None = None
+    stdin: bytes | str | None = None  # bytes, or a file to read standard input from ("{tmp}" as in argv)
     env: dict[str, str] | None = None
     files: dict[str, str | bytes | Callable] | None = None  # name -> content, or a function(path) making it
     output: bool = True  # also pass --output {tmp}/out.txt and check that it never appears
@@ -46,6 +51,8 @@ class Case:
     in_process: bool = False  # run the command line's main() in this process (seconds saved per row that
     # loads a model); stderr is still read at the file descriptor, and an exception escaping main() fails
     needs: tuple[str, ...] = ()  # optional packages the row reaches (pytest.mark.needs: skipped without them)
+    intact: tuple[str, ...] = ()  # names under {tmp} that must be unchanged afterwards (content, inode, type)
+    root: bool = False  # makes a device node: only as root (skipped otherwise)
 
 
 def _checkpoint_with(edit: Callable) -> Callable:
@@ -81,8 +88,30 @@ def _nan_weight(path: str) -> None:
     save_file(weights, file, metadata={"format": "pt"})
 
 
+def _read_only(content: bytes) -> Callable:
+    def make(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(content)
+        os.chmod(path, 0o444)
+
+    return make
+
+
+def _hard_link_to(name: str) -> Callable:
+    return lambda path: os.link(os.path.join(os.path.dirname(path), name), path)
+
+
+def _null_device(path: str) -> None:
+    """A copy of /dev/null's node (character device 1:3): what `--output /dev/null` reaches as root."""
+    os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+
+
 NOT_UTF8 = os.fsdecode(b"ab\xff\xfe")  # bytes that are not UTF-8, as Python hands such an argument over
 DEEP = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+DEEP_MESSAGES = '{"messages": [{"role": "user", "content": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "}]}\n"
+PROMPTS = {"in.jsonl": '{"prompt": "Merhaba"}\n'}
+IN = ("--input", "{tmp}/in.jsonl")
+NO_BACKEND = {"DIFFUTRON_BACKEND": "nonsense"}  # a run that fails after --output was checked, before any model
 
 GENERATE_CASES = [
     # text that is not UTF-8, wherever it comes from
@@ -102,9 +131,29 @@ GENERATE_CASES = [
          files={"in.jsonl": '{"messages": [{"role": "user", "content": "a\\udc80"}]}\n'}, in_process=True),
     Case("jsonl nested too deeply", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
          "in.jsonl:1: JSON nested too deeply to read", files={"in.jsonl": DEEP}),
+    Case("jsonl message nested too deeply", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
+         "in.jsonl:1: JSON nested too deeply to read", files={"in.jsonl": DEEP_MESSAGES}, in_process=True),
+    Case("jsonl integer of 5,000 digits", ("generate", *QUICK, "--input", "{tmp}/in.jsonl"),
+         "in.jsonl:2: JSON with an integer of more than 4,300 digits",
+         files={"in.jsonl": '{"prompt": "a"}\n{"prompt": ' + "9" * 5000 + "}\n"}),
+    # what the prompts are read from: each line and the whole bounded
+    Case("input an endless line", ("generate", *QUICK, "--input", "/dev/zero"),
+         "--input '/dev/zero' line 1 is longer than 64 MiB"),
+    Case("stdin an endless line", ("generate", *QUICK), "standard input line 1 is longer than 64 MiB",
+         stdin="/dev/zero"),
+    Case("stdin endless lines", ("generate", *QUICK), "standard input holds more than 1,000,000 lines",
+         stdin=b"y\n" * 1_000_001),
     # settings beyond their bounds
     Case("steps beyond the bound", ("generate", *QUICK, "--steps", "100000000", "x"),
          "steps must be <= 16,384, got 100,000,000"),
+    Case("batch size beyond the bound", ("generate", *QUICK, "--batch-size", "1000000000000", "x"),
+         "--batch-size must be <= 4,096, got 1,000,000,000,000"),
+    Case("batch size 1e12", ("generate", *QUICK, "--batch-size", "1e12", "x"),
+         "argument --batch-size: invalid int value: '1e12'", in_process=True),
+    Case("batch size 0", ("generate", *QUICK, "--batch-size", "0", "x"), "--batch-size must be >= 1, got 0",
+         in_process=True),
+    Case("batch size negative", ("generate", *QUICK, "--batch-size", "-5", "x"), "--batch-size must be >= 1, got -5",
+         in_process=True),
     Case("temperature beyond the bound", ("generate", *QUICK, "--temperature", "1e308", "x"),
          "temperature must be <= 100, got 1e+308", in_process=True),
     Case("backend unknown", ("generate", *QUICK, "x"), "DIFFUTRON_BACKEND='nonsense' is not one of triton, cpp, torch",
@@ -113,8 +162,33 @@ GENERATE_CASES = [
          env={"DIFFUTRON_BACKEND": "TORCH"}, in_process=True),
     # where the answers go
     Case("output empty", ("generate", *QUICK, "--output", "", "x"), "--output is empty", output=False),
-    Case("output symlink loop", ("generate", *QUICK, "--output", "{tmp}/a", "x"), "its symbolic links form a loop",
+    Case("output symlink loop", ("generate", *QUICK, "--output", "{tmp}/a", "x"),
+         "cannot write --output '{tmp}/a': Too many levels of symbolic links",
          files={"a": lambda p: os.symlink("b", p), "b": lambda p: os.symlink("a", p)}, output=False, in_process=True),
+    Case("output is the input", ("generate", *QUICK, *IN, "--output", "{tmp}/in.jsonl"),
+         "in.jsonl' is also an input (", files=PROMPTS, output=False, intact=("in.jsonl",)),
+    Case("output a hard link of the input", ("generate", *QUICK, *IN, "--output", "{tmp}/link"),
+         "link' is also an input (", files={**PROMPTS, "link": _hard_link_to("in.jsonl")}, output=False,
+         intact=("in.jsonl", "link"), in_process=True),
+    Case("output a symlink to the input", ("generate", *QUICK, *IN, "--output", "{tmp}/sym"),
+         "sym' is also an input (", files={**PROMPTS, "sym": lambda p: os.symlink("in.jsonl", p)}, output=False,
+         intact=("in.jsonl", "sym"), in_process=True),
+    Case("output the file on stdin", ("generate", *QUICK, "--output", "{tmp}/in.txt"),
+         "in.txt' is also an input ('/dev/stdin')", stdin="{tmp}/in.txt", files={"in.txt": "Merhaba\n"},
+         output=False, intact=("in.txt",)),
+    Case("output read-only", ("generate", *QUICK, "--output", "{tmp}/ro.txt", "x"), "ro.txt': it is read-only",
+         files={"ro.txt": _read_only(b"earlier answers\n")}, output=False, intact=("ro.txt",)),
+    Case("output a folder", ("generate", *QUICK, "--output", "{tmp}/d", "x"), "d' is a folder; give a file name",
+         files={"d": os.mkdir}, output=False, intact=("d",), in_process=True),
+    Case("output a device, the run failed", ("generate", *QUICK, "--output", "{tmp}/null", "x"),
+         "DIFFUTRON_BACKEND='nonsense'", env=NO_BACKEND, files={"null": _null_device}, output=False,
+         intact=("null",), root=True),
+    Case("output a FIFO, the run failed", ("generate", *QUICK, "--output", "{tmp}/fifo", "x"),
+         "DIFFUTRON_BACKEND='nonsense'", env=NO_BACKEND, files={"fifo": os.mkfifo}, output=False,
+         intact=("fifo",), in_process=True),
+    Case("output hard-linked, the run failed", ("generate", *QUICK, "--output", "{tmp}/a", "x"),
+         "DIFFUTRON_BACKEND='nonsense'", env=NO_BACKEND, files={"a": b"earlier answers\n", "b": _hard_link_to("a")},
+         output=False, intact=("a", "b"), in_process=True),
     Case("model empty", ("generate", "--model", "", "x"), "model must be a hub id or a local directory, got ''", in_process=True),
     # the model folder
     Case("config field a string", ("generate", *QUICK[2:], "--model", "{tmp}/m", "x"),
@@ -236,7 +310,19 @@ TRAIN_CASES = [
            "is not a LoRA adapter", in_process=True, needs=("peft",)),
 ]
 
-ALL_CASES = GENERATE_CASES + TRAIN_CASES
+# `bench eval --save`: refused before the benchmark runs (minutes), what is there left as it was
+BENCH_CASES = [
+    Case("bench eval save a file", ("bench", "eval", "--save", "{tmp}/f"),
+         "cannot write --save '{tmp}/f': '{tmp}/f' is not a folder", files={"f": b"keep"}, output=False,
+         intact=("f",), in_process=True),
+    Case("bench eval save empty", ("bench", "eval", "--save", ""), "--save is empty: give a folder", output=False,
+         in_process=True),
+    Case("bench eval report read-only", ("bench", "eval", "--save", "{tmp}", "--tag", "t"), "-t.json': it is read-only",
+         files={f"{time.strftime('%Y-%m-%d')}-t.json": _read_only(b"{}")}, output=False,
+         intact=(f"{time.strftime('%Y-%m-%d')}-t.json",), in_process=True),
+]
+
+ALL_CASES = GENERATE_CASES + TRAIN_CASES + BENCH_CASES
 
 
 def _param(case: Case):
@@ -245,6 +331,8 @@ def _param(case: Case):
         marks.append(pytest.mark.needs(*case.needs))
     if case.stdout == "full" and not os.path.exists("/dev/full"):
         marks.append(pytest.mark.skip(reason="needs /dev/full"))
+    if case.root and os.geteuid() != 0:
+        marks.append(pytest.mark.skip(reason="makes a device node: root only"))
     if "triton" in (case.env or {}).values():
         import torch
 
@@ -268,10 +356,24 @@ def _argv(case: Case, tmp) -> list[str]:
     return argv + (["--output", os.path.join(tmp, "out.txt")] if case.output else [])
 
 
+def _state(path: str) -> tuple:
+    """What must not change about a file the command did not create: its inode, type and mode, and its
+    bytes (a regular file) or where it leads (a symbolic link); a device or FIFO is not opened."""
+    st = os.lstat(path)
+    if stat.S_ISREG(st.st_mode):
+        with open(path, "rb") as f:
+            content = f.read()
+    elif stat.S_ISLNK(st.st_mode):
+        content = os.readlink(path)
+    else:
+        content = None
+    return st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), st.st_mode, st.st_rdev, st.st_nlink, content
+
+
 def run_in_process(case: Case, tmp, capfd, monkeypatch) -> subprocess.CompletedProcess:
     from diffutron_engine.cli.main import main
 
-    _make_files(case, tmp)
+    assert case.stdin is None, "a row with standard input runs as a process"
     monkeypatch.chdir(tmp)
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(case.env or {})}.items():
         monkeypatch.setenv(key, value)
@@ -287,13 +389,16 @@ def run_in_process(case: Case, tmp, capfd, monkeypatch) -> subprocess.CompletedP
 
 
 def run_case(case: Case, tmp) -> subprocess.CompletedProcess:
-    _make_files(case, tmp)
     argv = _argv(case, tmp)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(case.env or {})}
     env.pop("TRITON_INTERPRET", None)  # the test session's interpreter would make triton run on CPU
     if "DIFFUTRON_BACKEND" not in (case.env or {}):
         env.pop("DIFFUTRON_BACKEND", None)
     cmd = [sys.executable, "-m", "diffutron_engine", *argv]
+    if isinstance(case.stdin, str):
+        with open(case.stdin.replace("{tmp}", str(tmp)), "rb") as stdin:
+            return subprocess.run(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp,
+                                  timeout=300)
     kwargs = dict(input=case.stdin or b"", stderr=subprocess.PIPE, env=env, cwd=tmp, timeout=300)
     if case.stdout == "closed":
         read, write = os.pipe()
@@ -310,6 +415,8 @@ def run_case(case: Case, tmp) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("case", [_param(c) for c in ALL_CASES])
 def test_bad_input(case: Case, tmp_path, capfd, monkeypatch):
+    _make_files(case, tmp_path)
+    before = {name: _state(os.path.join(tmp_path, name)) for name in case.intact}
     proc = run_in_process(case, tmp_path, capfd, monkeypatch) if case.in_process else run_case(case, tmp_path)
     err = proc.stderr.decode("utf-8", "backslashreplace")
     assert proc.returncode == case.code, err
@@ -320,12 +427,67 @@ def test_bad_input(case: Case, tmp_path, capfd, monkeypatch):
         lines = err.splitlines()
         # "diffutron-engine: error: ...", or argparse's "diffutron-engine train cpt: error: ..."
         assert len(lines) == 1 and re.match(r"diffutron-engine( [a-z-]+)*: error: ", lines[0]), err
-        assert case.message in lines[0], err
+        assert case.message.replace("{tmp}", str(tmp_path)) in lines[0], err
     if case.stdout == "pipe":
         assert proc.stdout == b""  # no partial answers
     if case.output:
         assert not (tmp_path / "out.txt").exists()
+    assert {name: _state(os.path.join(tmp_path, name)) for name in case.intact} == before  # nothing destroyed
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".diffutron-")]  # no temporary file left
     if case.run_dir:  # no checkpoint, metrics or final model of a run that never started
         run = tmp_path / case.run_dir
         assert not run.exists() or not list(run.iterdir()), sorted(p.name for p in run.iterdir())
+
+
+@pytest.mark.parametrize("where", ["--input", "stdin"])
+def test_what_prompts_are_read_from_is_bounded_as_a_whole(where, tmp_path, capfd, monkeypatch):
+    """Besides each line, the whole of --input or standard input is bounded (1 GiB; 1,000 bytes here):
+    one line and exit 2 once the bound is passed, before any model is loaded."""
+    import io
+
+    from diffutron_engine.cli import generate
+    from diffutron_engine.cli.main import main
+
+    monkeypatch.setattr(generate, "MAX_INPUT_BYTES", 1000)
+    text = '{"prompt": "Merhaba"}\n' * 100  # 2,200 bytes, every line short
+    if where == "stdin":
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+        argv, name = ["generate", *QUICK], "standard input"
+    else:
+        src = tmp_path / "in.jsonl"
+        src.write_text(text)
+        argv, name = ["generate", *QUICK, "--input", str(src)], f"--input {str(src)!r}"
+    capfd.readouterr()
+    code = main(argv)
+    out, err = capfd.readouterr()
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"diffutron-engine: error: {name} holds more than 1,000 bytes; split the prompts "
+                                "over several runs"]
+
+
+def test_standard_output_gets_utf8_whatever_its_encoding(monkeypatch):
+    """An answer goes out as UTF-8 bytes through a standard output that Python would encode as ASCII,
+    after what print() wrote before it."""
+    import io
+
+    from diffutron_engine.cli.main import write_stdout
+
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))
+    print("first")
+    write_stdout("Türkçe şiir\n")
+    assert raw.getvalue() == "first\nTürkçe şiir\n".encode("utf-8")
+
+
+@pytest.mark.slow
+def test_pythonioencoding_ascii_still_writes_the_answers_as_utf8(tmp_path):
+    """PYTHONIOENCODING=ascii (or a locale without UTF-8) and Turkish text to print: the bytes go out as
+    UTF-8, exit 0, nothing on stderr, as cat or sed would pass them through."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "ascii"}
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("DIFFUTRON_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-m", "diffutron_engine", "generate", *QUICK, "--seed", "0", "--json",
+                           "Türkçe şiir", "İstanbul"], capture_output=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr.decode("utf-8", "backslashreplace")
+    rows = [json.loads(line) for line in proc.stdout.decode("utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == ["Türkçe şiir", "İstanbul"]

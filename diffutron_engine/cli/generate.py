@@ -3,18 +3,20 @@
 ModernBERT checkpoints run on the engine (exact mode unless a fast knob is given); `--reference`, or a
 masked LM of another architecture, runs the oracle.
 
-Everything that can be checked before the model runs is checked first (config, input file, output
-path, context length of every prompt), so a bad request fails fast with exit code 2 and no output.
-The output file is written to a temporary file beside it and renamed only when the run succeeds.
+Everything that can be checked before the model runs is checked first (config, output path, input
+file, context length of every prompt), so a bad request fails fast with exit code 2 and no output.
+The output is written only when the run succeeds, by diffutron_engine.outputs' rule: a regular file
+through a temporary file renamed onto it, a device, FIFO or hard-linked file in place; a read-only file
+or one of the inputs is refused before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -22,7 +24,20 @@ from ..config import (CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST_PRESET, PRESETS,
                       check_backend_env)
 from ..errors import DiffutronError, check_utf8
 from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat, resolve_model_path
+from ..outputs import check_file_output, write_file
 from .main import write_stdout
+
+# Rows sampled together. The engine allocates each row's state up front (three vocabulary-wide bitmaps:
+# 96 KB a row at mmBERT's 256,000 tokens), so --batch-size 10**12 asked for 96 TB; the bound keeps that
+# state within 400 MB (and the engine gets no more rows than there are prompts).
+MAX_BATCH_SIZE = 4096
+# Prompts (--input, standard input) are read a line at a time with these bounds: `--input /dev/zero` (one
+# endless line) or `yes |` (endless lines) is refused with one line instead of filling memory. The bounds
+# are generous: a prompt of a few hundred KB is already beyond any Diffutron or mmBERT context (8,192
+# tokens), and a million prompts are days of generation.
+MAX_LINE_BYTES = 64 * 2**20
+MAX_INPUT_BYTES = 2**30
+MAX_INPUT_LINES = 1_000_000
 
 
 def add_parser(sub) -> None:
@@ -54,7 +69,8 @@ def add_parser(sub) -> None:
     p.add_argument("--diffutron-stops", action="store_true",
                    help=f"add Diffutron's own stop strings: {' '.join(DIFFUTRON_STOP_STRINGS)}")
     p.add_argument("--seed", type=_seed, help="seed of torch's generator, 0 .. 2**63-1 (default: random)")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts sampled together (default: 1)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help=f"prompts sampled together, 1 .. {MAX_BATCH_SIZE:,} (default: 1)")
     p.add_argument("--no-chat", action="store_true", help="use the prompt text as is, without the chat template")
     eng = p.add_argument_group("engine (fast modes change outputs; exact mode is the default)")
     eng.add_argument("--fast", action="store_true",
@@ -137,86 +153,86 @@ def read_prompts(args, stdin=None) -> list[Prompt]:
 def _lines(stream, name: str):
     """(line number, text without its line break) of a stream, decoded as UTF-8 line by line from its
     bytes when it has them, so that a line that is not UTF-8 is named instead of failing the whole read
-    (or reaching the tokenizer as surrogates, as Python's C-locale stdin would pass it)."""
-    for n, line in enumerate(getattr(stream, "buffer", stream), start=1):
-        if isinstance(line, str):  # a text stream without bytes underneath (io.StringIO)
-            yield n, line.rstrip("\n")
+    (or reaching the tokenizer as surrogates, as Python's C-locale stdin would pass it). Each line is read
+    with a bound (readline without one reads an endless line into memory), and so is the whole stream."""
+    source = getattr(stream, "buffer", stream)
+    total = 0
+    for n in itertools.count(1):
+        line = source.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if n > MAX_INPUT_LINES:
+            raise DiffutronError(f"{name} holds more than {MAX_INPUT_LINES:,} lines; split the prompts over "
+                                 "several runs")
+        total += len(line)
+        if total > MAX_INPUT_BYTES:
+            raise DiffutronError(f"{name} holds more than {_size(MAX_INPUT_BYTES)}; split the prompts over "
+                                 "several runs")
+        body = line.removesuffix("\n" if isinstance(line, str) else b"\n")
+        if len(body) > MAX_LINE_BYTES:
+            raise DiffutronError(f"{name} line {n} is longer than {_size(MAX_LINE_BYTES)}; prompts are lines of "
+                                 "text (is this the file of prompts?)")
+        if isinstance(body, str):  # a text stream without bytes underneath (io.StringIO)
+            yield n, body
             continue
         try:
-            text = line.decode("utf-8")
+            text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise DiffutronError(
-                f"{name} line {n} is not UTF-8 text (byte 0x{line[exc.start]:02x} at offset {exc.start}); "
+                f"{name} line {n} is not UTF-8 text (byte 0x{body[exc.start]:02x} at offset {exc.start}); "
                 "convert it to UTF-8 (e.g. iconv -f LATIN5 -t UTF-8)") from None
-        yield n, text.removesuffix("\n").removesuffix("\r")
+        yield n, text.removesuffix("\r")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n:,} bytes"
 
 
 def _read_jsonl(path: str) -> list[Prompt]:
+    out = []
     try:
         with open(path, "rb") as f:
-            lines = list(_lines(f, f"--input {path!r}"))
+            for n, line in _lines(f, f"--input {path!r}"):  # parsed as read: the raw lines are not kept
+                if line.strip():
+                    out.append(_jsonl_prompt(line, f"{path}:{n}"))
     except OSError as exc:
         raise DiffutronError(f"cannot read --input {path!r}: {exc.strerror or exc}") from exc
-    out = []
-    for n, line in lines:
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DiffutronError(f"{path}:{n}: malformed JSON ({exc.msg})") from exc
-        except RecursionError:  # the parser recurses once per level of nesting
-            raise DiffutronError(f"{path}:{n}: JSON nested too deeply to read; expected an object with either "
-                                 '"prompt" or "messages"') from None
-        if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
-            raise DiffutronError(f'{path}:{n}: expected an object with either "prompt" or "messages"')
-        where = f"{path}:{n}"
-        if "prompt" in obj:
-            if not isinstance(obj["prompt"], str):
-                raise DiffutronError(f'{where}: "prompt" must be a string')
-            check_utf8(obj["prompt"], f'{where}: "prompt"')  # JSON can spell a lone surrogate ("\\ud800")
-            out.append(Prompt(obj["prompt"], where))
-        else:
-            msgs = obj["messages"]
-            try:  # validate the whole conversation now, before any model is loaded
-                render_chat(msgs)
-                if not any(m["role"] == "user" and m["content"].strip() for m in msgs):
-                    raise DiffutronError("empty prompt: no user message with content")
-            except DiffutronError as exc:
-                raise DiffutronError(f"{where}: {exc}") from None
-            out.append(Prompt(msgs, where))
     if not out:
         raise DiffutronError(f"--input {path!r} holds no prompts")
     return out
 
 
-def _output_target(path: str) -> str:
-    """The file --output writes: the path itself, or where its symbolic link(s) lead (the answers are
-    written through a link, as a shell's `>` does, never replacing the link)."""
-    if not path:
-        raise DiffutronError("--output is empty: give a file name, or leave --output out to print the answers")
-    target = os.path.realpath(path)
-    if os.path.islink(target):  # realpath stops at a link it cannot follow
-        raise DiffutronError(f"cannot write --output {path!r}: its symbolic links form a loop")
-    return target
-
-
-def _check_output_path(path: str | None) -> None:
-    """Fail before any work if the output cannot be written (a temporary file is made and removed)."""
-    if path is None:
-        return
-    target = _output_target(path)
-    parent = os.path.dirname(target)
-    if os.path.isdir(target):
-        raise DiffutronError(f"--output {path!r} is a folder; give a file name")
-    if not os.path.isdir(parent):
-        raise DiffutronError(f"cannot write --output {path!r}: {parent!r} is not an existing folder")
+def _jsonl_prompt(line: str, where: str) -> Prompt:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".diffutron-", suffix=".tmp", dir=parent)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        raise DiffutronError(f"cannot write --output {path!r}: {exc.strerror or exc}") from None
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DiffutronError(f"{where}: malformed JSON ({exc.msg})") from exc
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise DiffutronError(f"{where}: JSON nested too deeply to read; expected an object with either "
+                             '"prompt" or "messages"') from None
+    except ValueError as exc:  # an integer beyond Python's limit on the digits it converts from text
+        if "integer string conversion" not in str(exc):
+            raise DiffutronError(f"{where}: malformed JSON ({exc})") from None
+        raise DiffutronError(f"{where}: JSON with an integer of more than {sys.get_int_max_str_digits():,} "
+                             'digits; expected an object with either "prompt" or "messages"') from None
+    if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
+        raise DiffutronError(f'{where}: expected an object with either "prompt" or "messages"')
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise DiffutronError(f'{where}: "prompt" must be a string')
+        check_utf8(obj["prompt"], f'{where}: "prompt"')  # JSON can spell a lone surrogate ("\\ud800")
+        return Prompt(obj["prompt"], where)
+    msgs = obj["messages"]
+    try:  # validate the whole conversation now, before any model is loaded
+        render_chat(msgs)
+        if not any(m["role"] == "user" and m["content"].strip() for m in msgs):
+            raise DiffutronError("empty prompt: no user message with content")
+    except DiffutronError as exc:
+        raise DiffutronError(f"{where}: {exc}") from None
+    return Prompt(msgs, where)
 
 
 class _Progress:
@@ -250,9 +266,14 @@ class _Progress:
 def run(args) -> int:
     if args.batch_size < 1:
         raise DiffutronError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size > MAX_BATCH_SIZE:
+        raise DiffutronError(f"--batch-size must be <= {MAX_BATCH_SIZE:,}, got {args.batch_size:,}")
     params, cache = settings(args)
+    # before the prompts are read: the output must not be one of them (a file read through standard input
+    # counts: `--output f < f` would replace the prompts with the answers)
+    reads_stdin = not args.prompts and args.input is None
+    target = check_file_output(args.output, "--output", inputs=(args.input, "/dev/stdin" if reads_stdin else None))
     prompts = read_prompts(args)
-    _check_output_path(args.output)
     # a missing model folder or a DIFFUTRON_BACKEND that names no backend fail before torch is imported
     model = resolve_model_path(args.model)
     check_backend_env()
@@ -285,11 +306,8 @@ def run(args) -> int:
         rendered = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     else:
         rendered = "\n".join(r["text"] + "\n" for r in results)
-    if args.output is not None:
-        try:
-            _write_atomically(_output_target(args.output), rendered)
-        except OSError as exc:
-            raise DiffutronError(f"cannot write --output {args.output!r}: {exc.strerror or exc}") from None
+    if target is not None:
+        write_file(target, rendered, "--output")
     else:
         write_stdout(rendered)
     return 0
@@ -330,7 +348,8 @@ def _run_engine(lm, prompts, params: SamplingParams, cache: str, args) -> list[d
     (--json) or "[i] text" lines."""
     from ..engine import Engine
 
-    engine = Engine(lm.model, lm.tokenizer, max_batch=args.batch_size, cache=cache)
+    # no more rows than prompts: the rows beyond them would be allocated and never used
+    engine = Engine(lm.model, lm.tokenizer, max_batch=min(args.batch_size, len(prompts)), cache=cache)
     ids = [engine.add_request(p.ids, params.override(seed=(params.seed + i) % 2**63), index=i)
            for i, p in enumerate(prompts)]
     finals: dict[str, object] = {}
@@ -369,25 +388,3 @@ def _print_event(out, as_json: bool, n_prompts: int) -> None:
         write_stdout(out.delta + ("\n" if out.finished else ""))
     else:
         write_stdout(f"[{out.index}] {out.delta}" + (" <end>" if out.finished else "") + "\n")
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """Write `path` (a resolved target, no link) whole or not at all: a temporary file in its folder,
-    renamed onto it. An existing file keeps its permissions; a new one gets the usual (0666 & ~umask)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".diffutron-", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        try:
-            mode = os.stat(path).st_mode & 0o7777
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -4,7 +4,7 @@ Bad input (DiffutronError) is one line on stderr and exit code 2, never a traceb
 closed by its reader (`| head -1`) ends the command quietly with exit code 141, as a Unix tool killed
 by SIGPIPE reports it (128 + 13), so `set -o pipefail` scripts still see that the output was cut; a
 standard output that cannot be written (a full disk, /dev/full) is bad input like any other: one line,
-exit code 2.
+exit code 2. Answers go to standard output as UTF-8 bytes, whatever encoding Python gave it (write_stdout).
 """
 
 from __future__ import annotations
@@ -62,10 +62,22 @@ def silence_stdout() -> None:
 
 def write_stdout(text: str) -> None:
     """Write and flush to standard output: a closed pipe propagates as BrokenPipeError (main() exits
-    quietly); any other write error (ENOSPC, EIO) becomes a one-line DiffutronError."""
+    quietly); any other write error (ENOSPC, EIO) becomes a one-line DiffutronError.
+
+    The text goes out as UTF-8 bytes whatever encoding Python gave standard output (PYTHONIOENCODING=ascii,
+    a locale without UTF-8): the answers are Turkish text, already UTF-8 where they came from (the
+    prompts, the tokenizer), and a Unix tool passes text through as bytes, as cat and sed do, rather than
+    failing at the first 'ş' after the work is done or writing '?' in its place. A reader that wants
+    another encoding converts the bytes (iconv)."""
     try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is None:  # a text stream without bytes underneath (a test's io.StringIO)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        sys.stdout.flush()  # what print() left in the text layer goes out first, in order
+        buffer.write(text.encode("utf-8", "backslashreplace"))  # a lone surrogate spelled out, not raised
+        buffer.flush()
     except BrokenPipeError:
         raise
     except OSError as exc:
