@@ -6,7 +6,8 @@ A file output (`generate --output`, reports, plots) is checked before any work, 
 - a character device, a FIFO or a socket (`/dev/null`, `/dev/stdout`, a named pipe) is written in place:
   renaming onto it would replace the device node itself (as root, the system's /dev/null);
 - a regular file with other hard links is written in place too (after the run succeeded): renaming would
-  leave the other names with the old content;
+  leave the other names with the old content (a write that fails midway, e.g. a full disk, can then
+  leave it partial: the price of keeping the links);
 - a symbolic link is followed (the link stays, as a shell's `>` leaves it);
 - refused with one line: an empty name, a folder, a missing parent folder, a read-only file, a loop of
   links, and a file that is also one of the command's inputs (it would overwrite the prompts).
@@ -18,6 +19,7 @@ marker file says so) or the caller passes force, and never when it holds one of 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -50,6 +52,8 @@ def check_file_output(path: str | None, what: str = "--output", inputs: tuple = 
     except FileNotFoundError:
         st = None
     except OSError as exc:  # a loop of links, a component that is not a folder, no permission
+        if exc.errno == errno.ELOOP:
+            raise DiffutronError(f"cannot write {what} {path!r}: its symbolic links form a loop") from None
         raise DiffutronError(f"cannot write {what} {path!r}: {exc.strerror or exc}") from None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise DiffutronError(f"{what} {path!r} is a folder; give a file name")
@@ -116,7 +120,10 @@ def _replace(path: str, raw: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
         try:
-            mode = os.stat(path).st_mode & 0o7777
+            st = os.stat(path)
+            mode = st.st_mode & 0o7777
+            if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):  # root rewriting a user's file
+                os.chown(tmp, st.st_uid, st.st_gid)
         except FileNotFoundError:
             umask = os.umask(0)
             os.umask(umask)
@@ -179,7 +186,13 @@ def replace_folder(target: str, write, marker: str, marker_content: dict) -> Non
         if os.path.lexists(target):
             aside = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
             os.replace(target, os.path.join(aside, name))
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:  # the old one goes back where it was
+            if aside is not None:
+                os.replace(os.path.join(aside, name), target)
+                os.rmdir(aside)
+            raise
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
     except BaseException:

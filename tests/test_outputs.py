@@ -179,7 +179,7 @@ def test_an_input_that_does_not_exist_or_is_not_a_file_is_no_obstacle(tmp_path):
 @pytest.mark.parametrize("case,message", [
     ("empty", "--output is empty"),
     ("folder", "is a folder; give a file name"),
-    ("loop", "Too many levels of symbolic links"),
+    ("loop", "its symbolic links form a loop"),
     ("parent missing", "is not an existing folder"),
     ("parent a file", "Not a directory"),
 ])
@@ -329,6 +329,38 @@ def _generate(capfd, monkeypatch, *argv) -> tuple[int, str, str]:
 
 def _prompts(text: str) -> list[str]:
     return [json.loads(line)["prompt"] for line in text.splitlines()]
+
+
+def test_replace_folder_puts_the_old_folder_back_when_the_last_rename_fails(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "merged.json").write_text("{}")
+    (target / "old").write_text("old")
+    real = os.replace
+    calls = []
+
+    def failing(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the new folder into place
+            raise OSError(errno.EIO, "I/O error")
+        return real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", failing)
+    with pytest.raises(OSError):
+        replace_folder(str(target), lambda tmp: open(os.path.join(tmp, "new"), "w").close(), "merged.json", {})
+    monkeypatch.undo()
+    assert sorted(os.listdir(target)) == ["merged.json", "old"] and (target / "old").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporaries, nothing aside
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can rewrite another user's file")
+def test_root_rewriting_a_users_file_keeps_its_owner(tmp_path):
+    path = tmp_path / "theirs.txt"
+    path.write_text("old")
+    os.chown(path, 1234, 2345)
+    write_file(check_file_output(str(path)), "new")
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid) == (1234, 2345) and path.read_text() == "new"
 
 
 @as_root
