@@ -7,7 +7,7 @@ same type. A standard output closed by its reader is the one quiet exit: code 14
 
 The checks are a table: one Case per row, one parametrized test over all tables. GENERATE_CASES are
 the rows of `generate`, TRAIN_CASES those of `train` (whose output folder must stay empty), BENCH_CASES
-those of `bench eval --save`. A row that fails before a model is loaded takes a fraction of a second
+those of `bench --save` and `bench eval --save`. A row that fails before a model is loaded takes a fraction of a second
 (the command line refuses it before it imports torch); rows that load a model run the command line's
 main() in this process (a second instead of eight: no interpreter, torch and transformers start-up per
 row), except those about standard output and the interpreter's exit, which need a real process and are
@@ -320,6 +320,13 @@ BENCH_CASES = [
     Case("bench eval report read-only", ("bench", "eval", "--save", "{tmp}", "--tag", "t"), "-t.json': it is read-only",
          files={f"{time.strftime('%Y-%m-%d')}-t.json": _read_only(b"{}")}, output=False,
          intact=(f"{time.strftime('%Y-%m-%d')}-t.json",), in_process=True),
+    # checked before the measuring, not after it
+    Case("bench save a file", ("bench", "--layers", "1", "--new-tokens", "2", "--steps", "2", "--save", "{tmp}/f"),
+         "cannot write --save '{tmp}/f': '{tmp}/f' is not a folder", files={"f": b"keep"}, output=False,
+         intact=("f",), in_process=True),
+    Case("bench overhead save a file", ("bench", "--overhead", "--save", "{tmp}/f"),
+         "cannot write --save '{tmp}/f': '{tmp}/f' is not a folder", files={"f": b"keep"}, output=False,
+         intact=("f",), in_process=True),
 ]
 
 ALL_CASES = GENERATE_CASES + TRAIN_CASES + BENCH_CASES

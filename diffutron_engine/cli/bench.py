@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..benchmark import BenchConfig, format_table, run as run_bench, save
+    from ..benchmark import BenchConfig, check_save, format_table, run as run_bench, save
 
     if args.overhead:
         return _run_overhead(args)
@@ -56,26 +56,31 @@ def run(args) -> int:
 
         if not torch.cuda.is_available():
             raise DiffutronError("--device cuda was asked for but no CUDA GPU is available")
+    tag = args.tag or (f"bench-{cfg.device}-b{cfg.batch_size}-t{cfg.temperature:g}-L{cfg.layers}-{cfg.dtype}")
+    if args.save is not None:
+        check_save(args.save, tag)  # before minutes of measuring
     report = run_bench(cfg, log=lambda s: print(s, file=sys.stderr))
     print(format_table(report))
-    if args.save:
-        tag = args.tag or (f"bench-{cfg.device}-b{cfg.batch_size}-t{cfg.temperature:g}-L{cfg.layers}-{cfg.dtype}")
+    if args.save is not None:
         print(f"saved {save(report, args.save, tag)}", file=sys.stderr)
     print(json.dumps(report))
     return 0
 
 
 def _run_overhead(args) -> int:
-    from ..benchmark import save
+    from ..benchmark import check_save, save
     from ..overhead import OverheadConfig, format_table, run as run_overhead
 
     try:
         cfg = OverheadConfig(threads=args.threads)
     except ValueError as exc:
         raise DiffutronError(str(exc)) from None
+    tag = args.tag or "overhead-cpu"
+    if args.save is not None:
+        check_save(args.save, tag)  # before the measuring
     report = run_overhead(cfg, log=lambda s: print(s, file=sys.stderr))
     print(format_table(report))
-    if args.save:
-        print(f"saved {save(report, args.save, args.tag or 'overhead-cpu')}", file=sys.stderr)
+    if args.save is not None:
+        print(f"saved {save(report, args.save, tag)}", file=sys.stderr)
     print(json.dumps(report))
     return 0
