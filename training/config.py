@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -20,6 +21,11 @@ OBJECTIVES = ("mlm", "mdlm")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 PRECISIONS = ("auto", "float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")
+# Bounds far above any real run that keep absurd values (max_steps=1e20) from reaching the loop: a
+# billion optimizer steps, and about a million rows per micro-batch, accumulation steps or LoRA rank.
+MAX_STEPS = 10**9
+MAX_COUNT = 2**20
+MAX_CONFIG_BYTES = 2**20  # a YAML file of settings is a few hundred bytes
 
 
 @dataclass
@@ -77,7 +83,7 @@ class TrainConfig:
 
         def need(name, ok, allowed):
             if not ok:
-                bad(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+                bad(f"{name} must be {allowed}, got {_show(getattr(self, name))}")
 
         for name, choices in (("task", TASKS), ("objective", OBJECTIVES), ("optimizer", OPTIMIZERS),
                               ("strategy", STRATEGIES), ("precision", PRECISIONS)):
@@ -87,11 +93,14 @@ class TrainConfig:
         need("mlm_probability", 0 < self.mlm_probability < 1, "in (0, 1), e.g. 0.15")
         need("t_min", 0 < self.t_min < 1, "in (0, 1), e.g. 0.001")
         need("max_length", 8 <= self.max_length <= 1_048_576, "an integer in [8, 1048576] (tokens per row)")
-        for name in ("batch_size", "grad_accum", "save_every", "keep_last", "log_every", "lora_r", "lora_alpha"):
-            need(name, getattr(self, name) >= 1, "an integer >= 1")
-        need("eval_every", self.eval_every >= 0, "an integer >= 0 (0: only at the end)")
+        for name, most in (("batch_size", MAX_COUNT), ("grad_accum", MAX_COUNT), ("lora_r", MAX_COUNT),
+                           ("lora_alpha", MAX_COUNT), ("save_every", MAX_STEPS), ("keep_last", MAX_STEPS),
+                           ("log_every", MAX_STEPS)):
+            need(name, 1 <= getattr(self, name) <= most, f"an integer in [1, {most}]")
+        need("eval_every", 0 <= self.eval_every <= MAX_STEPS, f"an integer in [0, {MAX_STEPS}] (0: only at the end)")
         need("seed", 0 <= self.seed < 2**63, "an integer in [0, 2**63)")
-        need("max_steps", self.max_steps is None or self.max_steps >= 1, "an integer >= 1 (or null: epochs decide)")
+        need("max_steps", self.max_steps is None or 1 <= self.max_steps <= MAX_STEPS,
+             f"an integer in [1, {MAX_STEPS}] (or null: epochs decide)")
         need("epochs", 0 < self.epochs <= 1e6, "a number in (0, 1e6]")
         need("lr", self.lr > 0, "a number > 0, e.g. 2e-4")
         need("weight_decay", self.weight_decay >= 0, "a number >= 0, e.g. 0.01")
@@ -121,24 +130,40 @@ def _field_types() -> dict:
     return typing.get_type_hints(TrainConfig)
 
 
+def _show(value, width: int = 60) -> str:
+    """repr(value), cut to `width` characters: an error line stays one short line whatever was given
+    (a 5,000-digit number, a long list)."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width - 20]}... ({len(text):,} characters)"
+
+
 def _number(name: str, value, kind: type):
     """An int or a float from any YAML/Python spelling: 3, 3.0, "3", "1e-4", "1_000", 1e3 (an int field
     takes a float only when it is integral: 2.5 steps is an error, 1e3 is 1000)."""
     what = "an integer" if kind is int else "a number"
+
+    def bad(detail=""):
+        return DiffutronError(f"invalid training config: {name} must be {what}{detail}, got {_show(value)}")
+
     v = value
     if isinstance(v, bool):
-        raise DiffutronError(f"invalid training config: {name} must be {what}, got {value!r}")
+        raise bad()
     if isinstance(v, str):
         text = v.strip().replace("_", "")
-        try:
+        try:  # (ValueError too for more digits than Python converts: 4,300 by default)
             v = int(text) if kind is int and text.lstrip("+-").isdigit() else float(text)
         except ValueError:
-            raise DiffutronError(f"invalid training config: {name} must be {what}, got {value!r}") from None
-    if not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise DiffutronError(f"invalid training config: {name} must be {what} (finite), got {value!r}")
+            raise bad() from None
+    if kind is float and isinstance(v, int):
+        try:  # a Python int beyond float's range (10**400) is not a finite number either
+            v = float(v)
+        except OverflowError:
+            raise bad(" (finite)") from None
+    if not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        raise bad(" (finite)")
     if kind is int:
         if isinstance(v, float) and not v.is_integer():
-            raise DiffutronError(f"invalid training config: {name} must be an integer, got {value!r}")
+            raise bad()
         return int(v)
     return float(v)
 
@@ -208,9 +233,19 @@ def parse_value(text: str):
 
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise DiffutronError(f"{text!r} is not a valid value ({str(exc).splitlines()[0]}); quote strings, write "
+    except RecursionError:
+        raise DiffutronError(f"{_show(text)} is nested too deeply to read") from None
+    except (yaml.YAMLError, ValueError, TypeError) as exc:  # YAML's own, and its constructors' (2020-99-99)
+        raise DiffutronError(f"{_show(text)} is not a valid value ({first_line(exc)}); quote strings, write "
                              "lists as [a, b] or a,b") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name when it has none."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and "int_max_str_digits" in lines[0]:  # Python's own advice is for programmers, not this file
+        return f"a number longer than {sys.get_int_max_str_digits():,} digits"
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def load_config(preset: str | None = None, path: str | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -226,18 +261,7 @@ def gather(preset: str | None = None, path: str | None = None, overrides: dict |
             raise DiffutronError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
     if path:
-        import yaml
-
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise DiffutronError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise DiffutronError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise DiffutronError(f"config file {path} must hold a mapping of settings")
-        values.update(data)
+        values.update(read_config_file(path))
     values.update(overrides or {})
     known = [f.name for f in dataclasses.fields(TrainConfig)]
     bad_keys = [k for k in values if not isinstance(k, str)]
@@ -249,3 +273,35 @@ def gather(preset: str | None = None, path: str | None = None, overrides: dict |
                  for k in unknown]
         raise DiffutronError(f"unknown setting(s): {', '.join(hints)}; known: {', '.join(sorted(known))}")
     return values
+
+
+def read_config_file(path: str) -> dict:
+    """The settings of a YAML file: a mapping, or one DiffutronError saying why not."""
+    import yaml
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero must not read forever
+    except FileNotFoundError:
+        raise DiffutronError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise DiffutronError(f"config file {path} is a folder; give a YAML file") from None
+    except OSError as exc:
+        raise DiffutronError(f"cannot read config file {path}: {exc.strerror or first_line(exc)}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise DiffutronError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; give a YAML file "
+                             "of settings")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DiffutronError(f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                             f"{exc.start}); give a UTF-8 YAML file") from None
+    except RecursionError:
+        raise DiffutronError(f"config file {path} is nested too deeply to read") from None
+    except (yaml.YAMLError, ValueError, TypeError) as exc:  # YAML's own, and its constructors' (2020-99-99)
+        raise DiffutronError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
+    if data is None:  # an empty file: no settings
+        return {}
+    if not isinstance(data, dict):
+        raise DiffutronError(f"config file {path} must hold a mapping of settings, not a {type(data).__name__}")
+    return data

@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import DiffutronError
+from ..errors import DiffutronError, check_utf8
 from ..loading import END_OF_TURN, render_chat
+from .config import first_line
+
+
+# A line of a text or JSONL file is read whole into memory: a file without line breaks (a disk image
+# passed by mistake) must fail with a line, not exhaust memory. 64 MiB is far beyond any document.
+MAX_LINE_BYTES = 64 * 2**20
 
 
 def read_records(files: list[str], dataset: str | None = None, split: str = "train") -> list:
@@ -32,58 +39,92 @@ def read_records(files: list[str], dataset: str | None = None, split: str = "tra
             raise DiffutronError(f"data file {path!r} {what}; give .txt, .jsonl, .json or .parquet files")
         try:
             records += _read_file(path)
-        except UnicodeDecodeError:
+        except UnicodeDecodeError:  # .json and .parquet's strings; lines name their own
             raise DiffutronError(f"data file {path!r} is not UTF-8 text") from None
+        except OSError as exc:
+            raise DiffutronError(f"cannot read data file {path!r}: {exc.strerror or first_line(exc)}") from None
     if dataset:
-        try:
-            import datasets
-        except ImportError:
-            raise DiffutronError("a hub dataset needs the `datasets` package: pip install datasets") from None
-        try:
-            records += list(datasets.load_dataset(dataset, split=split))
-        except Exception as exc:  # offline, unknown name or split: the library raises many types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DiffutronError(f"could not load the hub dataset {dataset!r} (split {split!r}): {first}") from None
+        records += _hub_records(dataset, split)
     if not records:
         raise DiffutronError("the data holds no text: give at least one non-empty document or row")
     return records
 
 
+def _hub_records(dataset: str, split: str) -> list:
+    try:
+        import datasets
+    except ImportError:
+        raise DiffutronError("a hub dataset needs the `datasets` package: pip install datasets") from None
+    try:
+        return list(datasets.load_dataset(dataset, split=split))
+    except Exception as exc:  # offline, unknown name or split: the library raises many types
+        raise DiffutronError(f"could not load the hub dataset {dataset!r} (split {split!r}): "
+                             f"{first_line(exc)}") from None
+
+
+def _lines(path: str):
+    """(number, line) of a UTF-8 text file, each line at most MAX_LINE_BYTES. Read as bytes and decoded
+    line by line, so an error names its line (a text stream decodes 8 KiB blocks ahead); lines end at
+    \\n, \\r\\n or \\r, as when Python reads text, and are numbered by \\n."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DiffutronError(f"{path}:{n}: a line longer than {MAX_LINE_BYTES // 2**20} MiB; split it into "
+                                     "shorter documents (or is this a text file?)")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DiffutronError(f"data file {path!r} line {n} is not UTF-8 text (byte 0x{raw[exc.start]:02x} "
+                                     f"at offset {exc.start})") from None
+            for line in text.replace("\r\n", "\n").split("\r"):
+                yield n, line
+
+
+def _json(text, where: str):
+    """json.loads, with its failures as one line naming `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DiffutronError(f"{where}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DiffutronError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError:  # an integer beyond Python's conversion limit (4,300 digits by default)
+        raise DiffutronError(f"{where}: a JSON number longer than {sys.get_int_max_str_digits():,} digits") from None
+
+
 def _read_file(path: str) -> list:
     """The records of one data file (see read_records)."""
-    records: list = []
     ext = os.path.splitext(path)[1].lower()
     if ext in (".txt", ".text", ""):
+        return [line.rstrip("\n") for _, line in _lines(path) if line.strip()]
+    if ext == ".jsonl":
+        return [_json(line, f"{path}:{n}") for n, line in _lines(path) if line.strip()]
+    if ext == ".json":
         with open(path, encoding="utf-8") as f:
-            records += [line.rstrip("\n") for line in f if line.strip()]
-    elif ext == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DiffutronError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-    elif ext == ".json":
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = _json(f.read(), path)
         if not isinstance(data, list):
             raise DiffutronError(f"{path}: a .json data file must hold a list of rows")
-        records += data
-    elif ext == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DiffutronError("reading parquet needs pyarrow: pip install pyarrow") from None
-        records += pq.read_table(path).to_pylist()
-    else:
-        raise DiffutronError(f"{path}: unknown data format {ext!r}; use .txt, .jsonl, .json or .parquet")
-    return records
+        return data
+    if ext == ".parquet":
+        return _read_parquet(path)
+    raise DiffutronError(f"{path}: unknown data format {ext!r}; use .txt, .jsonl, .json or .parquet")
+
+
+def _read_parquet(path: str) -> list:
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DiffutronError("reading parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, ValueError) as exc:  # not parquet, truncated, a type it cannot convert
+        raise DiffutronError(f"data file {path!r} is not a readable parquet file ({first_line(exc)})") from None
 
 
 def read_texts(files: list[str], text_field: str = "text") -> list[str]:
     """The non-empty documents of data files: .txt lines, or the `text_field` of JSONL/JSON/parquet rows."""
-    texts = [t for t in (_text_of(r, text_field) for r in read_records(files)) if t.strip()]
+    texts = [t for t in (_text_of(r, text_field, n) for n, r in enumerate(read_records(files), 1)) if t.strip()]
     if not texts:
         raise DiffutronError("the data holds no text: give at least one non-empty document")
     return texts
@@ -95,12 +136,13 @@ class Example:
     maskable: torch.Tensor  # [L] bool
 
 
-def _text_of(record, field: str) -> str:
+def _text_of(record, field: str, n: int) -> str:
+    """The text of data row `n` (1-based, over all files in order): the row itself or its `field`."""
     if isinstance(record, str):
-        return record
+        return check_utf8(record, f"data row {n}")
     if isinstance(record, dict) and isinstance(record.get(field), str):
-        return record[field]
-    raise DiffutronError(f"a data row has no string field {field!r} (choose the field with --text-field): "
+        return check_utf8(record[field], f"data row {n} field {field!r}")
+    raise DiffutronError(f"data row {n} has no string field {field!r} (choose the field with --text-field): "
                          f"{str(record)[:80]}")
 
 
@@ -111,7 +153,7 @@ def cpt_examples(records, tokenizer, max_length: int, pack: bool, text_field: st
     if bos is None or eos is None:
         raise DiffutronError("the tokenizer needs bos and eos tokens for CPT rows")
     special = set(tokenizer.all_special_ids)
-    docs = [tokenizer.encode(_text_of(r, text_field), add_special_tokens=False) for r in records]
+    docs = [tokenizer.encode(_text_of(r, text_field, n), add_special_tokens=False) for n, r in enumerate(records, 1)]
     width = max_length - 2
     rows: list[list[int]] = []
     if pack:
@@ -132,21 +174,35 @@ def cpt_examples(records, tokenizer, max_length: int, pack: bool, text_field: st
     return out
 
 
-def _chat_of(record) -> tuple[list[dict], str]:
-    """(prompt messages, answer) of an instruction row: {instruction, input, output} columns
+def _chat_of(record, n: int) -> tuple[str, str]:
+    """(rendered chat prompt, answer) of SFT row `n`: {instruction, input, output} columns
     (LlamaTurk-Instruction-Set / InstrucTurca) or {messages: [...]} ending with the assistant."""
     if isinstance(record, dict) and "messages" in record:
         msgs = record["messages"]
-        if not msgs or msgs[-1].get("role") != "assistant":
-            raise DiffutronError("an SFT chat row must end with an assistant message")
-        return msgs[:-1], msgs[-1]["content"]
-    if isinstance(record, dict) and "instruction" in record and "output" in record:
-        question = record["instruction"].strip()
-        if str(record.get("input") or "").strip():
-            question += "\n" + str(record["input"]).strip()
-        return [{"role": "user", "content": question}], record["output"]
-    raise DiffutronError("an SFT row needs instruction/input/output columns or a messages list, got "
-                         f"{str(record)[:80]}")
+        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) or \
+                msgs[-1].get("role") != "assistant":
+            raise DiffutronError(f"SFT row {n}: messages must be a list of {{role, content}} objects ending with an "
+                                 f"assistant message, got {str(msgs)[:80]}")
+        answer = msgs[-1].get("content")
+        prompt = msgs[:-1]
+    elif isinstance(record, dict) and "instruction" in record and "output" in record:
+        question, extra, answer = record["instruction"], record.get("input"), record["output"]
+        for name, value in (("instruction", question), ("input", extra)):
+            if not isinstance(value, str) and (name == "instruction" or value is not None):
+                raise DiffutronError(f"SFT row {n}: {name} must be a string, got {str(value)[:80]}")
+        if extra and extra.strip():
+            question = question.strip() + "\n" + extra.strip()
+        prompt = [{"role": "user", "content": question.strip()}]
+    else:
+        raise DiffutronError(f"an SFT row needs instruction/input/output columns or a messages list; row {n} is "
+                             f"{str(record)[:80]}")
+    if not isinstance(answer, str):
+        raise DiffutronError(f"SFT row {n}: the answer (output, or the last message's content) must be a string, "
+                             f"got {str(answer)[:80]}")
+    try:
+        return render_chat(prompt), check_utf8(answer, "the answer")
+    except DiffutronError as exc:  # the template's checks (roles, contents, UTF-8), with the row named
+        raise DiffutronError(f"SFT row {n}: {exc}") from None
 
 
 def sft_examples(records, tokenizer, max_length: int) -> tuple[list[Example], int]:
@@ -154,9 +210,9 @@ def sft_examples(records, tokenizer, max_length: int) -> tuple[list[Example], in
     because the prompt alone does not fit)."""
     eos = tokenizer.eos_token_id
     out, skipped = [], 0
-    for r in records:
-        msgs, answer = _chat_of(r)
-        prompt = tokenizer.encode(render_chat(msgs), add_special_tokens=False)
+    for n, r in enumerate(records, 1):
+        chat, answer = _chat_of(r, n)
+        prompt = tokenizer.encode(chat, add_special_tokens=False)
         reply = tokenizer.encode(f"{answer.strip()}\n{END_OF_TURN}", add_special_tokens=False)
         if len(prompt) >= max_length - 1:
             skipped += 1
