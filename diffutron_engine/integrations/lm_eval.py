@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 import sys
 
 try:
@@ -42,7 +43,7 @@ except ImportError as exc:  # an optional extra
     raise DiffutronError("lm-evaluation-harness is not installed: pip install 'diffutron-engine[eval]' "
                          f"(or pip install lm_eval) ({exc})") from exc
 
-from ..errors import DiffutronError
+from ..errors import DiffutronError, StepFailed
 from ..loading import DEFAULT_MODEL, DTYPES, load_model, render_chat
 from .mc_likelihood import (Scored, check_mc, check_requests, default_token_budget, encode_pair,
                             loglikelihood_batched)
@@ -290,9 +291,44 @@ def cli_main(argv: list[str]) -> int:
         lm_main.cli_evaluate()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except (DiffutronError, StepFailed):
+        raise
+    except Exception as exc:
+        if _raised_in_this_package(exc):  # a bug of ours: its traceback is what a report needs
+            raise
+        raise DiffutronError(_lm_eval_failure(argv, exc)) from None
     finally:
         sys.argv = saved
     return 0
+
+
+def _raised_in_this_package(exc: BaseException) -> bool:
+    """Whether a frame of this package (past cli_main's own) is on the exception's traceback."""
+    import diffutron_engine
+
+    root = os.path.dirname(os.path.abspath(diffutron_engine.__file__)) + os.sep
+    tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(root):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _lm_eval_failure(argv: list[str], exc: BaseException) -> str:
+    """One line for an error lm-eval raised (an unknown task, a task whose documents it cannot build):
+    the tasks asked for, the error, and where lm-eval raised it."""
+    tasks = _flag_value(argv, "--tasks") or _flag_value(argv, "-t") or "(none given)"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        file = tb.tb_frame.f_code.co_filename
+        where = f" (at {os.path.join(*file.split(os.sep)[-3:])}:{tb.tb_lineno})"
+    return (f"lm-eval failed on --tasks {tasks}: {type(exc).__name__}: {(lines or ['no message'])[0][:300]}"
+            f"{where}")
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
