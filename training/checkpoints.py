@@ -8,12 +8,18 @@ written. Old checkpoints are pruned by renaming them to `.trash-checkpoint-N` (a
 so a kill during pruning never leaves a half-deleted `checkpoint-N`; a checkpoint that is rewritten is
 renamed away the same way before its new copy is renamed into place.
 
-At the next start (clean): a `.tmp-checkpoint-N-*` whose manifest verifies while `checkpoint-N` is missing
-is a save killed between its two renames, and is renamed into place; other `.tmp-*` and `.trash-*`
-folders are removed; so are `checkpoint-N` folders without a manifest that hold only files this package
-writes and no trainer state (debris of an interrupted delete by an older version). Folders that are
-not ours (another trainer's `checkpoint-N`, with files we never write) are never touched, nor counted
-by pruning: only checkpoints with a manifest are ours.
+At the next start (clean): a `.tmp-checkpoint-N-PID` whose manifest verifies while `checkpoint-N` is
+missing is a save killed between its two renames, and is renamed into place; other folders named as
+this package names its temporary and trash folders (`.tmp-checkpoint-N-PID`, `.tmp-final-PID`,
+`.trash-checkpoint-N`, `.trash-final`) are removed; so are `checkpoint-N` folders without a manifest that
+hold only regular files named as this package names them and no trainer state (debris of an
+interrupted delete by an older version). Nothing else in the output folder is ever deleted: another
+trainer's `checkpoint-N` (files we never write) is neither touched nor counted by pruning (only
+checkpoints with a manifest are ours), and a save refuses to replace a `checkpoint-N` or `final` that is
+not ours (`replaceable`).
+
+A manifest names plain file names inside its folder only: it is a file anyone may write, and
+verification must never read, and vouch for, a file elsewhere.
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ import os
 import re
 import shutil
 
+from ..errors import DiffutronError
+from ..outputs import write_text_file
+
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
 CONFIG = "train_config.json"  # the run's settings, read by `train --resume` as the base of the new ones
+MAX_MANIFEST_BYTES = 2**24  # a manifest, a config or a metrics line is kilobytes: a bound, not a limit
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 _TMP = re.compile(r"^\.tmp-(checkpoint-\d+|final)-\d+$")
 _TRASH = re.compile(r"^\.trash-(checkpoint-\d+|final)(-\d+)?$")
@@ -59,34 +69,106 @@ def write_manifest(folder: str, step: int) -> None:
     os.replace(tmp, os.path.join(folder, MANIFEST))
 
 
+def read_manifest(folder: str) -> dict:
+    """The manifest of `folder`, checked for shape: {"files": {name: {size, sha256}}, "step": ...}, every
+    name a plain file name inside the folder. Raises ValueError (or OSError) saying what is wrong."""
+    with open(os.path.join(folder, MANIFEST), "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"larger than {MAX_MANIFEST_BYTES // 2**20} MiB")
+    try:
+        manifest = json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
+        raise ValueError("its files are not a mapping of name -> {size, sha256}")
+    for name in files:
+        # names come from the manifest, a file anyone may write: "../x" or "/etc/x" would make the
+        # check read (and vouch for) files outside the checkpoint
+        if not _plain_name(name):
+            raise ValueError(f"it names {name[:80]!r}, which is not a file name inside the checkpoint")
+    return manifest
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in ("/", "\\", "\0")) and \
+        name == os.path.basename(name)
+
+
+def manifest_step(folder: str) -> int | None:
+    """The step the manifest of `folder` records, or None (no manifest, or no readable step)."""
+    try:
+        step = read_manifest(folder).get("step")
+    except (OSError, ValueError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def verify(folder: str) -> str | None:
     """None if `folder` is a complete checkpoint whose files match its manifest, else why not."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(folder, MANIFEST)):
         return "no manifest.json (the save did not complete, or an older version wrote it)"
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-        if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
-            raise TypeError("its files are not a mapping of name -> {size, sha256}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable manifest.json ({exc})"
+        files = read_manifest(folder)["files"]
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return f"unreadable manifest.json ({str(exc)[:200] or type(exc).__name__})"
     if STATE not in files:
         return f"the manifest lists no {STATE}"
     for name, meta in files.items():
         p = os.path.join(folder, name)
+        if os.path.islink(p):  # this package never writes links: one would lead outside the checkpoint
+            return f"{name} is a symbolic link"
         if not os.path.isfile(p):
             return f"{name} is missing"
         if os.path.getsize(p) != meta.get("size"):
-            return f"{name} has {os.path.getsize(p)} bytes, the manifest says {meta.get('size')} (truncated?)"
+            return f"{name} has {os.path.getsize(p)} bytes, the manifest says {str(meta.get('size'))[:40]} (truncated?)"
         if sha256_file(p) != meta.get("sha256"):
             return f"{name} does not match its SHA-256 in the manifest (changed or corrupted)"
     return None
 
 
+def replaceable(folder: str) -> str | None:
+    """None if `folder` may be replaced by a new save of the same name (absent, or written by this
+    package: a manifest, or an older version's checkpoint holding its trainer state and only files of
+    ours), else why not: what a run replaces must be its own."""
+    if not os.path.lexists(folder):
+        return None
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return "it is not a folder"
+    if os.path.isfile(os.path.join(folder, MANIFEST)):
+        return None
+    if _CKPT.match(os.path.basename(folder)) and os.path.isfile(os.path.join(folder, STATE)) and \
+            _only_our_files(folder):
+        return None
+    return "no manifest.json says this package wrote it"
+
+
+def _only_our_files(folder: str) -> bool:
+    """Every entry of `folder` a regular file named as a save of this package names its files."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not _OUR_FILES.match(name) or os.path.islink(path) or not os.path.isfile(path):
+            return False
+    return True
+
+
+def occupied(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every entry named checkpoint-N in `output_dir`, whatever it is (a file too)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted((int(m.group(1)), os.path.join(output_dir, n)) for n in os.listdir(output_dir)
+                  if (m := _CKPT.match(n)))
+
+
 def step_of(folder: str) -> int:
     return int(_CKPT.match(os.path.basename(folder)).group(1))
+
+
+def name_step(folder: str) -> int | None:
+    """N for a folder named checkpoint-N (a trailing separator allowed), else None."""
+    m = _CKPT.match(os.path.basename(os.path.normpath(folder)))
+    return int(m.group(1)) if m else None
 
 
 def checkpoint_folders(output_dir: str) -> list[str]:
@@ -123,20 +205,24 @@ def clean(output_dir: str, log=print) -> list[str]:
         if tmp or _TRASH.match(name):
             shutil.rmtree(path, ignore_errors=True)
             acted.append(name)
-        elif _CKPT.match(name) and not os.path.exists(os.path.join(path, MANIFEST)) and \
-                not os.path.exists(os.path.join(path, STATE)):
-            names = os.listdir(path)
-            if all(_OUR_FILES.match(n) for n in names):  # our own half-deleted debris, nothing foreign
-                shutil.rmtree(path, ignore_errors=True)
-                acted.append(name)
+        elif _CKPT.match(name) and not os.path.islink(path) and not os.path.exists(os.path.join(path, MANIFEST)) \
+                and not os.path.exists(os.path.join(path, STATE)) and _only_our_files(path):
+            shutil.rmtree(path, ignore_errors=True)  # our own half-deleted debris, nothing foreign
+            acted.append(name)
     if acted:
         log(f"cleaned up after interrupted saves in {output_dir}: {'; '.join(acted)}")
     return acted
 
 
 def remove(folder: str) -> None:
-    """Delete a checkpoint folder atomically: renamed away first, then deleted."""
-    trash = os.path.join(os.path.dirname(folder), ".trash-" + os.path.basename(folder))
+    """Delete a checkpoint folder (checkpoint-N or final, written by this package) atomically: renamed
+    away first, then deleted. Anything else is refused: the last guard before a delete."""
+    name = os.path.basename(folder)
+    why = replaceable(folder)
+    if not (_CKPT.match(name) or name == "final") or why:
+        raise DiffutronError(f"refusing to delete {folder}: {why or 'not a checkpoint name'}; move it away or "
+                             "choose another --output-dir")
+    trash = os.path.join(os.path.dirname(folder), ".trash-" + name)
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
@@ -154,9 +240,9 @@ def saved_config(output_dir: str, resume: str) -> dict | None:
     folders = [resume] if resume != "latest" else list(reversed(checkpoint_folders(output_dir)))
     for folder in folders:
         try:
-            with open(os.path.join(folder, CONFIG)) as f:
-                config = json.load(f)
-        except (OSError, ValueError):
+            with open(os.path.join(folder, CONFIG), "rb") as f:
+                config = json.loads(f.read(MAX_MANIFEST_BYTES + 1))
+        except (OSError, ValueError, RecursionError):  # unreadable: the run's flags decide, resume checks later
             continue
         if isinstance(config, dict):
             return config
@@ -178,7 +264,7 @@ def read_jsonl(path: str) -> tuple[list[dict], int]:
     """The complete records of a JSONL file and how many broken lines were dropped."""
     records, dropped = [], 0
     with open(path, "rb") as f:
-        for raw in f:
+        while raw := f.readline(MAX_MANIFEST_BYTES + 1):  # bounded: a line is one step's numbers
             try:
                 if not raw.endswith(b"\n"):
                     raise ValueError("partial line")
@@ -186,13 +272,10 @@ def read_jsonl(path: str) -> tuple[list[dict], int]:
                 if not isinstance(rec, dict):
                     raise ValueError("not an object")
                 records.append(rec)
-            except ValueError:
+            except (ValueError, RecursionError):
                 dropped += 1
     return records, dropped
 
 
 def rewrite_jsonl(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
+    write_text_file(path, "".join(json.dumps(r) + "\n" for r in records), "the metrics file")

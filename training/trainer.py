@@ -12,25 +12,39 @@ the same global batch (global batch = batch_size x grad_accum x processes).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
 from ..errors import DiffutronError
+from ..outputs import check_file_output, check_folder_output, replace_folder, write_file
 from . import checkpoints as ck
-from .config import TrainConfig
+from .config import MAX_STEPS, TrainConfig, first_line
 from .dataset import collate, cpt_examples, epoch_order, read_records, read_texts, sft_examples
 from .objectives import mask_batch
 
 
 class TrainingDiverged(DiffutronError):
     pass
+
+
+class BadCheckpoint(DiffutronError):
+    """A checkpoint that cannot be resumed: it fails verification, or what it holds is not what a save
+    writes. `--resume latest` then tries the one before it (with a warning); an explicit folder is
+    refused with this one line."""
+
+    def __init__(self, path: str, why: str, kind: str = "cannot be resumed"):
+        self.path, self.why, self.kind = path, why, kind
+        super().__init__(f"checkpoint {path} {kind}: {why}; resume another one (--resume latest picks the newest "
+                         "intact one)")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -75,7 +89,7 @@ def load_for_training(cfg: TrainConfig, device: torch.device):
     try:
         model = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise DiffutronError(f"cannot load model {cfg.model!r}: {str(exc).splitlines()[0]}") from None
+        raise DiffutronError(f"cannot load model {cfg.model!r}: {first_line(exc)}") from None
     check_weights(model, cfg.model)  # NaN/inf weights: one line naming the tensor
     tokenizer = prepare_tokenizer(load_tokenizer(path))
     if cfg.lora:
@@ -95,7 +109,7 @@ def apply_lora(model, cfg: TrainConfig):
     except ValueError as exc:  # peft's "target modules not found" (a ValueError subclass)
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise DiffutronError(f"lora_targets {list(cfg.lora_targets)} do not name modules of this model "
-                             f"({str(exc).splitlines()[0][:120]}); its linear layers: {', '.join(linear)}") from None
+                             f"({first_line(exc)[:120]}); its linear layers: {', '.join(linear)}") from None
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -165,18 +179,160 @@ DIVERGED_NLL_FLOOR = 50.0
 
 
 def _write_atomically(final: str, write) -> None:
-    """write(tmp_dir) into a temporary directory beside `final`, then rename it into place."""
+    """write(tmp_dir) into a temporary directory beside `final` (a checkpoint-N or final/ of this run),
+    then rename it into place; what was there is replaced only when this package wrote it."""
+    why = ck.replaceable(final)
+    if why:  # checked at the start too; a folder put there since must not be lost either
+        raise DiffutronError(f"{final} is in the way of this run's save: {why}; move it away or choose another "
+                             "--output-dir")
+    # the name ck.clean removes as a killed save's leftover: one of this PID's is ours too
     tmp = os.path.join(os.path.dirname(final), f".tmp-{os.path.basename(final)}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         write(tmp)
-        if os.path.exists(final):  # renamed away first: a kill in between leaves the new copy (see ck.clean)
+        if os.path.lexists(final):  # renamed away first: a kill in between leaves the new copy (see ck.clean)
             ck.remove(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------- resume checks
+# A trainer_state.pt that verifies against its manifest is only as trustworthy as the manifest, which any
+# tool can regenerate: what it unpickles to is checked against what a save writes before any of it is used,
+# so a wrong value is one line naming it, never an exception from deep inside torch mid-run.
+_STATE_KEYS = ("step", "optimizer", "scheduler", "rng")
+_ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")  # what torch's AdamW keeps per parameter after a step
+
+
+def _show(value, width: int = 60) -> str:
+    text = repr(value) if not torch.is_tensor(value) else f"a tensor of shape {tuple(value.shape)}"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _expected_step(folder: str) -> int | None:
+    """The step a checkpoint is at by its manifest, else by its name (checkpoint-N), else None."""
+    step = ck.manifest_step(folder)
+    return ck.name_step(folder) if step is None else step
+
+
+def _state_problem(state, expected_step: int | None) -> str | None:
+    """None if `state` has the shape of a saved trainer state, else what is wrong (after "its
+    trainer_state.pt")."""
+    if not isinstance(state, dict):
+        return f"holds {_show(state) if torch.is_tensor(state) else 'a ' + type(state).__name__}, not a trainer state"
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"has step {_show(step)}, not a non-negative integer"
+    if expected_step is not None and step != expected_step:
+        return f"says step {step}, but the checkpoint is at step {expected_step}"
+    if state["optimizer"] is not None and not isinstance(state["optimizer"], dict):
+        return f"has an optimizer state that is {_show(state['optimizer'])}, not a mapping"
+    if not isinstance(state["scheduler"], dict):
+        return f"has a scheduler state that is {_show(state['scheduler'])}, not a mapping"
+    rng, want = state["rng"], torch.get_rng_state()
+    if not torch.is_tensor(rng) or rng.dtype != want.dtype or rng.shape != want.shape:
+        return f"has a random state that is {_show(rng)}, not the generator's {want.numel()} bytes"
+    config = state.get("config")
+    if config is not None and not (isinstance(config, dict) and all(isinstance(k, str) for k in config)
+                                   and all(_plain(v) for v in config.values())):
+        return "has a config that is not a mapping of settings"
+    return None
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """A setting's value as train_config.json holds it: a string, number, bool, None or list of them."""
+    if isinstance(value, list):
+        return depth == 0 and all(_plain(v, 1) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _same_kind(saved, fresh) -> bool:
+    """`saved` has the type and shape of `fresh` (a value the optimizer or scheduler holds now): numbers
+    finite, lists and tuples of the same length, mappings with the same keys, tensors of the same shape."""
+    if isinstance(fresh, bool) or fresh is None or isinstance(fresh, str):
+        return type(saved) is type(fresh)
+    if isinstance(fresh, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and \
+            (isinstance(saved, int) or math.isfinite(saved))
+    if isinstance(fresh, (list, tuple)):
+        return isinstance(saved, (list, tuple)) and len(saved) == len(fresh) and all(map(_same_kind, saved, fresh))
+    if isinstance(fresh, dict):
+        return isinstance(saved, dict) and set(saved) == set(fresh) and \
+            all(_same_kind(saved[k], fresh[k]) for k in fresh)
+    if torch.is_tensor(fresh):
+        return torch.is_tensor(saved) and saved.shape == fresh.shape and saved.dtype == fresh.dtype
+    return type(saved) is type(fresh)
+
+
+def _optimizer_problem(opt, saved) -> str | None:
+    """None if `saved` fits `opt` (its groups, its parameters' shapes, finite values), else what is wrong."""
+    fresh = opt.state_dict()
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+        return "its optimizer state is not a mapping of state and param_groups"
+    groups = saved["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
+        return "its optimizer state has another number of parameter groups than this run's"
+    for group, now in zip(groups, fresh["param_groups"]):
+        if not isinstance(group, dict) or group.get("params") != now["params"]:
+            return "its optimizer's parameter groups do not list this run's parameters"
+        bad = [k for k in set(group) & set(now) - {"params"} if not _same_kind(group[k], now[k])]
+        if bad:
+            return f"its optimizer setting {sorted(bad)[0]} is {_show(group[sorted(bad)[0]])}"
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = saved["state"]
+    if not isinstance(state, dict):
+        return "its per-parameter optimizer state is not a mapping"
+    for i, entry in state.items():
+        why = _parameter_state_problem(opt, params, i, entry)
+        if why:
+            return why
+    return None
+
+
+def _parameter_state_problem(opt, params, i, entry) -> str | None:
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(entry, dict):
+        return f"its optimizer state names a parameter {_show(i)} this run does not have"
+    if isinstance(opt, torch.optim.AdamW) and entry and not all(k in entry for k in _ADAMW_STATE):
+        return f"its optimizer state of parameter {i} lacks {', '.join(k for k in _ADAMW_STATE if k not in entry)}"
+    for key, value in entry.items():
+        moment = key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        # a step count may be a plain number (bitsandbytes keeps one); everything else a tensor
+        if not torch.is_tensor(value) and (moment or not _same_kind(value, 0.0)):
+            return f"its optimizer state {key} of parameter {i} is {_show(value)}, not a tensor"
+        if not torch.is_tensor(value):
+            continue
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"its optimizer state {key} of parameter {i} holds NaN or inf"
+        if moment and value.shape != params[i].shape:
+            return (f"its optimizer state {key} of parameter {i} has shape {tuple(value.shape)}, the parameter "
+                    f"{tuple(params[i].shape)}")
+        if moment and key != "exp_avg" and bool((value < 0).any()):
+            return f"its optimizer state {key} of parameter {i} holds negative values"
+    return None
+
+
+def _scheduler_problem(sched, state: dict) -> str | None:
+    """None if the saved scheduler state fits `sched` and is at the state's step, else what is wrong.
+    Its keys become the scheduler's attributes on load: only those it has are accepted."""
+    saved, fresh = state["scheduler"], sched.state_dict()
+    unknown = sorted(str(k) for k in saved if k not in fresh)
+    if unknown:
+        return f"its scheduler state holds {_show(unknown[0])}, which this scheduler does not have"
+    for key in ("base_lrs", "last_epoch", "lr_lambdas"):
+        if key not in saved:
+            return f"its scheduler state lacks {key}"
+    bad = [k for k in saved if not _same_kind(saved[k], fresh[k])]
+    if bad:
+        return f"its scheduler's {bad[0]} is {_show(saved[bad[0]])}"
+    if saved["last_epoch"] != state["step"]:
+        return f"its scheduler is at step {saved['last_epoch']}, the state says step {state['step']}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -189,6 +345,7 @@ class Trainer:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.device = _device(local)
         torch.manual_seed(cfg.seed)
+        self._check_outputs()
         # the data first (reading and parsing need no model): a bad file fails in a fraction of a second
         records = read_records(cfg.train_files, cfg.dataset, cfg.dataset_split)
         self.eval_texts = read_texts(cfg.eval_files, cfg.text_field) if cfg.eval_files else None
@@ -211,6 +368,9 @@ class Trainer:
                                  f"({self.global_batch}); lower batch_size or grad_accum")
         self.steps_per_epoch = len(self.examples) // self.global_batch  # the ragged tail is dropped
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        if self.total_steps > MAX_STEPS:
+            raise DiffutronError(f"{cfg.epochs:g} epochs of {self.steps_per_epoch:,} steps are {self.total_steps:,} "
+                                 f"optimizer steps, more than {MAX_STEPS:,}; lower epochs or set max_steps")
         self.loss_module = MaskedLMLoss(self.model)
         self.ddp = self.loss_module
         self.fsdp = self.world > 1 and cfg.strategy == "fsdp"
@@ -234,14 +394,45 @@ class Trainer:
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.diverged_nll = max(DIVERGED_NLL_FLOOR, 4 * math.log(self.model.get_input_embeddings().num_embeddings))
 
+    def _check_outputs(self) -> None:
+        """Before any work: output_dir is a folder (or new), and what the run writes there besides its
+        checkpoints (final/, metrics.jsonl, loss.png) may be written: nothing in the way that the run
+        did not write, no folder where a file goes, no input overwritten."""
+        out = self.cfg.output_dir
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise DiffutronError(f"output_dir {out!r} is an existing file, so it is not a writable folder; choose "
+                                 "another --output-dir")
+        if not os.path.isdir(out):
+            return  # a new folder: nothing in it to spare
+        final = os.path.join(out, "final")
+        why = ck.replaceable(final)
+        if why:
+            raise DiffutronError(f"{final} is in the way of this run's final model: {why}; move it away or choose "
+                                 "another --output-dir")
+        for name, what in (("metrics.jsonl", "the metrics file"), ("loss.png", "the loss plot")):
+            check_file_output(os.path.join(out, name), what, self._inputs())
+
+    def _inputs(self) -> tuple[str, ...]:
+        return (*self.cfg.train_files, *self.cfg.eval_files)
+
+    def _check_future_saves(self) -> None:
+        """Before the first step: every checkpoint-N this run will save (after self.step) is free or one
+        of ours, never another trainer's folder or a file of that name."""
+        cfg = self.cfg
+        for n, path in ck.occupied(cfg.output_dir):
+            saved = n % cfg.save_every == 0 or n == self.total_steps
+            why = ck.replaceable(path) if self.step < n <= self.total_steps and saved else None
+            if why:
+                raise DiffutronError(f"{path} is in the way of this run's save at step {n}: {why}; move it away or "
+                                     "choose another --output-dir")
+
     def _prepare_output_dir(self) -> None:
         """Created and writable before any step (or a clear error); leftovers of killed saves removed."""
         out = self.cfg.output_dir
         try:
             os.makedirs(out, exist_ok=True)
-            probe = os.path.join(out, f".write-test-{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+            os.close(fd)
             os.remove(probe)
         except OSError as exc:
             raise DiffutronError(f"output_dir {out!r} is not a writable folder ({exc.strerror or exc}); "
@@ -276,8 +467,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume:
             self._resume(cfg.resume)
-        elif self.rank == 0 and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)
+        else:
+            self._check_future_saves()
+            if self.rank == 0 and os.path.lexists(self.metrics_path):  # an earlier run's, checked at the start
+                os.remove(self.metrics_path)
         trainable, total = count_parameters(self.model)
         self.log(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
                  f"{len(self.examples):,} examples, global batch {self.global_batch}, {self.total_steps} steps, "
@@ -330,7 +523,8 @@ class Trainer:
             if cfg.eval_files:
                 result["eval"] = self._evaluate()
             if self.rank == 0:
-                result["loss_curve"] = plot_loss_curve(self.metrics_path, os.path.join(cfg.output_dir, "loss.png"))
+                result["loss_curve"] = plot_loss_curve(self.metrics_path, os.path.join(cfg.output_dir, "loss.png"),
+                                                       self._inputs())
         if self.world > 1:
             dist.barrier()
         return result
@@ -440,35 +634,7 @@ class Trainer:
             dist.barrier()
         return path
 
-    def _pick_checkpoint(self, where: str) -> str:
-        """The checkpoint to resume: `latest` is the newest that verifies (older ones are tried when the
-        newest fails, with a warning); an explicit folder must verify. A checkpoint of an older version
-        (a trainer state, no manifest) is taken with a warning that it could not be verified."""
-        def unverified_ok(folder, why):
-            if why.startswith("no manifest") and os.path.isfile(os.path.join(folder, ck.STATE)):
-                self.log(f"warning: {folder} has no manifest (an older version wrote it): resumed unverified")
-                return True
-            return False
-
-        if where != "latest":
-            if not os.path.isdir(where):
-                raise DiffutronError(f"--resume {where}: no such checkpoint folder")
-            why = ck.verify(where)
-            if why and not unverified_ok(where, why):
-                raise DiffutronError(f"checkpoint {where} fails verification: {why}; resume another one "
-                                     "(--resume latest picks the newest intact one)")
-            return where
-        folders = ck.checkpoint_folders(self.cfg.output_dir)
-        if not folders:
-            raise DiffutronError(f"--resume latest: no checkpoint in {self.cfg.output_dir}")
-        for folder in reversed(folders):
-            why = ck.verify(folder)
-            if why is None or unverified_ok(folder, why):
-                return folder
-            self.log(f"warning: {folder} fails verification ({why}); trying the one before it")
-        raise DiffutronError(f"--resume latest: no checkpoint in {self.cfg.output_dir} passes verification (the "
-                             f"oldest: {why}); start a new run or restore a checkpoint")
-
+    # ------------------------------------------------------------------ resume
     # Settings that decide each step's examples, masks and model: a resumed run must keep them (else its
     # steps would not continue the checkpoint's run). The others may change; the new value is printed.
     _FIXED_ON_RESUME = ("task", "objective", "mlm_probability", "t_min", "max_length", "pack", "seed", "batch_size",
@@ -476,11 +642,82 @@ class Trainer:
                         "lora_alpha", "lora_targets", "lora_dropout", "optimizer")
 
     def _resume(self, where: str) -> None:
-        path = self._pick_checkpoint(where)
+        path, state = self._restore(where)
+        self.step = state["step"]
+        self._apply_changed_settings(state.get("config") or {})
+        self._check_future_saves()
+        if self.rank == 0 and os.path.exists(self.metrics_path):  # drop what the lost steps logged
+            records, dropped = ck.read_jsonl(self.metrics_path)
+            ck.rewrite_jsonl(self.metrics_path, [r for r in records if r.get("step", 0) <= self.step])
+            if dropped:
+                self.log(f"metrics.jsonl: dropped {dropped} incomplete line(s) (a kill mid-write)")
+        if self.rank == 0:
+            self._set_aside_later_checkpoints()
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def _restore(self, where: str) -> tuple[str, dict]:
+        """Load the checkpoint to resume into the model, optimizer, scheduler and random generator, and
+        return (its folder, its state). `latest` is the newest checkpoint that verifies and loads (older
+        ones are tried when the newest fails, with a warning); an explicit folder must verify and load. A
+        checkpoint of an older version (a trainer state, no manifest) is taken with a warning that it
+        could not be verified."""
+        if where != "latest":
+            if not os.path.isdir(where):
+                raise DiffutronError(f"--resume {where}: no such checkpoint folder")
+            return where, self._restore_from(where)
+        folders = ck.checkpoint_folders(self.cfg.output_dir)
+        if not folders:
+            raise DiffutronError(f"--resume latest: no checkpoint in {self.cfg.output_dir}")
+        for folder in reversed(folders):
+            try:
+                return folder, self._restore_from(folder)
+            except BadCheckpoint as exc:
+                why = exc.why
+                self.log(f"warning: {folder} {exc.kind} ({why}); trying the one before it")
+        raise DiffutronError(f"--resume latest: no checkpoint in {self.cfg.output_dir} passes verification and "
+                             f"loads (the oldest: {why}); start a new run or restore a checkpoint")
+
+    def _restore_from(self, path: str) -> dict:
+        """One checkpoint loaded, or BadCheckpoint (what it holds is wrong) or DiffutronError (it does
+        not suit this run's settings: no other checkpoint of the run would)."""
+        state = self._read_state(path)
+        self._check_resume_settings(path, state)
+        try:
+            self._load_weights(path)
+        except Exception as exc:  # unreadable weights, or shapes that do not match (another model)
+            raise BadCheckpoint(path, f"its weights do not fit this model: {first_line(exc)}") from None
+        why = _optimizer_problem(self.opt, state["optimizer"]) or _scheduler_problem(self.sched, state)
+        if why:
+            raise BadCheckpoint(path, why)
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(dict(state["scheduler"]))
+            torch.set_rng_state(state["rng"])
+        except Exception as exc:  # what the checks above cannot foresee: the optimizer's own refusals
+            raise BadCheckpoint(path, f"its optimizer, scheduler or random state does not load: "
+                                      f"{first_line(exc)}") from None
+        return state
+
+    def _read_state(self, path: str) -> dict:
+        """The verified, unpickled and checked trainer state of a checkpoint, or BadCheckpoint."""
+        why = ck.verify(path)
+        if why and why.startswith("no manifest") and os.path.isfile(os.path.join(path, ck.STATE)):
+            self.log(f"warning: {path} has no manifest (an older version wrote it): resumed unverified")
+        elif why:
+            raise BadCheckpoint(path, why, "fails verification")
+        file = os.path.join(path, ck.STATE)
         try:  # tensors and plain containers only: a crafted checkpoint cannot run code
-            state = torch.load(os.path.join(path, ck.STATE), map_location="cpu", weights_only=True)
+            state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:  # a file that verifies but does not unpickle as weights: say which
-            raise DiffutronError(f"cannot read {os.path.join(path, ck.STATE)}: {str(exc).splitlines()[0]}") from None
+            raise BadCheckpoint(path, f"cannot read {file}: {first_line(exc)}") from None
+        why = _state_problem(state, _expected_step(path))
+        if why:
+            raise BadCheckpoint(path, f"its {ck.STATE} {why}")
+        return state
+
+    def _check_resume_settings(self, path: str, state: dict) -> None:
+        """The user's settings against the checkpoint's: a mismatch is one line saying what to do (an
+        older checkpoint of the same run would not suit them either)."""
         saved = state.get("config") or {}
         current = self.cfg.to_dict()
         if "lora" in saved and bool(saved["lora"]) != self.cfg.lora:
@@ -495,49 +732,40 @@ class Trainer:
                 ", ".join(f"{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in fixed.items()) +
                 "; resume with the checkpoint's values (`train --resume` alone keeps them), or start a new run from "
                 "its weights in another --output-dir")
-        step = int(state["step"])
+        step = state["step"]
         if step > self.total_steps:  # (equal: a run killed before final/ was written; it finishes)
             raise DiffutronError(f"checkpoint {path} is at step {step}, past this run's last step "
                                  f"{self.total_steps} (--max-steps / epochs): nothing to train; raise --max-steps "
                                  f"above {step}")
-        try:
-            self._load_weights(path)
-        except DiffutronError:
-            raise
-        except Exception as exc:  # shapes that do not match (another lora_r, another model)
-            raise DiffutronError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
-        if state.get("optimizer") is None:
+        if state["optimizer"] is None:
             raise DiffutronError(f"checkpoint {path} holds no optimizer state (an FSDP run's): it can be loaded as "
                                  "--model for a new run, not resumed")
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        self.step = step
+
+    def _apply_changed_settings(self, saved: dict) -> None:
+        current = self.cfg.to_dict()
         changed = {k: (saved[k], current[k]) for k in saved if k in current and k not in self._FIXED_ON_RESUME
                    and k not in ("resume", "output_dir") and saved[k] != current[k]}
-        if changed:
-            # the optimizer and scheduler states carry the checkpoint's lr and weight decay: the flags win
-            factor = cosine_with_warmup(self.total_steps, max(int(self.cfg.warmup_ratio * self.total_steps), 1))
-            self.sched.base_lrs = [self.cfg.lr for _ in self.sched.base_lrs]
-            for group in self.opt.param_groups:
-                group["initial_lr"] = self.cfg.lr
-                group["lr"] = self.cfg.lr * factor(self.step)
-                group["weight_decay"] = self.cfg.weight_decay
-            self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
-            self.log("resume: these settings differ from the checkpoint's; the new values are used: " +
-                     ", ".join(f"{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items()))
-        if self.rank == 0 and os.path.exists(self.metrics_path):  # drop what the lost steps logged
-            records, dropped = ck.read_jsonl(self.metrics_path)
-            ck.rewrite_jsonl(self.metrics_path, [r for r in records if r.get("step", 0) <= self.step])
-            if dropped:
-                self.log(f"metrics.jsonl: dropped {dropped} incomplete line(s) (a kill mid-write)")
-        if self.rank == 0:  # later checkpoints belong to the run being abandoned: set aside, never mixed in
-            for later in ck.checkpoint_folders(self.cfg.output_dir):
-                if ck.step_of(later) > self.step:
-                    aside = os.path.join(self.cfg.output_dir, f".set-aside-{os.path.basename(later)}-{int(time.time())}")
-                    os.replace(later, aside)
-                    self.log(f"set aside {later} (after the resumed step {self.step}) as {aside}")
-        self.log(f"resumed from {path} at step {self.step}")
+        if not changed:
+            return
+        # the optimizer and scheduler states carry the checkpoint's lr and weight decay: the flags win
+        factor = cosine_with_warmup(self.total_steps, max(int(self.cfg.warmup_ratio * self.total_steps), 1))
+        self.sched.base_lrs = [self.cfg.lr for _ in self.sched.base_lrs]
+        for group in self.opt.param_groups:
+            group["initial_lr"] = self.cfg.lr
+            group["lr"] = self.cfg.lr * factor(self.step)
+            group["weight_decay"] = self.cfg.weight_decay
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        self.log("resume: these settings differ from the checkpoint's; the new values are used: " +
+                 ", ".join(f"{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items()))
+
+    def _set_aside_later_checkpoints(self) -> None:
+        """Our checkpoints after the resumed step belong to the run being abandoned: renamed aside, never
+        mixed in (nor deleted); folders that are not ours are left where they are."""
+        for later in ck.checkpoint_folders(self.cfg.output_dir):
+            if ck.step_of(later) > self.step and ck.replaceable(later) is None:
+                aside = os.path.join(self.cfg.output_dir, f".set-aside-{os.path.basename(later)}-{int(time.time())}")
+                os.replace(later, aside)
+                self.log(f"set aside {later} (after the resumed step {self.step}) as {aside}")
 
     def _load_weights(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -551,7 +779,7 @@ class Trainer:
             missing, unexpected = self.model.load_state_dict(sd, strict=False)
             # the decoder weight is tied to the embeddings and saved once
             if unexpected or [m for m in missing if not m.startswith("decoder.")]:
-                raise DiffutronError(f"checkpoint {path} does not match the model ({missing[:3]}, {unexpected[:3]})")
+                raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
 
     def save_final(self) -> str | None:
         """The trained model as the engine loads it: a plain checkpoint (full training) or the LoRA
@@ -562,12 +790,13 @@ class Trainer:
             def write(tmp):
                 self.model.save_pretrained(tmp, state_dict=full)
                 self.tok.save_pretrained(tmp)
+                ck.write_manifest(tmp, self.step)  # marks it ours: a later run may replace it, nothing else
 
             _write_atomically(path, write)
         return path
 
 
-def plot_loss_curve(metrics_path: str, png: str) -> str | None:
+def plot_loss_curve(metrics_path: str, png: str, inputs: tuple = ()) -> str | None:
     try:
         import matplotlib
 
@@ -586,28 +815,110 @@ def plot_loss_curve(metrics_path: str, png: str) -> str | None:
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png + ".tmp.png", dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
-    os.replace(png + ".tmp.png", png)
+    write_file(check_file_output(png, "the loss plot", inputs), image.getvalue(), "the loss plot")
     return png
 
 
-def merge_lora(adapter: str, out: str, base: str | None = None) -> str:
-    """A plain checkpoint (base weights + the LoRA update folded in) that the engine loads."""
+# ----------------------------------------------------------------------------------------------- merge
+MERGE_MARKER = "merged.json"  # in every merge output: an earlier merge's folder may be replaced without --force
+
+
+def merge_lora(adapter: str, out: str, base: str | None = None, force: bool = False) -> str:
+    """A plain checkpoint (base weights + the LoRA update folded in) that the engine loads, written to
+    `out` whole or not at all. Everything is checked before a model is loaded: the adapter, the base (a
+    hub id, a local folder or a bundled name) and its vocabulary, and `out` (new, empty, an earlier
+    merge's output, or anything else but the inputs with `force`)."""
     try:
-        from peft import PeftConfig, PeftModel
+        from peft import PeftModel
     except ImportError:
         raise DiffutronError("merging needs peft: pip install 'diffutron-engine[train]'") from None
+    from ..loading import resolve_model_path
+
+    recorded = _adapter_base(adapter)
+    base_name = base or recorded
+    if not base_name:
+        raise DiffutronError(f"the adapter {adapter} names no base model (base_model_name_or_path); give --base")
+    base_path = resolve_model_path(base_name)
+    inputs = (adapter, base_path if os.path.isdir(base_path) else None)
+    target = check_folder_output(out, "--out", MERGE_MARKER, force=force, inputs=inputs)
+    _check_vocabulary(adapter, recorded, base_name, base_path)
+    merged, tok = _merged(PeftModel, adapter, base_name, base_path)
+    stamp = {"adapter": os.path.abspath(adapter), "base": base_name,
+             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    replace_folder(target, lambda tmp: (merged.save_pretrained(tmp), tok.save_pretrained(tmp)), MERGE_MARKER, stamp)
+    return out
+
+
+def _adapter_base(adapter: str) -> str | None:
+    """The base model an adapter folder names (None when it names none), after checking it is one."""
+    path = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise DiffutronError(f"{adapter} is not a LoRA adapter (no adapter_config.json)")
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read(ck.MAX_MANIFEST_BYTES + 1))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DiffutronError(f"{path} is not readable JSON ({first_line(exc)})") from None
+    name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return name if isinstance(name, str) and name.strip() else None
+
+
+def _vocab_size(path: str) -> int | None:
+    """A model's vocabulary size from its config (a local folder, or a hub id already cached), or None."""
+    try:
+        if os.path.isdir(path):
+            with open(os.path.join(path, "config.json"), "rb") as f:
+                size = json.loads(f.read(ck.MAX_MANIFEST_BYTES + 1)).get("vocab_size")
+        else:
+            from transformers import AutoConfig
+
+            size = AutoConfig.from_pretrained(path).vocab_size
+    except Exception:  # unreadable or out of reach: the load that follows says why, if it matters
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _check_vocabulary(adapter: str, recorded: str | None, base_name: str, base_path: str) -> None:
+    """A --base other than the adapter's own must have its vocabulary: else the merge would pair the
+    adapter's tokenizer with embeddings of other tokens, and nothing downstream would say so."""
+    from ..loading import load_tokenizer, resolve_model_path
+
+    theirs = _vocab_size(base_path)
+    if theirs is None or base_name == recorded:
+        return
+    ours, what = None, f"the adapter's base {recorded!r}"
+    if recorded:
+        try:
+            ours = _vocab_size(resolve_model_path(recorded))
+        except DiffutronError:  # moved or deleted since training
+            ours = None
+    if ours is None and os.path.isfile(os.path.join(adapter, "tokenizer.json")):
+        ours, what = len(load_tokenizer(adapter)), "the adapter's tokenizer"
+        if ours <= theirs:  # a tokenizer may be shorter than its model's (padded) vocabulary
+            return
+    if ours is not None and ours != theirs:
+        raise DiffutronError(f"--base {base_name!r} has a vocabulary of {theirs:,} tokens, {what} one of {ours:,}: "
+                             "the adapter was trained on another model; give its own base (or leave --base out)")
+
+
+def _merged(peft_model, adapter: str, base_name: str, base_path: str):
+    """(the merged model, the tokenizer to save with it)."""
     from transformers import AutoModelForMaskedLM
 
-    from ..loading import load_tokenizer
+    from ..loading import check_weights, load_tokenizer
 
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise DiffutronError(f"{adapter} is not a LoRA adapter (no adapter_config.json)")
-    base = base or PeftConfig.from_pretrained(adapter).base_model_name_or_path
-    model = AutoModelForMaskedLM.from_pretrained(base, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tok = load_tokenizer(adapter if os.path.isfile(os.path.join(adapter, "tokenizer.json")) else base)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    _write_atomically(os.path.abspath(out), lambda tmp: (merged.save_pretrained(tmp), tok.save_pretrained(tmp)))
-    return out
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(base_path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise DiffutronError(f"cannot load base model {base_name!r}: {first_line(exc)}") from None
+    check_weights(model, base_name)
+    try:
+        merged = peft_model.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # shapes of another model, a broken adapter
+        raise DiffutronError(f"the adapter {adapter} does not fit the base model {base_name!r}: "
+                             f"{first_line(exc)}") from None
+    tok = load_tokenizer(adapter if os.path.isfile(os.path.join(adapter, "tokenizer.json")) else base_path)
+    return merged, tok

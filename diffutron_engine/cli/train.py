@@ -42,8 +42,12 @@ def add_parser(sub) -> None:
         t.set_defaults(func=run, task=task)
     m = tsub.add_parser("merge", help="fold a LoRA adapter into a plain checkpoint the engine loads")
     m.add_argument("--adapter", required=True, help="adapter directory (a checkpoint or final/ of a LoRA run)")
-    m.add_argument("--out", required=True, help="output directory (written atomically)")
-    m.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
+    m.add_argument("--out", required=True, help="output directory (written atomically; an existing one only when "
+                   "empty or an earlier merge's output)")
+    m.add_argument("--base", help="base model: hub id, local folder or bundled name (default: the adapter's "
+                   "base_model_name_or_path)")
+    m.add_argument("--force", action="store_true", help="replace an existing --out that is not an earlier merge's "
+                   "output (never one holding the adapter or the base)")
     m.set_defaults(func=run_merge)
 
 
@@ -105,8 +109,9 @@ def run(args) -> int:
 
 
 def run_merge(args) -> int:
+    _quiet_libraries()
     from ..training.trainer import merge_lora
 
-    out = merge_lora(args.adapter, args.out, args.base)
+    out = merge_lora(args.adapter, args.out, args.base, force=args.force)
     print(json.dumps({"merged": out}))
     return 0
