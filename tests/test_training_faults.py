@@ -7,6 +7,7 @@ before the first step."""
 import json
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -322,3 +323,184 @@ def test_what_a_run_needs_is_checked_before_the_first_step(tiny_checkpoint, tmp_
 def test_train_resolves_the_bundled_model_name(tmp_path):
     res = _train(_cfg("tiny-tr", tmp_path, max_steps=1, lora=False, save_every=1))
     assert res["steps"] == 1 and os.path.isfile(tmp_path / "final" / "config.json")
+
+
+# ------------------------------------------------------------------------------------ trainer states
+# A trainer_state.pt whose manifest was regenerated (any tool can) verifies: what it unpickles to is then
+# checked before use. Each bad state is one line naming the checkpoint and the problem; an explicit
+# --resume FOLDER stops there, --resume latest warns and resumes the checkpoint before it.
+def _adam(state, key, value):
+    return {**state, "optimizer": {**state["optimizer"], "state": {0: {**state["optimizer"]["state"][0], key: value}}}}
+
+
+def _group(state, **kw):
+    groups = [{**g, **kw} for g in state["optimizer"]["param_groups"]]
+    return {**state, "optimizer": {**state["optimizer"], "param_groups": groups}}
+
+
+BAD_STATES = [
+    ("a list", lambda s: [1, 2], "its trainer_state.pt holds a list, not a trainer state"),
+    ("a tensor", lambda s: torch.ones(2), "its trainer_state.pt holds a tensor of shape (2,), not a trainer state"),
+    ("step a string", lambda s: {**s, "step": "abc"}, "has step 'abc', not a non-negative integer"),
+    ("step negative", lambda s: {**s, "step": -5}, "has step -5, not a non-negative integer"),
+    ("step a bool", lambda s: {**s, "step": True}, "has step True, not a non-negative integer"),
+    ("step not the checkpoint's", lambda s: {**s, "step": 10**12}, "says step 1000000000000, but the checkpoint is at "
+     "step 4"),
+    ("keys missing", lambda s: {"step": 4}, "its trainer_state.pt lacks optimizer, scheduler, rng"),
+    ("optimizer a list", lambda s: {**s, "optimizer": [1]}, "has an optimizer state that is [1], not a mapping"),
+    ("optimizer groups a string", lambda s: {**s, "optimizer": {"state": {}, "param_groups": "x"}},
+     "its optimizer state has another number of parameter groups"),
+    ("optimizer lr a string", lambda s: _group(s, lr="abc"), "its optimizer setting lr is 'abc'"),
+    ("optimizer betas short", lambda s: _group(s, betas=(0.9,)), "its optimizer setting betas is (0.9,)"),
+    ("optimizer moment of another shape", lambda s: _adam(s, "exp_avg", torch.zeros(1)),
+     "its optimizer state exp_avg of parameter 0 has shape (1,), the parameter"),
+    ("optimizer moment NaN", lambda s: _adam(s, "exp_avg_sq", torch.full_like(s["optimizer"]["state"][0]["exp_avg_sq"],
+                                                                               float("nan"))),
+     "its optimizer state exp_avg_sq of parameter 0 holds NaN or inf"),
+    ("optimizer moment a string", lambda s: _adam(s, "exp_avg", "x"), "its optimizer state exp_avg of parameter 0 is "
+     "'x', not a tensor"),
+    ("optimizer parameter unknown", lambda s: {**s, "optimizer": {**s["optimizer"], "state": {999: {}}}},
+     "its optimizer state names a parameter 999 this run does not have"),
+    ("scheduler a string", lambda s: {**s, "scheduler": "x"}, "has a scheduler state that is 'x', not a mapping"),
+    ("scheduler foreign key", lambda s: {**s, "scheduler": {**s["scheduler"], "step": 1}},
+     "its scheduler state holds 'step', which this scheduler does not have"),
+    ("scheduler base_lrs a string", lambda s: {**s, "scheduler": {**s["scheduler"], "base_lrs": "x"}},
+     "its scheduler's base_lrs is 'x'"),
+    ("scheduler at another step", lambda s: {**s, "scheduler": {**s["scheduler"], "last_epoch": 3}},
+     "its scheduler is at step 3, the state says step 4"),
+    ("rng of another size", lambda s: {**s, "rng": torch.zeros(5, dtype=torch.uint8)},
+     "has a random state that is a tensor of shape (5,), not the generator's 5056 bytes"),
+    ("rng invalid", lambda s: {**s, "rng": torch.zeros_like(s["rng"])},
+     "its optimizer, scheduler or random state does not load: Invalid mt19937 state"),
+    ("config a list", lambda s: {**s, "config": [1]}, "has a config that is not a mapping of settings"),
+    ("empty file", b"", "cannot read"),
+]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_checkpoint, tmp_path_factory):
+    """A run stopped after step 4 of 6: checkpoints 2 and 4."""
+    out = tmp_path_factory.mktemp("states") / "run"
+    _train(_cfg(tiny_checkpoint, out, max_steps=6), stop_after=4)
+    return out
+
+
+def _forge_state(folder, change) -> None:
+    """The trainer state changed (bytes: the file's content) and the manifest regenerated to match."""
+    file = os.path.join(folder, ck.STATE)
+    if isinstance(change, bytes):
+        with open(file, "wb") as f:
+            f.write(change)
+    else:
+        torch.save(change(torch.load(file, weights_only=True)), file)
+    os.remove(os.path.join(folder, ck.MANIFEST))
+    ck.write_manifest(folder, ck.step_of(folder))
+
+
+@pytest.mark.needs("peft")
+@pytest.mark.parametrize("change, message", [pytest.param(c, m, id=i) for i, c, m in BAD_STATES])
+def test_a_bad_trainer_state_is_one_line_and_latest_falls_back(tiny_checkpoint, two_checkpoints, tmp_path, change,
+                                                               message):
+    from test_bad_inputs_training import snapshot
+
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    newest = str(out / "checkpoint-4")
+    _forge_state(newest, change)
+    before = snapshot(str(out))
+    with pytest.raises(DiffutronError) as err:
+        Trainer(_cfg(tiny_checkpoint, out, max_steps=6, resume=newest), log=lambda s: None).train()
+    assert str(err.value).startswith(f"checkpoint {newest} cannot be resumed: ") and message in str(err.value)
+    assert "\n" not in str(err.value) and snapshot(str(out)) == before  # nothing set aside, rewritten or removed
+    logs = []
+    _train(_cfg(tiny_checkpoint, out, max_steps=6, resume="latest"), logs, stop_after=2)
+    assert any(l.startswith(f"warning: {newest} cannot be resumed (") and message in l for l in logs), logs
+    assert any(l == f"resumed from {out / 'checkpoint-2'} at step 2" for l in logs), logs
+
+
+@pytest.mark.needs("peft")
+def test_latest_with_no_loadable_checkpoint_names_the_oldest_problem(tiny_checkpoint, two_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    _forge_state(str(out / "checkpoint-4"), lambda s: {**s, "step": "abc"})
+    _forge_state(str(out / "checkpoint-2"), b"")
+    with pytest.raises(DiffutronError) as err:
+        Trainer(_cfg(tiny_checkpoint, out, max_steps=6, resume="latest"), log=lambda s: None).train()
+    assert f"no checkpoint in {out} passes verification and loads (the oldest: cannot read " in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/hostname", "sub/trainer_state.pt", "..", ".", "",
+                                  "a\\b", "nul\0byte"])
+def test_a_manifest_names_only_files_inside_its_checkpoint(tmp_path, monkeypatch, name):
+    """A forged manifest naming a file elsewhere (with its true size and hash) is refused, and
+    verification never reads a file outside the checkpoint."""
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    (folder / ck.STATE).write_bytes(b"state")
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    ck.write_manifest(str(folder), 1)
+    manifest = json.load(open(folder / ck.MANIFEST))
+    manifest["files"][name] = {"size": 1, "sha256": ck.sha256_file(str(tmp_path / "outside.bin"))}
+    (folder / ck.MANIFEST).write_text(json.dumps(manifest))
+    read = []
+    real = ck.sha256_file
+    monkeypatch.setattr(ck, "sha256_file", lambda p, *a: read.append(p) or real(p, *a))
+    why = ck.verify(str(folder))
+    assert why.startswith("unreadable manifest.json (it names ") and "not a file name inside the checkpoint" in why
+    assert read == [] and ck.manifest_step(str(folder)) is None
+
+
+def test_a_link_inside_a_checkpoint_fails_verification(tmp_path):
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    (tmp_path / "elsewhere").write_bytes(b"state")
+    os.symlink(tmp_path / "elsewhere", folder / ck.STATE)
+    ck.write_manifest(str(folder), 1)
+    assert ck.verify(str(folder)) == f"{ck.STATE} is a symbolic link"
+
+
+# ------------------------------------------------------------------------------------ nothing else deleted
+def _user_things(out) -> list[str]:
+    """A user's files and folders inside an output folder, named like nothing a run writes."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "notes.txt").write_text("mine\n")
+    (out / "trainer_state.pt").write_bytes(b"not ours")
+    for folder in ("my-data", "checkpoint-old", "checkpoints", "final-backup", ".tmp-mine", ".trash-mine"):
+        (out / folder).mkdir()
+        (out / folder / "config.json").write_text("{}")
+    (out / "checkpoint-9").write_text("a file named like a checkpoint, beyond the run's steps")
+    return sorted(os.listdir(out))
+
+
+@pytest.mark.needs("peft")
+def test_a_run_and_its_pruning_leave_everything_else_in_output_dir(tiny_checkpoint, tmp_path):
+    from test_bad_inputs_training import snapshot
+
+    out = tmp_path / "run"
+    mine = _user_things(out)
+    before = snapshot(str(out))
+    _train(_cfg(tiny_checkpoint, out, max_steps=2, save_every=1, keep_last=1))
+    _train(_cfg(tiny_checkpoint, out, max_steps=3, save_every=1, keep_last=1, resume="latest"))
+    after = snapshot(str(out))
+    assert {k: v for k, v in after.items() if k.split(os.sep)[0] in mine} == before
+    assert _names(out) == ["checkpoint-3"]  # 1 and 2 pruned
+
+
+def test_cleanup_and_remove_touch_only_what_this_package_writes(tmp_path):
+    """clean() removes a checkpoint-N of only our file names, never one holding a folder (however it is
+    named); remove() refuses anything that is not a checkpoint of ours."""
+    debris = tmp_path / "checkpoint-7"
+    debris.mkdir()
+    (debris / "config.json").write_text("{}")
+    (debris / "tokenizer_backup").mkdir()  # named like our tokenizer files, but a user's folder
+    (debris / "tokenizer_backup" / "vocab.txt").write_text("mine")
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / "checkpoint-8" / "config.json").write_text("{}")  # our debris: removed
+    (tmp_path / "notes").mkdir()
+    acted = ck.clean(str(tmp_path), log=lambda s: None)
+    assert acted == ["checkpoint-8"] and (debris / "tokenizer_backup" / "vocab.txt").read_text() == "mine"
+    for folder in (debris, tmp_path / "notes"):
+        with pytest.raises(DiffutronError, match="refusing to delete"):
+            ck.remove(str(folder))
+        assert folder.is_dir()
