@@ -35,7 +35,8 @@ def read_records(files: list[str], dataset: str | None = None, split: str = "tra
     records: list = []
     for path in files:
         if not os.path.isfile(path):
-            what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+            what = ("is a folder, not a file" if os.path.isdir(path) else
+                    "is not a regular file (a device, a pipe or a socket)" if os.path.exists(path) else "does not exist")
             raise DiffutronError(f"data file {path!r} {what}; give .txt, .jsonl, .json or .parquet files")
         try:
             records += _read_file(path)

@@ -83,15 +83,18 @@ class MaskedLMLoss(torch.nn.Module):
 def load_for_training(cfg: TrainConfig, device: torch.device):
     from transformers import AutoModelForMaskedLM
 
-    from ..loading import check_weights, load_tokenizer, prepare_tokenizer, resolve_model_path
+    from ..loading import (check_loading_info, check_tokenizer_fits, check_weights, load_tokenizer, prepare_tokenizer,
+                           resolve_model_path)
 
     path = resolve_model_path(cfg.model)  # bundled names (tiny-tr), checked local folders, hub ids: as every command
     try:
-        model = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
+        model, info = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise DiffutronError(f"cannot load model {cfg.model!r}: {first_line(exc)}") from None
+    check_loading_info(info, cfg.model)  # missing tensors would start training from random ones, silently
     check_weights(model, cfg.model)  # NaN/inf weights: one line naming the tensor
     tokenizer = prepare_tokenizer(load_tokenizer(path))
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, cfg.model)
     if cfg.lora:
         model = apply_lora(model, cfg)
     return model.to(device), tokenizer
@@ -908,12 +911,13 @@ def _merged(peft_model, adapter: str, base_name: str, base_path: str):
     """(the merged model, the tokenizer to save with it)."""
     from transformers import AutoModelForMaskedLM
 
-    from ..loading import check_weights, load_tokenizer
+    from ..loading import check_loading_info, check_weights, load_tokenizer
 
     try:
-        model = AutoModelForMaskedLM.from_pretrained(base_path, dtype=torch.float32)
+        model, info = AutoModelForMaskedLM.from_pretrained(base_path, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise DiffutronError(f"cannot load base model {base_name!r}: {first_line(exc)}") from None
+    check_loading_info(info, base_name)
     check_weights(model, base_name)
     try:
         merged = peft_model.from_pretrained(model, adapter).merge_and_unload()
