@@ -14,7 +14,8 @@ from diffutron_engine import DiffutronError
 from diffutron_engine.training.config import PRESETS, TrainConfig, load_config
 from diffutron_engine.training.dataset import collate, cpt_examples, sft_examples
 from diffutron_engine.training.objectives import mask_batch
-from diffutron_engine.training.trainer import MaskedLMLoss, Trainer, TrainingDiverged, _checkpoints, merge_lora
+from diffutron_engine.training.merge import merge_lora
+from diffutron_engine.training.trainer import MaskedLMLoss, Trainer, TrainingDiverged, _checkpoints
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)

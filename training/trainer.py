@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DiffutronError
-from ..outputs import check_file_output, check_folder_output, replace_folder, write_file
+from ..outputs import check_file_output, write_file
 from . import checkpoints as ck
 from .config import MAX_STEPS, TrainConfig, first_line
+from .resume_checks import expected_step, optimizer_problem, scheduler_problem, state_problem
 from .dataset import collate, cpt_examples, epoch_order, read_records, read_texts, sft_examples
 from .objectives import mask_batch
 
@@ -206,136 +207,6 @@ def _write_atomically(final: str, write) -> None:
 # A trainer_state.pt that verifies against its manifest is only as trustworthy as the manifest, which any
 # tool can regenerate: what it unpickles to is checked against what a save writes before any of it is used,
 # so a wrong value is one line naming it, never an exception from deep inside torch mid-run.
-_STATE_KEYS = ("step", "optimizer", "scheduler", "rng")
-_ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")  # what torch's AdamW keeps per parameter after a step
-
-
-def _show(value, width: int = 60) -> str:
-    text = repr(value) if not torch.is_tensor(value) else f"a tensor of shape {tuple(value.shape)}"
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _expected_step(folder: str) -> int | None:
-    """The step a checkpoint is at by its manifest, else by its name (checkpoint-N), else None."""
-    step = ck.manifest_step(folder)
-    return ck.name_step(folder) if step is None else step
-
-
-def _state_problem(state, expected_step: int | None) -> str | None:
-    """None if `state` has the shape of a saved trainer state, else what is wrong (after "its
-    trainer_state.pt")."""
-    if not isinstance(state, dict):
-        return f"holds {_show(state) if torch.is_tensor(state) else 'a ' + type(state).__name__}, not a trainer state"
-    missing = [k for k in _STATE_KEYS if k not in state]
-    if missing:
-        return f"lacks {', '.join(missing)}"
-    step = state["step"]
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return f"has step {_show(step)}, not a non-negative integer"
-    if expected_step is not None and step != expected_step:
-        return f"says step {step}, but the checkpoint is at step {expected_step}"
-    if state["optimizer"] is not None and not isinstance(state["optimizer"], dict):
-        return f"has an optimizer state that is {_show(state['optimizer'])}, not a mapping"
-    if not isinstance(state["scheduler"], dict):
-        return f"has a scheduler state that is {_show(state['scheduler'])}, not a mapping"
-    rng, want = state["rng"], torch.get_rng_state()
-    if not torch.is_tensor(rng) or rng.dtype != want.dtype or rng.shape != want.shape:
-        return f"has a random state that is {_show(rng)}, not the generator's {want.numel()} bytes"
-    config = state.get("config")
-    if config is not None and not (isinstance(config, dict) and all(isinstance(k, str) for k in config)
-                                   and all(_plain(v) for v in config.values())):
-        return "has a config that is not a mapping of settings"
-    return None
-
-
-def _plain(value, depth: int = 0) -> bool:
-    """A setting's value as train_config.json holds it: a string, number, bool, None or list of them."""
-    if isinstance(value, list):
-        return depth == 0 and all(_plain(v, 1) for v in value)
-    return value is None or isinstance(value, (str, int, float, bool))
-
-
-def _same_kind(saved, fresh) -> bool:
-    """`saved` has the type and shape of `fresh` (a value the optimizer or scheduler holds now): numbers
-    finite, lists and tuples of the same length, mappings with the same keys, tensors of the same shape."""
-    if isinstance(fresh, bool) or fresh is None or isinstance(fresh, str):
-        return type(saved) is type(fresh)
-    if isinstance(fresh, (int, float)):
-        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and \
-            (isinstance(saved, int) or math.isfinite(saved))
-    if isinstance(fresh, (list, tuple)):
-        return isinstance(saved, (list, tuple)) and len(saved) == len(fresh) and all(map(_same_kind, saved, fresh))
-    if isinstance(fresh, dict):
-        return isinstance(saved, dict) and set(saved) == set(fresh) and \
-            all(_same_kind(saved[k], fresh[k]) for k in fresh)
-    if torch.is_tensor(fresh):
-        return torch.is_tensor(saved) and saved.shape == fresh.shape and saved.dtype == fresh.dtype
-    return type(saved) is type(fresh)
-
-
-def _optimizer_problem(opt, saved) -> str | None:
-    """None if `saved` fits `opt` (its groups, its parameters' shapes, finite values), else what is wrong."""
-    fresh = opt.state_dict()
-    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
-        return "its optimizer state is not a mapping of state and param_groups"
-    groups = saved["param_groups"]
-    if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
-        return "its optimizer state has another number of parameter groups than this run's"
-    for group, now in zip(groups, fresh["param_groups"]):
-        if not isinstance(group, dict) or group.get("params") != now["params"]:
-            return "its optimizer's parameter groups do not list this run's parameters"
-        bad = [k for k in set(group) & set(now) - {"params"} if not _same_kind(group[k], now[k])]
-        if bad:
-            return f"its optimizer setting {sorted(bad)[0]} is {_show(group[sorted(bad)[0]])}"
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state = saved["state"]
-    if not isinstance(state, dict):
-        return "its per-parameter optimizer state is not a mapping"
-    for i, entry in state.items():
-        why = _parameter_state_problem(opt, params, i, entry)
-        if why:
-            return why
-    return None
-
-
-def _parameter_state_problem(opt, params, i, entry) -> str | None:
-    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(entry, dict):
-        return f"its optimizer state names a parameter {_show(i)} this run does not have"
-    if isinstance(opt, torch.optim.AdamW) and entry and not all(k in entry for k in _ADAMW_STATE):
-        return f"its optimizer state of parameter {i} lacks {', '.join(k for k in _ADAMW_STATE if k not in entry)}"
-    for key, value in entry.items():
-        moment = key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        # a step count may be a plain number (bitsandbytes keeps one); everything else a tensor
-        if not torch.is_tensor(value) and (moment or not _same_kind(value, 0.0)):
-            return f"its optimizer state {key} of parameter {i} is {_show(value)}, not a tensor"
-        if not torch.is_tensor(value):
-            continue
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return f"its optimizer state {key} of parameter {i} holds NaN or inf"
-        if moment and value.shape != params[i].shape:
-            return (f"its optimizer state {key} of parameter {i} has shape {tuple(value.shape)}, the parameter "
-                    f"{tuple(params[i].shape)}")
-        if moment and key != "exp_avg" and bool((value < 0).any()):
-            return f"its optimizer state {key} of parameter {i} holds negative values"
-    return None
-
-
-def _scheduler_problem(sched, state: dict) -> str | None:
-    """None if the saved scheduler state fits `sched` and is at the state's step, else what is wrong.
-    Its keys become the scheduler's attributes on load: only those it has are accepted."""
-    saved, fresh = state["scheduler"], sched.state_dict()
-    unknown = sorted(str(k) for k in saved if k not in fresh)
-    if unknown:
-        return f"its scheduler state holds {_show(unknown[0])}, which this scheduler does not have"
-    for key in ("base_lrs", "last_epoch", "lr_lambdas"):
-        if key not in saved:
-            return f"its scheduler state lacks {key}"
-    bad = [k for k in saved if not _same_kind(saved[k], fresh[k])]
-    if bad:
-        return f"its scheduler's {bad[0]} is {_show(saved[bad[0]])}"
-    if saved["last_epoch"] != state["step"]:
-        return f"its scheduler is at step {saved['last_epoch']}, the state says step {state['step']}"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- trainer
@@ -689,7 +560,7 @@ class Trainer:
             self._load_weights(path)
         except Exception as exc:  # unreadable weights, or shapes that do not match (another model)
             raise BadCheckpoint(path, f"its weights do not fit this model: {first_line(exc)}") from None
-        why = _optimizer_problem(self.opt, state["optimizer"]) or _scheduler_problem(self.sched, state)
+        why = optimizer_problem(self.opt, state["optimizer"]) or scheduler_problem(self.sched, state)
         if why:
             raise BadCheckpoint(path, why)
         try:
@@ -713,7 +584,7 @@ class Trainer:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:  # a file that verifies but does not unpickle as weights: say which
             raise BadCheckpoint(path, f"cannot read {file}: {first_line(exc)}") from None
-        why = _state_problem(state, _expected_step(path))
+        why = state_problem(state, expected_step(path))
         if why:
             raise BadCheckpoint(path, f"its {ck.STATE} {why}")
         return state
@@ -826,103 +697,3 @@ def plot_loss_curve(metrics_path: str, png: str, inputs: tuple = ()) -> str | No
 
 
 # ----------------------------------------------------------------------------------------------- merge
-MERGE_MARKER = "merged.json"  # in every merge output: an earlier merge's folder may be replaced without --force
-
-
-def merge_lora(adapter: str, out: str, base: str | None = None, force: bool = False) -> str:
-    """A plain checkpoint (base weights + the LoRA update folded in) that the engine loads, written to
-    `out` whole or not at all. Everything is checked before a model is loaded: the adapter, the base (a
-    hub id, a local folder or a bundled name) and its vocabulary, and `out` (new, empty, an earlier
-    merge's output, or anything else but the inputs with `force`)."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise DiffutronError("merging needs peft: pip install 'diffutron-engine[train]'") from None
-    from ..loading import resolve_model_path
-
-    recorded = _adapter_base(adapter)
-    base_name = base or recorded
-    if not base_name:
-        raise DiffutronError(f"the adapter {adapter} names no base model (base_model_name_or_path); give --base")
-    base_path = resolve_model_path(base_name)
-    inputs = (adapter, base_path if os.path.isdir(base_path) else None)
-    target = check_folder_output(out, "--out", MERGE_MARKER, force=force, inputs=inputs)
-    _check_vocabulary(adapter, recorded, base_name, base_path)
-    merged, tok = _merged(PeftModel, adapter, base_name, base_path)
-    stamp = {"adapter": os.path.abspath(adapter), "base": base_name,
-             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    replace_folder(target, lambda tmp: (merged.save_pretrained(tmp), tok.save_pretrained(tmp)), MERGE_MARKER, stamp)
-    return out
-
-
-def _adapter_base(adapter: str) -> str | None:
-    """The base model an adapter folder names (None when it names none), after checking it is one."""
-    path = os.path.join(adapter, "adapter_config.json")
-    if not os.path.isfile(path):
-        raise DiffutronError(f"{adapter} is not a LoRA adapter (no adapter_config.json)")
-    try:
-        with open(path, "rb") as f:
-            config = json.loads(f.read(ck.MAX_MANIFEST_BYTES + 1))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise DiffutronError(f"{path} is not readable JSON ({first_line(exc)})") from None
-    name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    return name if isinstance(name, str) and name.strip() else None
-
-
-def _vocab_size(path: str) -> int | None:
-    """A model's vocabulary size from its config (a local folder, or a hub id already cached), or None."""
-    try:
-        if os.path.isdir(path):
-            with open(os.path.join(path, "config.json"), "rb") as f:
-                size = json.loads(f.read(ck.MAX_MANIFEST_BYTES + 1)).get("vocab_size")
-        else:
-            from transformers import AutoConfig
-
-            size = AutoConfig.from_pretrained(path).vocab_size
-    except Exception:  # unreadable or out of reach: the load that follows says why, if it matters
-        return None
-    return size if isinstance(size, int) and not isinstance(size, bool) else None
-
-
-def _check_vocabulary(adapter: str, recorded: str | None, base_name: str, base_path: str) -> None:
-    """A --base other than the adapter's own must have its vocabulary: else the merge would pair the
-    adapter's tokenizer with embeddings of other tokens, and nothing downstream would say so."""
-    from ..loading import load_tokenizer, resolve_model_path
-
-    theirs = _vocab_size(base_path)
-    if theirs is None or base_name == recorded:
-        return
-    ours, what = None, f"the adapter's base {recorded!r}"
-    if recorded:
-        try:
-            ours = _vocab_size(resolve_model_path(recorded))
-        except DiffutronError:  # moved or deleted since training
-            ours = None
-    if ours is None and os.path.isfile(os.path.join(adapter, "tokenizer.json")):
-        ours, what = len(load_tokenizer(adapter)), "the adapter's tokenizer"
-        if ours <= theirs:  # a tokenizer may be shorter than its model's (padded) vocabulary
-            return
-    if ours is not None and ours != theirs:
-        raise DiffutronError(f"--base {base_name!r} has a vocabulary of {theirs:,} tokens, {what} one of {ours:,}: "
-                             "the adapter was trained on another model; give its own base (or leave --base out)")
-
-
-def _merged(peft_model, adapter: str, base_name: str, base_path: str):
-    """(the merged model, the tokenizer to save with it)."""
-    from transformers import AutoModelForMaskedLM
-
-    from ..loading import check_loading_info, check_weights, load_tokenizer
-
-    try:
-        model, info = AutoModelForMaskedLM.from_pretrained(base_path, dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise DiffutronError(f"cannot load base model {base_name!r}: {first_line(exc)}") from None
-    check_loading_info(info, base_name)
-    check_weights(model, base_name)
-    try:
-        merged = peft_model.from_pretrained(model, adapter).merge_and_unload()
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # shapes of another model, a broken adapter
-        raise DiffutronError(f"the adapter {adapter} does not fit the base model {base_name!r}: "
-                             f"{first_line(exc)}") from None
-    tok = load_tokenizer(adapter if os.path.isfile(os.path.join(adapter, "tokenizer.json")) else base_path)
-    return merged, tok

@@ -110,7 +110,7 @@ def run(args) -> int:
 
 def run_merge(args) -> int:
     _quiet_libraries()
-    from ..training.trainer import merge_lora
+    from ..training.merge import merge_lora
 
     out = merge_lora(args.adapter, args.out, args.base, force=args.force)
     print(json.dumps({"merged": out}))
