@@ -31,6 +31,11 @@ class DiffutronWarning(UserWarning):
     zero). The CLI prints it as one line on stderr."""
 
 
+class RunFailed(RuntimeError):
+    """A run that failed for a reason other than its input (a training run that diverged): the command
+    line prints its message as one line and exits 1, where bad input (DiffutronError) exits 2."""
+
+
 class StepFailed(RuntimeError):
     """Raised by Engine.step() (and so by generate(), infill() and stream()) when the step raised: its
     requests are already finished with finish_reason "error" and removed, slots freed, and the engine

@@ -1,5 +1,5 @@
 """Loading Diffutron-family checkpoints (any masked LM, ModernBERT first) with their tokenizer, the
-tokenizer rules of the spec, and Diffutron-Instruct's chat template."""
+tokenizer rules the sampler relies on, and Diffutron-Instruct's chat template."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def prepare_tokenizer(tokenizer):
-    """The spec's tokenizer rules: a mask token is required; ModernBERT-family tokenizers without
+    """The tokenizer rules the sampler relies on: a mask token is required; ModernBERT-family tokenizers without
     EOS/BOS get eos = bos = pad (as dllm does)."""
     if tokenizer.mask_token_id is None:
         raise DiffutronError(

@@ -13,7 +13,7 @@ class StopRule:
     (decoded with special tokens kept), write the tokens of "\n[/Answer]\n" from the token where the
     occurrence starts, and set the rest of the row to the pad id.
 
-    Two choices where the spec leaves room, both made so that the rule does what a user means:
+    Two choices where the stop rule leaves room, both made so that the rule does what a user means:
     - only the generated region is searched (a prompt may well contain "<s>" or a chat marker), and
       never across a still-masked position (the text of a mask token is not generated text);
     - the token where the occurrence starts is found by decoding (the shortest prefix of tokens whose

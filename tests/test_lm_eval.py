@@ -58,7 +58,7 @@ def test_noise_draw_follows_its_definition():
 
 
 def _harness_draw(length, copies, device="cpu"):
-    """The noise of one draw written out as the estimator's description reads (the spec, not our code
+    """The noise of one draw written out as the estimator's description reads (the method, not our code
     path): counts from a stratified linspace wrapped into 1..L, then for each copy the mask vector
     [1]*count + [0]*(L - count) reordered by a fresh random permutation."""
     k = torch.randint(1, length + 1, (), device=device)

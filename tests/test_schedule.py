@@ -11,7 +11,7 @@ from diffutron_engine.schedule import block_schedule, row_schedule, transfer_pro
         (32, 16, [2] * 16),
         (32, 8, [4] * 8),
         # The spec lists 3,3,3,3,3,3,4,3,4,3 here, which is what exact fractions give. In the float32
-        # arithmetic that the spec prescribes (and dllm runs), p_6 = 1 - 0.75000006 = 0.24999994, so
+        # arithmetic that dllm runs, p_6 = 1 - 0.75000006 = 0.24999994, so
         # 14 * p_6 rounds to 3, not to 4: the real schedule is the one below.
         (32, 10, [3, 3, 3, 3, 3, 3, 3, 4, 3, 4]),
         (32, 64, [1] * 32),
@@ -31,7 +31,7 @@ def test_published_long_setting_is_one_token_per_forward():
 
 
 def test_schedule_matches_a_torch_float32_replay():
-    """Replays the spec's recipe with torch float32 tensors and torch.round, step by step."""
+    """Replays dllm's recipe with torch float32 tensors and torch.round, step by step."""
     for m, steps in [(32, 10), (32, 7), (17, 9), (64, 48), (7, 3), (128, 100)]:
         remaining, out = m, []
         for j in range(steps):

@@ -266,7 +266,7 @@ def test_trainer_state_cannot_run_code(tiny_checkpoint, tmp_path):
     assert not marker.exists()
 
 
-# ------------------------------------------------------------------------------------ faults (issue 14)
+# ----------------------------------------------------------------------------------------------- faults
 def test_a_diverging_run_never_saves_a_poisoned_checkpoint(tiny_checkpoint, tmp_path):
     """Two sane steps, then resumed with lr 1e9: the flag wins (printed), the run stops before saving
     exploded weights, and the checkpoint it names scores a finite perplexity."""
@@ -504,3 +504,16 @@ def test_cleanup_and_remove_touch_only_what_this_package_writes(tmp_path):
         with pytest.raises(DiffutronError, match="refusing to delete"):
             ck.remove(str(folder))
         assert folder.is_dir()
+
+
+def test_a_diverged_run_exits_1_with_one_line_not_2(monkeypatch, capsys):
+    """A diverged run is not bad input: one line and exit 1 (exit 2 says the user's input was wrong)."""
+    from diffutron_engine.cli import main as cli
+
+    def diverge(argv):
+        raise TrainingDiverged("loss is nan at step 3; stopped without saving. Last good checkpoint: none")
+
+    monkeypatch.setattr(cli, "_dispatch", diverge)
+    assert cli.main(["train", "cpt"]) == 1
+    err = capsys.readouterr().err
+    assert err == "diffutron-engine: error: loss is nan at step 3; stopped without saving. Last good checkpoint: none\n"

@@ -24,17 +24,18 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..errors import DiffutronError
+from ..errors import DiffutronError, RunFailed
 from ..outputs import check_file_output, write_file
 from . import checkpoints as ck
 from .config import MAX_STEPS, TrainConfig, first_line
-from .resume_checks import expected_step, optimizer_problem, scheduler_problem, state_problem
 from .dataset import collate, cpt_examples, epoch_order, read_records, read_texts, sft_examples
 from .objectives import mask_batch
+from .resume_checks import expected_step, optimizer_problem, scheduler_problem, state_problem
 
 
-class TrainingDiverged(DiffutronError):
-    pass
+class TrainingDiverged(RunFailed):
+    """The loss or the weights went non-finite or exploded: the run stops without saving, naming the last
+    good checkpoint. Not bad input, so the command exits 1."""
 
 
 class BadCheckpoint(DiffutronError):

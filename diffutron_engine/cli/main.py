@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from ..errors import DiffutronError, DiffutronWarning, StepFailed
+from ..errors import DiffutronError, DiffutronWarning, RunFailed, StepFailed
 
 EXIT_STDOUT_CLOSED = 141
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except DiffutronError as exc:
         print(f"diffutron-engine: error: {exc}", file=sys.stderr)
         return 2
-    except StepFailed as exc:  # not bad input (e.g. out of memory): one line, the cause named, exit 1
+    except (StepFailed, RunFailed) as exc:  # not bad input (out of memory, a diverged run): one line, exit 1
         print(f"diffutron-engine: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader of our output went away (`| head -1`): stop quietly
