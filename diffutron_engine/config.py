@@ -38,6 +38,12 @@ FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32; devices fl
 BACKENDS = ("triton", "cpp", "torch")
 
 
+def seed_for(seed: int, index: int) -> int:
+    """The seed of prompt (or choice) `index` of a call given one seed: (seed + index) mod 2**63, so the
+    largest seed wraps to 0 and a request's draws depend only on its own seed, never on the batch."""
+    return (seed + index) % 2**63
+
+
 def check_backend_env() -> str | None:
     """DIFFUTRON_BACKEND when it names a backend, None when unset or empty, else a DiffutronError."""
     name = os.environ.get("DIFFUTRON_BACKEND") or None

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from ..config import (CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST_PRESET, PRESETS, REMASKING, SamplerConfig, SamplingParams,
-                      check_backend_env)
+                      check_backend_env, seed_for)
 from ..errors import DiffutronError, check_utf8
 from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat, resolve_model_path
 from ..outputs import check_file_output, write_file
@@ -350,7 +350,7 @@ def _run_engine(lm, prompts, params: SamplingParams, cache: str, args) -> list[d
 
     # no more rows than prompts: the rows beyond them would be allocated and never used
     engine = Engine(lm.model, lm.tokenizer, max_batch=min(args.batch_size, len(prompts)), cache=cache)
-    ids = [engine.add_request(p.ids, params.override(seed=(params.seed + i) % 2**63), index=i)
+    ids = [engine.add_request(p.ids, params.override(seed=seed_for(params.seed, i)), index=i)
            for i, p in enumerate(prompts)]
     finals: dict[str, object] = {}
     progress = _Progress(1, unit="tokens")

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..config import CACHE_MODES, SamplingParams
+from ..config import CACHE_MODES, SamplingParams, seed_for
 from ..errors import DiffutronError, StepFailed
 from ..loading import (DEFAULT_MODEL, check_context, check_tokenizer_fits, decode_answer, encode_prompt, load_model,
                        prepare_tokenizer)
@@ -270,7 +270,7 @@ class Engine:
         else:
             one = self._check_params(params)
             base = one.seed if one.seed is not None else _draw_seed()
-            each, seeds = [one] * len(prompts), [(base + i) % 2**63 for i in range(len(prompts))]
+            each, seeds = [one] * len(prompts), [seed_for(base, i) for i in range(len(prompts))]
         return [self._make(p, prm, seed, None, i, infill) for i, (p, prm, seed) in enumerate(zip(prompts, each, seeds))]
 
     def _enqueue(self, reqs: list[Request]) -> list[str]:

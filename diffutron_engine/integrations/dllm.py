@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..config import CACHE_MODES, SamplerConfig, SamplingParams
+from ..config import CACHE_MODES, SamplerConfig, SamplingParams, seed_for
 from ..errors import DiffutronError
 
 
@@ -119,7 +119,7 @@ class DiffutronSampler(_SamplerBase):
             # engine divides a request's steps by its own blocks: scale each request's steps to match
             per_block = math.ceil(cfg.steps / math.ceil(max(len(p) for p in seqs) / cfg.block_size))
             per_request = [params.override(steps=per_block * max(1, math.ceil(len(p) / cfg.block_size)),
-                                            seed=(seed + i) % 2**63) for i, p in enumerate(seqs)]
+                                            seed=seed_for(seed, i)) for i, p in enumerate(seqs)]
         engine = self._get_engine(len(seqs), cfg.cache)
         ids = engine.add_requests(seqs, per_request, infill=infill)
         width = max(len(p) for p in seqs) + (0 if infill else n)

@@ -200,7 +200,7 @@ class DiffutronLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from ..config import SamplingParams
+        from ..config import SamplingParams, seed_for
 
         prompts, params, ignored = [], [], set()
         for i, r in enumerate(requests):
@@ -224,7 +224,7 @@ class DiffutronLM(LM):
             prompts.append(ids)
             params.append(SamplingParams(max_new_tokens=n, steps=steps, block_size=min(self.block_size, n),
                                          temperature=temp, remasking=self.remasking, stop_strings=until or None,
-                                         seed=(self.seed + i) % 2**63))
+                                         seed=seed_for(self.seed, i)))
         if ignored:
             log.warning("diffutron: generation arguments without a counterpart here were ignored: %s",
                         ", ".join(sorted(ignored)))

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from ..config import seed_for
 from ..errors import DiffutronError
 from ..loading import encode_prompt
 from . import protocol
@@ -85,7 +86,7 @@ class OpenAIServing:
                 for j in range(req.n):
                     params = req.params
                     if params.seed is not None and j:  # choice j draws from seed + j, as prompt i offline
-                        params = params.override(seed=(params.seed + j) % 2**63)
+                        params = params.override(seed=seed_for(params.seed, j))
                     rid, queue = self.loop.submit(ids, params, aloop, prefix=prefix)
                     jobs.append((i * req.n + j, rid, queue))
         except DiffutronError as exc:
