@@ -280,9 +280,33 @@ class SamplingParams:
         return "threshold" if self.threshold is not None else "factor" if self.factor is not None else "schedule"
 
 
-# The engine's fast setting: the best measured combination of the fast knobs (see bench/results). The
-# cache is the engine's choice (Engine(..., cache=...)); the threshold is a per-request parameter.
-FAST_PRESET: dict = dict(cache="dual", threshold=0.9)
+@dataclass(frozen=True)
+class Preset:
+    """A setting that spans both sides: the engine's (Engine(...) keyword arguments, fixed when it is
+    built) and every request's defaults (SamplingParams fields a request may replace)."""
+
+    engine: dict
+    request: dict
+
+    def __iter__(self):  # the flat view: help texts and benchmark modes
+        return iter({**self.engine, **self.request}.items())
+
+
+# The engine's fast setting: the best measured combination of the fast knobs (see bench/results).
+# `generate --fast` and `serve --fast` both read this one pair.
+FAST = Preset(engine=dict(cache="dual"), request=dict(threshold=0.9))
+FAST_PRESET: dict = dict(FAST)
+
+
+def with_defaults(defaults: dict, given: dict) -> dict:
+    """SamplingParams fields: `defaults` under what is `given`; a commit rule given (threshold or factor)
+    replaces the defaults' rule instead of clashing with it."""
+    fields = dict(defaults)
+    if given.get("threshold") is not None or given.get("factor") is not None:
+        fields.pop("threshold", None)
+        fields.pop("factor", None)
+    fields.update(given)
+    return fields
 
 
 # `diffutron-engine bench` modes (diffutron_engine.benchmark): mode name -> the engine's cache mode and
@@ -295,6 +319,6 @@ BENCH_MODES: dict[str, dict] = {
     "dual": dict(cache="dual"),
     "threshold": dict(cache="none", threshold=0.9),
     "prefix+threshold": dict(cache="prefix", threshold=0.9),
-    "fast": dict(FAST_PRESET),
+    "fast": dict(FAST),
 }
 DEFAULT_BENCH_MODES = ("reference", "exact", "prefix", "dual", "fast")

@@ -156,3 +156,42 @@ def test_a_thousand_requests_at_concurrency_64():
     assert all(code == 200 for code, _ in answers)
     assert [a["choices"][0]["text"] for _, a in answers] == [o.text for o in offline]
     assert after <= 1.10 * warm, (warm, after)
+
+
+def test_serve_fast_applies_the_same_pair_as_generate_fast(tmp_path):
+    """`serve --fast` reads config.FAST as `generate --fast` does: the engine's cache and every request's
+    default threshold. A copy of tiny-tr with a peaked head (confident predictions, so the threshold
+    commits many positions per step) shows the threshold in the server's step count: a request with the
+    default takes the steps the offline fast engine takes, far fewer than one that gives threshold null."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from diffutron_engine import Engine, SamplingParams
+    from diffutron_engine.config import FAST
+    from diffutron_engine.loading import BUNDLED_MODELS, encode_prompt
+
+    model = tmp_path / "peaked"
+    shutil.copytree(BUNDLED_MODELS["tiny-tr"], model)
+    weights = load_file(model / "model.safetensors")
+    weights["head.norm.weight"] = weights["head.norm.weight"] * 30
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    knobs = dict(max_tokens=32, steps=32, block_size=32, temperature=0)
+    eng = Engine.from_pretrained(str(model), **FAST.engine)
+    offline = eng.generate([encode_prompt(eng.tokenizer, "Bu işlev", chat=False)],
+                           SamplingParams(max_new_tokens=32, steps=32, block_size=32, **FAST.request))[0]
+    assert offline.forward_passes < 16  # the threshold shows in this model
+
+    s = Server("--fast", "--model", str(model))
+    try:
+        def steps_of(body):
+            before = s.metrics()["diffutron_step_seconds_count"]
+            status, payload = s.post("/v1/completions", {"prompt": "Bu işlev", **knobs, **body})
+            assert status == 200, payload
+            return s.metrics()["diffutron_step_seconds_count"] - before, payload["choices"][0]["text"]
+
+        fast_steps, text = steps_of({})
+        exact_steps, _ = steps_of({"threshold": None})
+    finally:
+        s.stop()
+    assert text == offline.text and fast_steps <= offline.forward_passes + 1 < exact_steps

@@ -112,6 +112,13 @@ def test_fast_defaults_apply_and_a_request_can_replace_them():
     own = _parse({"prompt": "x", "factor": 2.0}, config=fast).params
     assert own.factor == 2.0 and own.threshold is None  # the request's rule replaces the default one
     assert server_config(ap.parse_args(["serve", "--model", "tiny-tr"])).defaults == {}
+    # generate --fast reads the same pair
+    from diffutron_engine.cli import generate
+    from diffutron_engine.cli.main import build_parser
+    from diffutron_engine.config import FAST
+
+    params, cache = generate.settings(build_parser().parse_args(["generate", "x", "--fast"]))
+    assert cache == FAST.engine["cache"] and params.threshold == FAST.request["threshold"] == fast.defaults["threshold"]
 
 
 def test_json_bodies():

@@ -20,8 +20,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ..config import (CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST_PRESET, PRESETS, REMASKING, SamplerConfig, SamplingParams,
-                      check_backend_env, seed_for)
+from ..config import (CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST, FAST_PRESET, PRESETS, REMASKING, SamplerConfig, SamplingParams,
+                      check_backend_env, seed_for, with_defaults)
 from ..errors import DiffutronError, check_utf8
 from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat, resolve_model_path
 from ..outputs import check_file_output, write_file
@@ -104,8 +104,9 @@ class Prompt:
 def settings(args) -> tuple[SamplingParams, str]:
     """(SamplingParams, the engine's cache mode): defaults < --preset < --fast < explicit flags."""
     fields = dict(PRESETS[args.preset]) if args.preset else {}
-    if getattr(args, "fast", False):
-        fields.update(FAST_PRESET)
+    fast = getattr(args, "fast", False)
+    if fast:
+        fields.update(FAST.request)
     flags = dict(
         max_new_tokens=args.max_new_tokens, steps=args.steps, block_size=args.block_size,
         temperature=args.temperature, remasking=args.remasking, stochastic_transfer=args.stochastic_transfer,
@@ -114,18 +115,15 @@ def settings(args) -> tuple[SamplingParams, str]:
         cache=getattr(args, "cache", None), threshold=getattr(args, "threshold", None),
         factor=getattr(args, "factor", None),
     )
-    if getattr(args, "threshold", None) is not None or getattr(args, "factor", None) is not None:
-        fields.pop("threshold", None)  # an explicit rule replaces the preset's
-        fields.pop("factor", None)
     for i, stop in enumerate(args.stop or []):
         check_utf8(stop, f"--stop {i + 1}", from_os=True)
-    fields.update({k: v for k, v in flags.items() if v is not None})
+    fields = with_defaults(fields, {k: v for k, v in flags.items() if v is not None})
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise DiffutronError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.block_size is not None and args.block_size < 1:
         raise DiffutronError(f"--block-size must be >= 1, got {args.block_size}")
     fields["early_stop"] = not getattr(args, "no_early_stop", False)
-    cache = fields.pop("cache", "none")
+    cache = fields.pop("cache", FAST.engine["cache"] if fast else "none")
     if cache not in CACHE_MODES:
         raise DiffutronError(f"unknown cache {cache!r}; choose one of: {', '.join(CACHE_MODES)}")
     return SamplingParams(**fields), cache

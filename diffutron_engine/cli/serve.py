@@ -14,7 +14,7 @@ import stat
 import sys
 import warnings
 
-from ..config import CACHE_MODES, FAST_PRESET
+from ..config import CACHE_MODES, FAST, FAST_PRESET
 from ..errors import DiffutronError, DiffutronWarning
 from ..loading import DEFAULT_MODEL, DEVICES, DTYPES
 from ..server.config import ServerConfig
@@ -107,7 +107,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_prompt_bytes=args.max_prompt_bytes, max_queue=args.max_queue, max_connections=args.max_connections,
         timeout_header=args.timeout_header, timeout_body=args.timeout_body,
         timeout_keep_alive=args.timeout_keep_alive, drain_timeout=args.drain_timeout, api_key=read_api_key(args),
-        docs=args.docs, defaults={k: v for k, v in FAST_PRESET.items() if k != "cache"} if args.fast else {})
+        docs=args.docs, defaults=dict(FAST.request) if args.fast else {})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,7 +144,7 @@ def _serve(args, config: ServerConfig, sock, max_connections: int) -> int:
     from ..server.http import make_server
     from ..server.loop import EngineLoop
 
-    cache = args.cache or (FAST_PRESET["cache"] if args.fast else "none")
+    cache = args.cache or (FAST.engine["cache"] if args.fast else "none")
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
                                     cache=cache)
     loop = EngineLoop(engine)

@@ -8,7 +8,7 @@ import json
 import typing
 from dataclasses import dataclass
 
-from ..config import SamplingParams
+from ..config import SamplingParams, with_defaults
 from ..errors import DiffutronError, check_utf8
 from .config import ServerConfig
 
@@ -146,10 +146,7 @@ def _split_fields(body: dict, chat: bool) -> tuple[dict, dict]:
 
 
 def _params(openai: dict, knobs: dict, defaults: dict) -> SamplingParams:
-    fields_ = dict(defaults)
-    if "factor" in knobs and knobs["factor"] is not None:  # the request's rule replaces the default one
-        fields_.pop("threshold", None)
-    fields_.update(knobs)
+    fields_ = with_defaults(defaults, knobs)  # a rule the request gives replaces the default one
     max_tokens = openai.get("max_completion_tokens", openai.get("max_tokens"))
     if max_tokens is not None:
         fields_["max_new_tokens"] = max_tokens
