@@ -112,6 +112,9 @@ def main(argv=None, prog: str | None = None) -> int:
         print("error: --num-requests and --concurrency must be >= 1, --request-rate > 0", file=sys.stderr)
         return 2
     target = None
+    if args.save == "":
+        print("error: --save is empty: give a folder", file=sys.stderr)
+        return 2
     if args.save:  # checked before the load runs: a bad folder is one line, not a lost measurement
         import datetime
 
@@ -137,7 +140,8 @@ def main(argv=None, prog: str | None = None) -> int:
     if target is not None:
         from .outputs import write_file
 
-        write_file(target, json.dumps({"args": vars(args), **report}, indent=1), "--save")
+        shown = {k: v for k, v in vars(args).items() if k != "api_key"}  # a report never carries the key
+        write_file(target, json.dumps({"args": shown, **report}, indent=1), "--save")
     print(json.dumps(report))
     return 0 if report["errors"] == 0 else 1
 

@@ -153,8 +153,9 @@ class SamplerConfig:
             )
         t = self.temperature  # its own bound first: it names the reason better than float32's range
         if isinstance(t, (int, float)) and not isinstance(t, bool) and t > MAX_TEMPERATURE:
+            shown = f"{t:g}" if isinstance(t, float) or t < 10**300 else f"{str(t)[:12]}... ({len(str(t))} digits)"
             raise DiffutronError(
-                f"temperature must be <= {MAX_TEMPERATURE:g}, got {t:g}: beyond it the Gumbel-max "
+                f"temperature must be <= {MAX_TEMPERATURE:g}, got {shown}: beyond it the Gumbel-max "
                 "draw overflows in float64 (and at 100 it is already nearly uniform over the vocabulary)"
             )
         for name in ("temperature", "cfg_scale", "repetition_penalty"):

@@ -479,3 +479,16 @@ def test_a_request_added_before_generate_keeps_its_outputs(golden, how):
             break
     assert seen and seen[-1].finished and seen[-1].tokens == alone.tokens
     assert engine.step() == []  # nothing held twice
+
+
+def test_a_stream_left_early_leaves_nothing_held(golden):
+    """A consumer that stops reading a stream: its requests end at once, and none of their outputs stays
+    held for a later step() (they grew with every abandoned stream)."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    params = SamplingParams(max_new_tokens=16, block_size=4, steps=16, early_stop=False)
+    for _ in range(3):
+        stream = engine.stream([[5, 6], [7, 8]], params)
+        next(stream)
+        stream.close()
+        engine.generate([[9, 10]], params)
+    assert not engine.has_unfinished() and engine._held == [] and engine.step() == []

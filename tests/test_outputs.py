@@ -173,7 +173,9 @@ def test_an_input_is_refused_under_any_name(tmp_path, name):
 
 
 def test_an_input_that_does_not_exist_or_is_not_a_file_is_no_obstacle(tmp_path):
-    assert check_file_output(str(tmp_path / "out.txt"), inputs=(str(tmp_path / "none"), "/dev/null")) is not None
+    out = tmp_path / "out.txt"
+    out.write_text("an earlier answer")  # an existing output: the inputs are really compared with it
+    assert check_file_output(str(out), inputs=(str(tmp_path / "none"), "/dev/null", str(tmp_path))) is not None
 
 
 @pytest.mark.parametrize("case,message", [

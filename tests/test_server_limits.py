@@ -139,6 +139,27 @@ def test_stalled_connections_neither_block_nor_stay(server):
             sock.close()
 
 
+def test_a_kept_alive_connection_owes_its_next_headers_in_time_too(server):
+    """After a first request answered on a kept-alive connection, half of a second request's headers and
+    then silence: closed at --timeout-header (2 s here), though uvicorn's keep-alive timer stopped at the
+    first new byte."""
+    sock = server.connect()
+    try:
+        raw_http(sock, "GET /health HTTP/1.1\nhost: x\n")
+        status, _ = read_response(sock, timeout=5)
+        assert status == 200
+        sock.sendall(b"GET /health HTTP/1.1\r\nho")
+        sock.settimeout(4)
+        t = time.perf_counter()
+        try:
+            assert sock.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        assert time.perf_counter() - t < 3.5
+    finally:
+        sock.close()
+
+
 def test_connections_beyond_the_cap_are_closed_as_they_arrive():
     """--max-connections 20: of 30 silent connections the last 10 are closed at once, the first 20 at
     the header timeout (2 s); then the server answers again."""

@@ -137,8 +137,10 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request (from any thread): its slot is freed at the next step, which reports it
-        finished with finish_reason "abort". Unknown or finished ids are ignored; an id that is not a
-        string (never one of this engine's) is refused."""
+        finished with finish_reason "abort". The id is looked up at that step, so an abort that overtakes
+        its request's add (another thread still building it) still applies; ids unknown then, or
+        finished, are ignored. Do not reuse an id within the step in which you aborted it. An id that is
+        not a string (never one of this engine's) is refused."""
         _check_request_id(request_id)
         with self._lock:
             self._inbox.append(("abort", request_id))
@@ -213,9 +215,11 @@ class Engine:
                         if out.finished:
                             pending.discard(out.request_id)
                         yield out
-        finally:
-            for rid in pending:  # a consumer that stopped early: its requests end at the next step
+        finally:  # a consumer that stopped early: its requests end now, their outputs with them
+            for rid in pending:
                 self.abort(rid)
+            if pending:
+                self._held += [out for out in self._drain_inbox() if out.request_id not in ids_set]
 
     def canvas(self, request_id: str) -> list[int]:
         """The current canvas (prompt, committed tokens, masks) of a request not yet reported finished."""

@@ -121,11 +121,12 @@ async def read_body(receive, limit: int, timeout: float) -> bytes:
     """The request body, counted as it arrives (with a Content-Length or chunked): 413 past `limit`
     bytes, before more is held; 408 if the whole body takes longer than `timeout` seconds."""
     aloop = asyncio.get_running_loop()
-    deadline = aloop.time() + timeout
+    deadline = aloop.time() + timeout if timeout > 0 else None  # 0: no deadline, as --timeout-header's 0
     parts, total = [], 0
     while True:
         try:
-            message = await asyncio.wait_for(receive(), max(0.0, deadline - aloop.time()))
+            left = None if deadline is None else max(0.0, deadline - aloop.time())
+            message = await asyncio.wait_for(receive(), left)
         except asyncio.TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--timeout-body)") from None
         if message["type"] == "http.disconnect":

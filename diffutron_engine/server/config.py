@@ -22,8 +22,8 @@ class ServerConfig:
     - max_n: choices per prompt.
     - max_connections: open connections; one beyond is closed as it is accepted.
     - timeout_header: seconds from a connection's first byte (or its previous response) to the end of
-      a request's headers; a connection that takes longer is closed.
-    - timeout_body: seconds to read a whole request body (408 past it).
+      a request's headers; a connection that takes longer is closed (0: no limit).
+    - timeout_body: seconds to read a whole request body (408 past it); 0: no limit, as for the others.
     - timeout_keep_alive: seconds an idle keep-alive connection stays open.
     - drain_timeout: on SIGTERM/SIGINT, seconds the requests in flight have to finish; the ones still
       running then end with an error (503, or an SSE error event).

@@ -75,7 +75,7 @@ def guarded_protocol(base: type, config: ServerConfig, max_connections: int) -> 
     class GuardedProtocol(base):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._header_timer = None
+            self._header_timer, self._header_for = None, None
             if len(self.connections) > max_connections:  # over the cap: closed before it costs more
                 transport.abort()
                 return
@@ -83,8 +83,13 @@ def guarded_protocol(base: type, config: ServerConfig, max_connections: int) -> 
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            # bytes of a next request on a kept-alive connection: its headers are due in time too
-            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+            # bytes of a next request on a kept-alive connection: its headers are due in time too. A timer
+            # still pending from an earlier request is replaced; one armed for this wait is kept, so bytes
+            # trickled one at a time never push the deadline back.
+            if (self.cycle is None or self.cycle.response_complete) and (
+                    self._header_timer is None or self._header_for is not self.cycle):
+                if self._header_timer is not None:
+                    self._header_timer.cancel()
                 self._arm_header_timer()
 
         def connection_lost(self, exc) -> None:
@@ -94,6 +99,7 @@ def guarded_protocol(base: type, config: ServerConfig, max_connections: int) -> 
             super().connection_lost(exc)
 
         def _arm_header_timer(self) -> None:
+            self._header_for = self.cycle
             if config.timeout_header > 0:
                 self._header_timer = self.loop.call_later(config.timeout_header, self._header_timeout, self.cycle)
 
