@@ -492,3 +492,28 @@ def test_a_stream_left_early_leaves_nothing_held(golden):
         stream.close()
         engine.generate([[9, 10]], params)
     assert not engine.has_unfinished() and engine._held == [] and engine.step() == []
+
+
+def test_on_step_sees_each_step_of_the_call_and_can_end_it(golden):
+    """generate/infill/stream call on_step after every step with that step's outputs of their own
+    requests (never another caller's); an on_step that raises ends the call and leaves nothing behind."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    params = SamplingParams(max_new_tokens=8, block_size=4, steps=8, early_stop=False)
+    other = engine.add_request([9, 10], params, request_id="other")
+    seen = []
+    outs = engine.generate([[5, 6], [7, 8]], params, on_step=seen.append)
+    assert sum(o.committed for step in seen for o in step) == 16 and seen[-1] and all(
+        o.request_id != other for step in seen for o in step)
+    assert [o.tokens for o in outs] == [o.tokens for o in Engine(golden.model, golden.tokenizer, max_batch=2).generate(
+        [[5, 6], [7, 8]], params)]
+    streamed = []
+    assert len(list(engine.stream([[5, 6]], params, on_step=streamed.append))) >= 1 and streamed
+
+    def stop(outputs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.infill([[5, golden.tokenizer.mask_token_id, 6]], params, on_step=stop)
+    while engine.has_unfinished():
+        engine.step()
+    assert not engine.has_unfinished() and engine._held == []

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from ..config import (CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST, FAST_PRESET, PRESETS, REMASKING, SamplerConfig, SamplingParams,
-                      check_backend_env, seed_for, with_defaults)
+                      check_backend_env, with_defaults)
 from ..errors import DiffutronError, check_utf8
 from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat, resolve_model_path
 from ..outputs import check_file_output, write_file
@@ -348,32 +348,26 @@ def _run_engine(lm, prompts, params: SamplingParams, cache: str, args) -> list[d
 
     # no more rows than prompts: the rows beyond them would be allocated and never used
     engine = Engine(lm.model, lm.tokenizer, max_batch=min(args.batch_size, len(prompts)), cache=cache)
-    ids = [engine.add_request(p.ids, params.override(seed=seed_for(params.seed, i)), index=i)
-           for i, p in enumerate(prompts)]
-    finals: dict[str, object] = {}
     progress = _Progress(1, unit="tokens")
     total = len(prompts) * params.max_new_tokens
     done = 0
+
+    def on_step(outputs) -> None:
+        nonlocal done
+        committed = sum(out.committed for out in outputs)
+        done += committed
+        if args.stream:
+            for out in outputs:
+                _print_event(out, args.json, len(prompts))
+        else:
+            progress(done, total, committed)
+
     try:
-        while engine.has_unfinished():
-            committed = 0
-            for out in engine.step():
-                committed += out.committed
-                if args.stream:
-                    _print_event(out, args.json, len(prompts))
-                if out.finished:
-                    finals[out.request_id] = out
-            done += committed
-            if not args.stream:
-                progress(done, total, committed)
+        finals = engine.generate([p.ids for p in prompts], params, on_step=on_step)  # prompt i: seed + i
     finally:
         progress.close()
-    results = []
-    for p, rid in zip(prompts, ids):
-        r = finals[rid]
-        results.append(dict(prompt=p.source, text=r.text, new_tokens=r.new_tokens, forward_passes=r.forward_passes,
-                            seconds=round(r.seconds, 4), seed=r.seed))
-    return results
+    return [dict(prompt=p.source, text=r.text, new_tokens=r.new_tokens, forward_passes=r.forward_passes,
+                 seconds=round(r.seconds, 4), seed=r.seed) for p, r in zip(prompts, finals)]
 
 
 def _print_event(out, as_json: bool, n_prompts: int) -> None:

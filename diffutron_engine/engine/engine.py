@@ -24,7 +24,7 @@ import threading
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -59,6 +59,10 @@ class RequestOutput:
     seed: int = 0
     seconds: float = 0.0  # from admission to the running batch until finished
     error: BaseException | None = None  # finish_reason "error": what the step that ran the request raised
+
+
+# called after every step of generate/infill/stream with that step's outputs of the call's requests
+OnStep = Callable[[list[RequestOutput]], None]
 
 
 def _check_request_id(request_id) -> None:
@@ -185,33 +189,37 @@ class Engine:
             raise StepFailed(outputs + failed, exc) from exc
 
     # ------------------------------------------------------------------ convenience loops
-    def generate(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 on_step: OnStep | None = None) -> list[RequestOutput]:
         """Answer every prompt; final outputs in prompt order. One SamplingParams for all (prompt i then
-        draws from seed + i, mod 2**63) or one per prompt. Drives the loop itself: do not call it while
-        another thread steps this engine. Requests added earlier with add_request run along (they share
-        the batch) and keep their outputs: the next step() returns them. A step that fails raises
-        StepFailed; the call's other requests are then aborted and the engine is ready for the next call."""
-        return self._run(prompts, params, infill=False)
+        draws from seed + i, mod 2**63) or one per prompt. `on_step(outputs)` is called after every step
+        with that step's outputs of this call's requests (progress, streaming, per-step histories).
+        Drives the loop itself: do not call it while another thread steps this engine. Requests added
+        earlier with add_request run along (they share the batch) and keep their outputs: the next step()
+        returns them. A step that fails (or an on_step that raises) ends the call: its other requests
+        are aborted and the engine is ready for the next call; a failed step raises StepFailed."""
+        return self._run(prompts, params, infill=False, on_step=on_step)
 
-    def infill(self, sequences: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
-               ) -> list[RequestOutput]:
-        """Fill the mask tokens inside each token sequence; final outputs in order."""
-        return self._run(sequences, params, infill=True)
+    def infill(self, sequences: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None,
+               on_step: OnStep | None = None) -> list[RequestOutput]:
+        """Fill the mask tokens inside each token sequence; final outputs in order (on_step as generate)."""
+        return self._run(sequences, params, infill=True, on_step=on_step)
 
-    def stream(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
-               ) -> Iterator[RequestOutput]:
-        """Yield each request's outputs as its text grows (non-empty deltas), then its final output.
-        A step that fails raises StepFailed (the call's other requests end at the next step). Requests
-        added earlier with add_request keep their outputs: the next step() returns them."""
+    def stream(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None,
+               on_step: OnStep | None = None) -> Iterator[RequestOutput]:
+        """Yield each request's outputs as its text grows (non-empty deltas), then its final output;
+        `on_step` as in generate. A step that fails raises StepFailed (the call's other requests end at
+        the next step). Requests added earlier with add_request keep their outputs: the next step()
+        returns them."""
         ids = self.add_requests(prompts, params)
         pending, ids_set = set(ids), set(ids)
         try:
             while pending:
-                for out in self.step():
-                    if out.request_id not in ids_set:
-                        self._held.append(out)  # another caller's request: its next step() gets it
-                    elif out.request_id in pending and (out.delta or out.finished):
+                mine = self._step_for(ids_set)
+                if on_step is not None:
+                    on_step(mine)
+                for out in mine:
+                    if out.request_id in pending and (out.delta or out.finished):
                         if out.finished:
                             pending.discard(out.request_id)
                         yield out
@@ -229,16 +237,23 @@ class Engine:
             raise DiffutronError(f"no running request {request_id!r}")
         return list(req.tokens)
 
-    def _run(self, prompts, params, infill: bool) -> list[RequestOutput]:
+    def _step_for(self, wanted: set) -> list[RequestOutput]:
+        """One step; the outputs of `wanted` requests. Others' outputs are held for their caller's next
+        step() (requests added with add_request before a generate/stream call)."""
+        mine = []
+        for out in self.step():
+            (mine if out.request_id in wanted else self._held).append(out)
+        return mine
+
+    def _run(self, prompts, params, infill: bool, on_step: OnStep | None = None) -> list[RequestOutput]:
         ids = self.add_requests(prompts, params, infill=infill)
         wanted, done = set(ids), {}
         try:
             while len(done) < len(ids):
-                for out in self.step():
-                    if out.request_id not in wanted:
-                        self._held.append(out)  # another caller's request: its next step() gets it
-                    elif out.finished:
-                        done[out.request_id] = out
+                mine = self._step_for(wanted)
+                done.update((out.request_id, out) for out in mine if out.finished)
+                if on_step is not None:
+                    on_step(mine)
         except BaseException as exc:  # interrupted, or a step failed: the rest are aborted now (this call
             # owns the loop), so that nothing of this call is left in the engine
             for rid in ids:

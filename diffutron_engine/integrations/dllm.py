@@ -121,26 +121,29 @@ class DiffutronSampler(_SamplerBase):
             per_request = [params.override(steps=per_block * max(1, math.ceil(len(p) / cfg.block_size)),
                                             seed=seed_for(seed, i)) for i, p in enumerate(seqs)]
         engine = self._get_engine(len(seqs), cfg.cache)
-        ids = engine.add_requests(seqs, per_request, infill=infill)
-        width = max(len(p) for p in seqs) + (0 if infill else n)
-        eos = engine.tokenizer.eos_token_id
+        eos, mask, bos = engine.tokenizer.eos_token_id, engine.tokenizer.mask_token_id, engine.tokenizer.bos_token_id
         device = next(self.model.parameters()).device
-        finals: dict[str, list[int]] = {}
+        # each row's canvas as the engine holds it: before the first step the prompt (BOS for an empty one
+        # under right shift, as the engine does) and its masks, then what every step reports
+        rows = [list(p) if infill else (list(p) or ([bos] if cfg.right_shift_logits else [])) + [mask] * n
+                for p in seqs]
+        width = max(len(row) for row in rows)
 
         def canvas() -> torch.Tensor:
-            x = torch.full((len(ids), width), eos, dtype=torch.long)
-            for i, rid in enumerate(ids):
-                row = finals[rid] if rid in finals else engine.canvas(rid)
+            x = torch.full((len(rows), width), eos, dtype=torch.long)
+            for i, row in enumerate(rows):
                 x[i, : len(row)] = torch.tensor(row)
             return x.to(device)
 
         histories = [canvas()] if cfg.return_dict else None
-        while len(finals) < len(ids):
-            for out in engine.step():
-                if out.finished:
-                    finals[out.request_id] = out.tokens
+
+        def on_step(outputs) -> None:
+            for out in outputs:
+                rows[out.index] = out.tokens if out.finished else engine.canvas(out.request_id)
             if histories is not None:
                 histories.append(canvas())
+
+        (engine.infill if infill else engine.generate)(seqs, per_request, on_step=on_step)
         x = canvas()
         if not cfg.return_dict:
             return x
