@@ -14,7 +14,8 @@ A file output (`generate --output`, reports, plots) is checked before any work, 
 
 A folder output (`train merge --out`) is written into a temporary folder beside it and renamed into place;
 an existing folder or file there is replaced only when it is an earlier output of the same command (its
-marker file says so) or the caller passes force, and never when it holds one of the command's inputs.
+marker file says so) or the caller passes force, and never when it is, holds or lies inside one of the
+command's inputs; it is checked again just before it is moved aside.
 """
 
 from __future__ import annotations
@@ -142,20 +143,54 @@ def write_text_file(path: str, text: str, what: str = "--output", inputs: tuple 
 
 
 # ----------------------------------------------------------------------------------------- folders
-def check_folder_output(path: str, what: str, marker: str, *, force: bool = False, inputs: tuple = ()) -> str:
+class FolderTarget(str):
+    """The absolute path check_folder_output accepted, remembering what it was checked against, so that
+    replace_folder checks it again, the same way, just before it moves what is there aside."""
+
+    given: str
+    what: str
+    force: bool
+    inputs: tuple
+
+    def __new__(cls, target: str, given: str, what: str, force: bool, inputs: tuple):
+        self = super().__new__(cls, target)
+        self.given, self.what, self.force, self.inputs = given, what, force, tuple(inputs)
+        return self
+
+
+def check_folder_output(path: str, what: str, marker: str, *, force: bool = False, inputs: tuple = ()) -> FolderTarget:
     """Resolve and check a folder output before any work; returns its absolute path. Refused: an empty
-    name, a path that is or holds one of `inputs`, and an existing file or non-empty folder that is not an
-    earlier output of this kind (no `marker` file in it) unless `force`."""
+    name, a path that is, holds or lies inside one of `inputs`, and an existing file or non-empty folder
+    that is not an earlier output of this kind (no `marker` file in it) unless `force`."""
     if not path:
         raise DiffutronError(f"{what} is empty: give a folder name")
     target = os.path.realpath(path)
+    _check_target(target, path, what, marker, force, inputs)
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise DiffutronError(f"cannot write {what} {path!r}: {parent!r} is not an existing folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DiffutronError(f"cannot write {what} {path!r}: its folder {parent!r} is not writable")
+    return FolderTarget(target, path, what, force, inputs)
+
+
+def _check_target(target: str, path: str, what: str, marker: str, force: bool, inputs: tuple) -> None:
+    """What may be replaced at `target` (the resolved `path`): see check_folder_output."""
     for name in inputs:
         if not name or not os.path.exists(name):
             continue
         held = os.path.realpath(name)
+        if held == target and not os.path.isdir(held):
+            raise DiffutronError(f"{what} {path!r} is the input file {name!r}: replacing it would destroy it; "
+                                 "give a new folder")
         if held == target or held.startswith(target.rstrip(os.sep) + os.sep):
             raise DiffutronError(f"{what} {path!r} holds the input {name!r}: replacing it would destroy it; "
                                  "give a new folder")
+        # force replaces what is at the target, never an input: an output inside an input folder (or in
+        # place of an input file) would rewrite what the command reads
+        if target.startswith(held.rstrip(os.sep) + os.sep):
+            raise DiffutronError(f"{what} {path!r} is inside the input {name!r}: writing there would change it; "
+                                 "give a folder outside it")
     if os.path.lexists(target):
         if not os.path.isdir(target):
             if not force:
@@ -164,24 +199,23 @@ def check_folder_output(path: str, what: str, marker: str, *, force: bool = Fals
         elif os.listdir(target) and not os.path.isfile(os.path.join(target, marker)) and not force:
             raise DiffutronError(f"{what} {path!r} is a folder with other content (no {marker} of an earlier "
                                  "output); give a new or empty folder (or --force to replace it)")
-    parent = os.path.dirname(target)
-    if not os.path.isdir(parent):
-        raise DiffutronError(f"cannot write {what} {path!r}: {parent!r} is not an existing folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DiffutronError(f"cannot write {what} {path!r}: its folder {parent!r} is not writable")
-    return target
 
 
 def replace_folder(target: str, write, marker: str, marker_content: dict) -> None:
     """write(tmp) into a temporary folder beside `target`, add the marker, then rename it into place. What
-    was at `target` (checked by check_folder_output) is moved aside first and deleted only once the new
-    folder is in place."""
+    was at `target` is checked again as check_folder_output checked it (with its force and inputs when
+    `target` is what it returned; else neither) just before it is moved aside, since the writing may
+    have taken an hour: it is moved aside first and deleted only once the new folder is in place."""
     parent, name = os.path.dirname(target), os.path.basename(target)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
     try:
         write(tmp)
         with open(os.path.join(tmp, marker), "w") as f:
             json.dump(marker_content, f, indent=1)
+        if isinstance(target, FolderTarget):
+            _check_target(str(target), target.given, target.what, marker, target.force, target.inputs)
+        else:
+            _check_target(target, target, "the output folder", marker, False, ())
         aside = None
         if os.path.lexists(target):
             aside = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)

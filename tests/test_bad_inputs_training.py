@@ -233,6 +233,13 @@ CASES = [
          files={"out": b"precious\n"}, in_process=False),
     Case("final not ours", (*CPT, *DATA), "out/final is in the way of this run's final model: no manifest.json says "
          "this package wrote it", files={"out": _in(_user_folder, "final", _user_folder)}),
+    Case("final with an empty manifest", (*CPT, *DATA, *SMALL), "out/final is in the way of this run's final model: "
+         "its manifest.json is not one this package writes",
+         files={"out": _in(_user_folder, "final", _folder(**{"manifest.json": b"{}", "notes.txt": b"mine\n"}))},
+         needs=("peft",)),
+    Case("an earlier run's checkpoints", (*CPT, *DATA, *SMALL), "out holds checkpoints of an earlier run "
+         "(checkpoint-2 and 1 more); resume it with --resume latest, or choose another --output-dir",
+         files={"out": _run_with(lambda folder: None)}, needs=("peft",)),
     Case("loss plot a folder", (*CPT, *DATA), "the loss plot '{tmp}/out/loss.png' is a folder",
          files={"out": _in(_user_folder, "loss.png", _user_folder)}),
     Case("metrics file is the data", (*CPT, "--data", "{tmp}/out/metrics.jsonl"),
@@ -248,6 +255,10 @@ CASES = [
          needs=("peft",)),
     Case("merge into the adapter's folder", ("train", "merge", "--adapter", "final", "--out", "."),
          "--out '.' holds the input 'final'", files={"final": _adapter, "notes.txt": b"mine\n"}, needs=("peft",)),
+    Case("merge forced onto the adapter's weights", (*MERGE, "--out", "{tmp}/adapter/adapter_model.safetensors",
+                                                     "--force"),
+         "--out '{tmp}/adapter/adapter_model.safetensors' is inside the input '{tmp}/adapter'",
+         files={"adapter": _adapter}, needs=("peft",)),
     Case("merge onto a file", (*MERGE, "--out", "{tmp}/file.txt"), "is an existing file; give a new folder (or --force",
          files={"adapter": _adapter, "file.txt": b"mine\n"}, needs=("peft",)),
     Case("merge onto a user folder", (*MERGE, "--out", "{tmp}/mine"), "is a folder with other content",
@@ -407,3 +418,21 @@ def test_merge_takes_the_bundled_base_and_replaces_only_its_own_outputs(tmp_path
     assert os.path.isfile(tmp_path / "mine" / "merged.json") and not os.path.exists(tmp_path / "mine" / "notes.txt")
     assert snapshot(str(tmp_path / "adapter")) == adapter
     assert sorted(os.listdir(tmp_path)) == ["adapter", "merged", "mine"]  # no temporary or set-aside folder left
+
+
+# ------------------------------------------------------------------------------------------ data bounds
+def test_a_json_data_file_beyond_its_bound_is_one_line(tmp_path, capfd, monkeypatch):
+    """A .json data file is read whole: beyond the bound (1 GiB; lowered here) it is refused with one line
+    naming the file and the bound, before it is read."""
+    from diffutron_engine.cli.main import main
+    from diffutron_engine.training import dataset
+
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"text": "Merhaba dünya"}] * 20))
+    monkeypatch.setattr(dataset, "MAX_JSON_BYTES", 100)
+    capfd.readouterr()
+    code = main(["train", "cpt", "--model", "tiny-tr", "--output-dir", str(tmp_path / "out"), "--data", str(data)])
+    out, err = capfd.readouterr()
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err[-2000:]
+    assert f"data file '{data}' is larger than 100 bytes, the bound for a .json file (read whole)" in err
+    assert not (tmp_path / "out").exists()

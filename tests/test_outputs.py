@@ -258,6 +258,24 @@ def test_a_folder_holding_an_input_is_refused_even_forced(tmp_path, input_name):
         check_folder_output(str(tmp_path / "out"), "--out", MARKER, force=True, inputs=(str(tmp_path / input_name),))
 
 
+@pytest.mark.parametrize("out, message", [
+    ("adapter/adapter_model.safetensors", "is inside the input"),
+    ("adapter/new", "is inside the input"),
+    ("adapter/sub/deeper", "is inside the input"),
+    ("weights.bin", "is the input file"),
+])
+def test_a_target_inside_an_input_or_an_input_file_is_refused_even_forced(tmp_path, out, message):
+    """Force replaces what is at the target, never an input: not the adapter's weights file (by a folder),
+    nor a new folder written inside the adapter's folder, nor an input file itself."""
+    _folder(tmp_path / "adapter", {"adapter_model.safetensors": "weights"})
+    (tmp_path / "adapter" / "sub").mkdir()
+    (tmp_path / "weights.bin").write_text("w")
+    inputs = (str(tmp_path / "adapter"), str(tmp_path / "weights.bin"))
+    with pytest.raises(DiffutronError, match=message):
+        check_folder_output(str(tmp_path / out), "--out", MARKER, force=True, inputs=inputs)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "weights"
+
+
 def test_a_sibling_with_the_same_prefix_is_not_held(tmp_path):
     _folder(tmp_path / "out-adapter", {"w": "w"})
     check_folder_output(str(tmp_path / "out"), "--out", MARKER, inputs=(str(tmp_path / "out-adapter"),))
@@ -312,6 +330,39 @@ def test_replace_folder_leaves_the_old_folder_when_writing_fails(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "old.txt"]
     assert (tmp_path / "out" / "old.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("put", ["a user's folder", "a user's file"])
+def test_replace_folder_checks_the_target_again_before_moving_it_aside(tmp_path, put):
+    """What was checked before the (long) writing is checked again just before the old target is moved
+    aside: a folder or file put there meanwhile is not replaced without force, and stays as it was."""
+    target = check_folder_output(str(tmp_path / "out"), "--out", MARKER)
+
+    def write(folder):
+        _write({"a.txt": "new"})(folder)
+        if put == "a user's folder":
+            _folder(tmp_path / "out", {"thesis.tex": "years of work"})
+        else:
+            (tmp_path / "out").write_text("years of work")
+
+    with pytest.raises(DiffutronError, match="a folder with other content|is an existing file"):
+        replace_folder(target, write, MARKER, {})
+    kept = tmp_path / "out" / "thesis.tex" if put == "a user's folder" else tmp_path / "out"
+    assert kept.read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_replace_folder_keeps_what_the_check_accepted(tmp_path):
+    """A forced target stays forced (the check's decision travels with the path it returns); a plain
+    path is checked again without force."""
+    _folder(tmp_path / "out", {"thesis.tex": "old"})
+    target = check_folder_output(str(tmp_path / "out"), "--out", MARKER, force=True)
+    replace_folder(target, _write({"a.txt": "new"}), MARKER, {})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt", MARKER]
+    _folder(tmp_path / "mine", {"thesis.tex": "mine"})
+    with pytest.raises(DiffutronError, match="a folder with other content"):
+        replace_folder(str(tmp_path / "mine"), _write({"a.txt": "new"}), MARKER, {})
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "mine"
 
 
 # ------------------------------------------------------------------------------ generate --output

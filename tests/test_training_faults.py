@@ -13,12 +13,16 @@ import pytest
 import torch
 
 from diffutron_engine import DiffutronError
+from diffutron_engine.loading import BUNDLED_MODELS
 from diffutron_engine.training import checkpoints as ck
 from diffutron_engine.training.config import load_config, parse_value
 from diffutron_engine.training.trainer import Trainer, TrainingDiverged, _checkpoints
 
 from test_training import TEXT  # noqa: E402  (the training tests' small run, with its data)
 from test_training import _cfg as _training_cfg  # noqa: E402
+
+
+BUNDLED = BUNDLED_MODELS["tiny-tr"]
 
 
 def _cfg(model, out, **kw):
@@ -77,6 +81,55 @@ def test_yaml_file_numbers_in_any_spelling(tmp_path):
         (2e-4, 0.01, 100, ["Wqkv", "Wo"], ["a.txt"])
 
 
+# seven levels of YAML aliases, ten references each: 10**7 items in about 400 bytes
+ALIASES = "[&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], " + ", ".join(
+    f"&{b} [{', '.join([f'*{a}'] * 10)}]" for a, b in zip("abcdef", "bcdefg")) + "]"
+
+
+@pytest.mark.parametrize("key", ["lr", "max_steps", "lora", "model", "lora_targets", "resume"])
+def test_a_value_nested_by_yaml_aliases_is_shown_in_a_short_line(tmp_path, key):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"train_files: a.txt\n{key}: {ALIASES}\n")
+    assert len(y.read_bytes()) < 500
+    with pytest.raises(DiffutronError) as err:
+        load_config(None, str(y))
+    assert f"invalid training config: {key} must be" in str(err.value)
+    assert len(str(err.value)) < 300 and "\n" not in str(err.value)
+
+
+def test_showing_a_nested_value_reads_only_what_the_line_holds():
+    """An error line's value is formatted a few levels and items deep, not in full and then cut: the
+    full repr of ten million shared items is tens of megabytes, and costs what it holds."""
+    from diffutron_engine.training.config import _show
+
+    shown = []
+
+    class Item:
+        def __repr__(self):
+            shown.append(1)
+            return "x"
+
+    nested = [Item()] * 10
+    for _ in range(6):
+        nested = [nested] * 10
+    assert len(_show(nested)) < 80 and len(shown) < 1000
+
+
+def test_resume_settings_nested_by_shared_references_are_shown_in_a_short_line():
+    """A checkpoint's settings come from its trainer state, a pickle: shared references nest like YAML
+    aliases, and the line naming the settings that cannot change stays short."""
+    from types import SimpleNamespace
+
+    nested = [1] * 10
+    for _ in range(6):
+        nested = [nested] * 10
+    cfg = load_config(None, None, {"train_files": ["a.txt"]})
+    trainer = SimpleNamespace(cfg=cfg, total_steps=10, _FIXED_ON_RESUME=Trainer._FIXED_ON_RESUME)
+    with pytest.raises(DiffutronError) as err:
+        Trainer._check_resume_settings(trainer, "ckpt", {"step": 1, "optimizer": {}, "config": {"seed": nested}})
+    assert "cannot change on resume: seed 0 (checkpoint: [[[" in str(err.value) and len(str(err.value)) < 500
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 @pytest.mark.needs("peft")
 def test_checkpoints_carry_a_manifest_that_verifies(tiny_checkpoint, tmp_path):
@@ -122,13 +175,14 @@ def test_leftovers_of_killed_saves_and_prunes_are_removed_at_start(tiny_checkpoi
     os.makedirs(tmp_path / ".tmp-checkpoint-6-1234")  # a save killed before its rename
     (tmp_path / ".tmp-checkpoint-6-1234" / "model.safetensors").write_bytes(b"partial")
     os.makedirs(tmp_path / ".trash-checkpoint-1")  # a prune killed before its delete finished
-    os.makedirs(tmp_path / "checkpoint-9")  # an older version's half-deleted checkpoint
+    os.makedirs(tmp_path / "checkpoint-9")  # no manifest: nothing says it is ours, so it stays
     (tmp_path / "checkpoint-9" / "adapter_config.json").write_text("{}")
     logs = []
-    Trainer(_cfg(tiny_checkpoint, tmp_path, max_steps=2), log=logs.append)
+    Trainer(_cfg(tiny_checkpoint, tmp_path, max_steps=2, resume="latest"), log=logs.append)
     left = sorted(os.listdir(tmp_path))
-    assert not [n for n in left if n.startswith((".tmp", ".trash"))] and "checkpoint-9" not in left
-    assert "checkpoint-2" in left and any("leftovers" in l for l in logs)
+    assert not [n for n in left if n.startswith((".tmp", ".trash"))]
+    assert (tmp_path / "checkpoint-9" / "adapter_config.json").read_text() == "{}"
+    assert "checkpoint-2" in left and any("cleaned up after interrupted saves" in l for l in logs)
 
 
 @pytest.mark.needs("peft")
@@ -152,7 +206,7 @@ def test_pruning_renames_before_deleting(tiny_checkpoint, tmp_path, monkeypatch)
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".trash-")) == [".trash-checkpoint-1",
                                                                                 ".trash-checkpoint-2"]
     monkeypatch.setattr(shutil, "rmtree", real)
-    Trainer(_cfg(tiny_checkpoint, tmp_path, max_steps=3), log=lambda s: None)
+    Trainer(_cfg(tiny_checkpoint, tmp_path, max_steps=3, resume="latest"), log=lambda s: None)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".trash-")]
 
 
@@ -166,6 +220,29 @@ def test_folders_that_are_not_ours_are_never_removed_nor_pruned(tiny_checkpoint,
     _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4, save_every=1, keep_last=1))
     assert sorted(os.listdir(foreign)) == ["optimizer.pt", "trainer_state.json", "training_args.bin"]
     assert _names(tmp_path) == ["checkpoint-4"]
+
+
+@pytest.mark.needs("peft")
+def test_a_new_run_into_a_folder_holding_an_earlier_runs_checkpoints_is_refused(tiny_checkpoint, tmp_path):
+    """A new run's saves would be mixed with the earlier run's: pruning (the highest steps kept) would
+    delete them and --resume latest would take the earlier run's newest. Refused before any work, and
+    again after the start's cleanup finished an earlier save killed before its rename."""
+    from test_bad_inputs_training import snapshot
+
+    _train(_cfg(tiny_checkpoint, tmp_path, max_steps=4))  # checkpoints 2 and 4, final
+    before = snapshot(str(tmp_path))
+    with pytest.raises(DiffutronError) as err:
+        Trainer(_cfg(tiny_checkpoint, tmp_path, max_steps=2), log=lambda s: None)
+    assert str(err.value) == (f"{tmp_path} holds checkpoints of an earlier run (checkpoint-4 and 1 more); resume it "
+                              "with --resume latest, or choose another --output-dir (or move them away)")
+    assert snapshot(str(tmp_path)) == before
+    for step in (2, 4):
+        os.replace(tmp_path / f"checkpoint-{step}", tmp_path / f".tmp-checkpoint-{step}-999")
+    trainer = Trainer(_cfg(tiny_checkpoint, tmp_path, max_steps=2), log=lambda s: None)  # cleanup: back in place
+    with pytest.raises(DiffutronError, match="holds checkpoints of an earlier run \\(checkpoint-4 and 1 more\\)"):
+        trainer.train()
+    assert _names(tmp_path) == ["checkpoint-2", "checkpoint-4"]
+    assert ck.verify(str(tmp_path / "checkpoint-4")) is None
 
 
 @pytest.mark.needs("peft")
@@ -488,22 +565,113 @@ def test_a_run_and_its_pruning_leave_everything_else_in_output_dir(tiny_checkpoi
 
 
 def test_cleanup_and_remove_touch_only_what_this_package_writes(tmp_path):
-    """clean() removes a checkpoint-N of only our file names, never one holding a folder (however it is
-    named); remove() refuses anything that is not a checkpoint of ours."""
+    """clean() removes only temporary and trash folders named as this package names them (and holding no
+    folder), never a checkpoint-N without a manifest of ours, whatever files it holds; remove() refuses
+    anything that is not a checkpoint of ours."""
     debris = tmp_path / "checkpoint-7"
     debris.mkdir()
     (debris / "config.json").write_text("{}")
     (debris / "tokenizer_backup").mkdir()  # named like our tokenizer files, but a user's folder
     (debris / "tokenizer_backup" / "vocab.txt").write_text("mine")
-    (tmp_path / "checkpoint-8").mkdir()
-    (tmp_path / "checkpoint-8" / "config.json").write_text("{}")  # our debris: removed
+    export = tmp_path / "checkpoint-100"  # a user's save_pretrained export: our file names, no manifest
+    export.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (export / name).write_text("mine")
+    for leftover in (".tmp-checkpoint-3-77", ".trash-checkpoint-2", ".tmp-final-5", ".trash-final"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_text("partial")
+    (tmp_path / ".trash-checkpoint-4").mkdir()  # our name, but holding a folder: not what a prune leaves
+    (tmp_path / ".trash-checkpoint-4" / "sub").mkdir()
     (tmp_path / "notes").mkdir()
     acted = ck.clean(str(tmp_path), log=lambda s: None)
-    assert acted == ["checkpoint-8"] and (debris / "tokenizer_backup" / "vocab.txt").read_text() == "mine"
-    for folder in (debris, tmp_path / "notes"):
+    assert sorted(acted) == [".tmp-checkpoint-3-77", ".tmp-final-5", ".trash-checkpoint-2", ".trash-final"]
+    assert sorted(os.listdir(tmp_path)) == [".trash-checkpoint-4", "checkpoint-100", "checkpoint-7", "notes"]
+    assert (debris / "tokenizer_backup" / "vocab.txt").read_text() == "mine"
+    assert sorted(os.listdir(export)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    for folder in (debris, export, tmp_path / "notes"):
         with pytest.raises(DiffutronError, match="refusing to delete"):
             ck.remove(str(folder))
         assert folder.is_dir()
+
+
+def _checkpoint_of_ours(folder, step=1):
+    """A checkpoint folder as a save leaves it (a trainer state and a config, then the manifest)."""
+    folder.mkdir()
+    (folder / ck.STATE).write_bytes(b"state")
+    (folder / "config.json").write_text("{}")
+    ck.write_manifest(str(folder), step)
+
+
+@pytest.mark.parametrize("manifest, extra, why", [
+    ("{}", "notes.txt", "its manifest.json is not one this package writes"),
+    ('{"files": {}}', "notes.txt", "its manifest.json is not one this package writes"),
+    ('{"format": 1, "step": 1, "files": {"notes.txt": {"size": 5, "sha256": "x"}}}', "notes.txt",
+     "its manifest.json is not one this package writes"),
+    (None, "notes.txt", "it holds 'notes.txt', which its manifest.json does not list"),
+    (None, "backup/", "it holds 'backup', which its manifest.json does not list"),
+])
+def test_a_manifest_makes_a_folder_ours_only_when_it_lists_all_the_folder_holds(tmp_path, manifest, extra, why):
+    """A file named manifest.json is not enough: it must read as one a save writes (format, step, sizes
+    and SHA-256s) and list everything in the folder. Else the folder is not replaced, removed, pruned,
+    set aside or counted as an earlier run's."""
+    for name in ("final", "checkpoint-1"):
+        folder = tmp_path / name
+        _checkpoint_of_ours(folder)
+        if manifest is not None:
+            (folder / ck.MANIFEST).write_text(manifest)
+        if extra.endswith("/"):
+            (folder / extra).mkdir()
+        else:
+            (folder / extra).write_text("my notes\n")
+        assert ck.replaceable(str(folder)).startswith(why)
+        with pytest.raises(DiffutronError, match="refusing to delete"):
+            ck.remove(str(folder))
+        assert (folder / ck.STATE).read_bytes() == b"state"
+    assert ck.ours(str(tmp_path)) == [] and ck.earlier_run(str(tmp_path)) == []
+    ck.prune(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "final"]
+
+
+def test_a_manifest_of_ours_makes_a_folder_ours(tmp_path):
+    """What a save writes is ours: replaceable, counted, pruned (the oldest first)."""
+    for step in (1, 2):
+        _checkpoint_of_ours(tmp_path / f"checkpoint-{step}", step)
+    assert ck.replaceable(str(tmp_path / "checkpoint-1")) is None
+    assert _names(tmp_path) == ["checkpoint-1", "checkpoint-2"]
+    ck.prune(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]
+
+
+def test_an_older_versions_final_without_a_manifest_is_ours(tmp_path):
+    """Older versions wrote final/ without a manifest: one holding only a final model's files (or nothing)
+    is replaceable; one holding anything else is not."""
+    final = tmp_path / "final"
+    final.mkdir()
+    assert ck.replaceable(str(final)) is None  # empty: nothing to lose
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "adapter_config.json", "adapter_model.safetensors", "README.md"):
+        (final / name).write_text("x")
+    assert ck.replaceable(str(final)) is None and ck.older_final(str(final))
+    (final / "notes.txt").write_text("mine")
+    assert ck.replaceable(str(final)) == "no manifest.json says this package wrote it"
+    (final / "notes.txt").unlink()
+    (final / ck.STATE).write_bytes(b"a checkpoint's file, not a final model's")
+    assert ck.replaceable(str(final)) == "no manifest.json says this package wrote it"
+    assert ck.replaceable(str(tmp_path / "checkpoint-1")) is None  # absent
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1" / "config.json").write_text("{}")  # the final rule is for final/ only
+    assert ck.replaceable(str(tmp_path / "checkpoint-1")) == "no manifest.json says this package wrote it"
+
+
+def test_a_new_run_replaces_an_older_versions_final_with_a_warning(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(BUNDLED, out / "final")  # config, weights and tokenizer files: what a final model holds
+    logs = []
+    res = _train(_cfg("tiny-tr", out, max_steps=1, lora=False, save_every=1), logs)
+    assert any(l.startswith(f"warning: {out / 'final'} has no manifest.json (an older version wrote it)")
+               for l in logs), logs
+    assert res["final_model"] == str(out / "final") and ck.ours_why_not(str(out / "final")) is None
 
 
 def test_a_diverged_run_exits_1_with_one_line_not_2(monkeypatch, capsys):

@@ -8,15 +8,20 @@ written. Old checkpoints are pruned by renaming them to `.trash-checkpoint-N` (a
 so a kill during pruning never leaves a half-deleted `checkpoint-N`; a checkpoint that is rewritten is
 renamed away the same way before its new copy is renamed into place.
 
+A folder is ours (`ours_why_not`) when its manifest reads as one this package writes (format 1, a step,
+each file's size and SHA-256) and the folder holds nothing the manifest does not list: a file that merely
+is named manifest.json does not make a user's folder ours. Without a manifest, two kinds of folder that
+older versions wrote are ours too: a `checkpoint-N` holding its trainer state and only files a save
+names, and a `final` holding only files a final model has (older versions wrote final/ without a
+manifest).
+
 At the next start (clean): a `.tmp-checkpoint-N-PID` whose manifest verifies while `checkpoint-N` is
 missing is a save killed between its two renames, and is renamed into place; other folders named as
 this package names its temporary and trash folders (`.tmp-checkpoint-N-PID`, `.tmp-final-PID`,
-`.trash-checkpoint-N`, `.trash-final`) are removed; so are `checkpoint-N` folders without a manifest that
-hold only regular files named as this package names them and no trainer state (debris of an
-interrupted delete by an older version). Nothing else in the output folder is ever deleted: another
-trainer's `checkpoint-N` (files we never write) is neither touched nor counted by pruning (only
-checkpoints with a manifest are ours), and a save refuses to replace a `checkpoint-N` or `final` that is
-not ours (`replaceable`).
+`.trash-checkpoint-N`, `.trash-final`) and holding no folder are removed. Nothing else in the output
+folder is ever deleted: a `checkpoint-N` without a manifest of ours (another trainer's, a user's
+save_pretrained export) is neither touched nor counted by pruning, and a save refuses to replace a
+`checkpoint-N` or `final` that is not ours (`replaceable`).
 
 A manifest names plain file names inside its folder only: it is a file anyone may write, and
 verification must never read, and vouch for, a file elsewhere.
@@ -40,10 +45,14 @@ MAX_MANIFEST_BYTES = 2**24  # a manifest, a config or a metrics line is kilobyte
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 _TMP = re.compile(r"^\.tmp-(checkpoint-\d+|final)-\d+$")
 _TRASH = re.compile(r"^\.trash-(checkpoint-\d+|final)(-\d+)?$")
-# what a save of this package writes into a checkpoint folder (model or adapter, tokenizer, state)
-_OUR_FILES = re.compile(r"^(model.*\.safetensors|model\.safetensors\.index\.json|adapter_model\.safetensors|"
-                        r"adapter_config\.json|config\.json|generation_config\.json|tokenizer.*|special_tokens_map"
-                        r"\.json|chat_template\.jinja|README\.md|trainer_state\.pt|train_config\.json|manifest\.json(\.tmp)?)$")
+# what a save of this package writes into final/ (model or adapter, tokenizer), and into a checkpoint
+# folder (the same, its trainer state, its settings and its manifest)
+_MODEL_FILES = (r"model.*\.safetensors|model\.safetensors\.index\.json|adapter_model\.safetensors|"
+                r"adapter_config\.json|config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|"
+                r"chat_template\.jinja|README\.md")
+_FINAL_FILES = re.compile(rf"^({_MODEL_FILES})$")
+_OUR_FILES = re.compile(rf"^({_MODEL_FILES}|trainer_state\.pt|train_config\.json|manifest\.json(\.tmp)?)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -128,27 +137,59 @@ def verify(folder: str) -> str | None:
     return None
 
 
+def ours_why_not(folder: str) -> str | None:
+    """None if the manifest of `folder` is one this package writes and lists everything the folder holds
+    (see the module docstring), else why the folder is not ours by its manifest."""
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return "it is not a folder"
+    try:
+        manifest = read_manifest(folder)
+    except FileNotFoundError:
+        return "no manifest.json says this package wrote it"
+    except (OSError, ValueError) as exc:
+        return f"its manifest.json is not one this package writes ({str(exc)[:200] or type(exc).__name__})"
+    step = manifest.get("step")
+    if manifest.get("format") != 1 or not isinstance(step, int) or isinstance(step, bool) or step < 0 or not all(
+            isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str) and _SHA256.match(m["sha256"])
+            for m in manifest["files"].values()):
+        return "its manifest.json is not one this package writes (no format 1, step, sizes and SHA-256s)"
+    listed = manifest["files"]
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name != MANIFEST and (name not in listed or (os.path.isdir(path) and not os.path.islink(path))):
+            return f"it holds {name[:80]!r}, which its manifest.json does not list"
+    return None
+
+
 def replaceable(folder: str) -> str | None:
-    """None if `folder` may be replaced by a new save of the same name (absent, or written by this
-    package: a manifest, or an older version's checkpoint holding its trainer state and only files of
-    ours), else why not: what a run replaces must be its own."""
+    """None if `folder` may be replaced by a new save of the same name (absent, or ours: see
+    `ours_why_not` and `older_final`), else why not: what a run replaces must be its own."""
     if not os.path.lexists(folder):
         return None
     if os.path.islink(folder) or not os.path.isdir(folder):
         return "it is not a folder"
-    if os.path.isfile(os.path.join(folder, MANIFEST)):
-        return None
+    if os.path.lexists(os.path.join(folder, MANIFEST)):
+        return ours_why_not(folder)
     if _CKPT.match(os.path.basename(folder)) and os.path.isfile(os.path.join(folder, STATE)) and \
-            _only_our_files(folder):
+            _only_files(folder, _OUR_FILES):
+        return None  # an older version's checkpoint: its trainer state and only files a save names
+    if older_final(folder):
         return None
     return "no manifest.json says this package wrote it"
 
 
-def _only_our_files(folder: str) -> bool:
-    """Every entry of `folder` a regular file named as a save of this package names its files."""
+def older_final(folder: str) -> bool:
+    """True for a `final` folder without a manifest that holds only files a final model has: written by
+    an older version (before final/ had a manifest), or empty."""
+    return os.path.basename(folder) == "final" and not os.path.islink(folder) and os.path.isdir(folder) and \
+        not os.path.lexists(os.path.join(folder, MANIFEST)) and _only_files(folder, _FINAL_FILES)
+
+
+def _only_files(folder: str, names: re.Pattern) -> bool:
+    """Every entry of `folder` a regular file named as `names` allows."""
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if not _OUR_FILES.match(name) or os.path.islink(path) or not os.path.isfile(path):
+        if not names.match(name) or os.path.islink(path) or not os.path.isfile(path):
             return False
     return True
 
@@ -181,34 +222,39 @@ def checkpoint_folders(output_dir: str) -> list[str]:
 
 
 def ours(output_dir: str) -> list[str]:
-    """The checkpoints this package wrote (a manifest: completed saves), oldest first."""
-    return [c for c in checkpoint_folders(output_dir) if os.path.isfile(os.path.join(c, MANIFEST))]
+    """The checkpoints this package wrote with a manifest (completed saves), oldest first."""
+    return [c for c in checkpoint_folders(output_dir) if ours_why_not(c) is None]
+
+
+def earlier_run(output_dir: str) -> list[str]:
+    """The checkpoints of ours in `output_dir`, older versions' included (`replaceable`), oldest first."""
+    return [c for c in checkpoint_folders(output_dir) if replaceable(c) is None]
 
 
 def clean(output_dir: str, log=print) -> list[str]:
     """Finish or remove what interrupted saves and prunes left behind (module docstring); returns the
-    names acted on."""
+    names acted on. Only folders named as this package names its temporary and trash folders are
+    touched: a `checkpoint-N`, whatever it holds, is never deleted here."""
     acted = []
     if not os.path.isdir(output_dir):
         return acted
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        if not os.path.isdir(path):
-            continue
         tmp = _TMP.match(name)
+        if not (tmp or _TRASH.match(name)) or os.path.islink(path) or not os.path.isdir(path):
+            continue
         if tmp and tmp.group(1).startswith("checkpoint-"):
             final = os.path.join(output_dir, tmp.group(1))
-            if not os.path.exists(final) and verify(path) is None:
+            if not os.path.lexists(final) and verify(path) is None:
                 os.replace(path, final)
                 acted.append(f"{name} -> {tmp.group(1)} (a complete save killed before its rename)")
                 continue
-        if tmp or _TRASH.match(name):
-            shutil.rmtree(path, ignore_errors=True)
-            acted.append(name)
-        elif _CKPT.match(name) and not os.path.islink(path) and not os.path.exists(os.path.join(path, MANIFEST)) \
-                and not os.path.exists(os.path.join(path, STATE)) and _only_our_files(path):
-            shutil.rmtree(path, ignore_errors=True)  # our own half-deleted debris, nothing foreign
-            acted.append(name)
+        # a save or a prune never makes a subfolder: one there means this is not what we left behind
+        if any(os.path.isdir(os.path.join(path, n)) and not os.path.islink(os.path.join(path, n))
+               for n in os.listdir(path)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        acted.append(name)
     if acted:
         log(f"cleaned up after interrupted saves in {output_dir}: {'; '.join(acted)}")
     return acted

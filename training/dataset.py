@@ -27,6 +27,9 @@ from .config import first_line
 # A line of a text or JSONL file is read whole into memory: a file without line breaks (a disk image
 # passed by mistake) must fail with a line, not exhaust memory. 64 MiB is far beyond any document.
 MAX_LINE_BYTES = 64 * 2**20
+# A .json data file is one document, read and parsed whole (its parsed rows take several times its
+# size): beyond 1 GiB it fails with a line; JSONL or parquet read such data row by row.
+MAX_JSON_BYTES = 2**30
 
 
 def read_records(files: list[str], dataset: str | None = None, split: str = "train") -> list:
@@ -101,14 +104,26 @@ def _read_file(path: str) -> list:
     if ext == ".jsonl":
         return [_json(line, f"{path}:{n}") for n, line in _lines(path) if line.strip()]
     if ext == ".json":
-        with open(path, encoding="utf-8") as f:
-            data = _json(f.read(), path)
+        with open(path, "rb") as f:
+            # the size first (no gigabytes read only to be refused), the read bounded too (a growing file)
+            too_big = os.fstat(f.fileno()).st_size > MAX_JSON_BYTES
+            raw = b"" if too_big else f.read(MAX_JSON_BYTES + 1)
+        if too_big or len(raw) > MAX_JSON_BYTES:
+            raise DiffutronError(f"data file {path!r} is larger than {_size(MAX_JSON_BYTES)}, the bound for a .json "
+                                 "file (read whole); give the rows as .jsonl or .parquet")
+        text = raw.decode("utf-8")
+        del raw  # the parse below needs the text only
+        data = _json(text, path)
         if not isinstance(data, list):
             raise DiffutronError(f"{path}: a .json data file must hold a list of rows")
         return data
     if ext == ".parquet":
         return _read_parquet(path)
     raise DiffutronError(f"{path}: unknown data format {ext!r}; use .txt, .jsonl, .json or .parquet")
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**30} GiB" if n % 2**30 == 0 else f"{n // 2**20} MiB" if n % 2**20 == 0 else f"{n:,} bytes"
 
 
 def _read_parquet(path: str) -> list:

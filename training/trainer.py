@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..errors import DiffutronError, RunFailed
 from ..outputs import check_file_output, write_file
 from . import checkpoints as ck
-from .config import MAX_STEPS, TrainConfig, first_line
+from .config import MAX_STEPS, TrainConfig, _show, first_line
 from .dataset import collate, cpt_examples, epoch_order, read_records, read_texts, sft_examples
 from .objectives import mask_batch
 from .resume_checks import expected_step, optimizer_problem, scheduler_problem, state_problem
@@ -279,21 +279,38 @@ class Trainer:
                                  "another --output-dir")
         if not os.path.isdir(out):
             return  # a new folder: nothing in it to spare
+        if not self.cfg.resume:
+            self._refuse_an_earlier_run()
         final = os.path.join(out, "final")
         why = ck.replaceable(final)
         if why:
             raise DiffutronError(f"{final} is in the way of this run's final model: {why}; move it away or choose "
                                  "another --output-dir")
+        if ck.older_final(final) and os.listdir(final):
+            self.log(f"warning: {final} has no manifest.json (an older version wrote it) and holds only a final "
+                     "model's files: this run replaces it with its own")
         for name, what in (("metrics.jsonl", "the metrics file"), ("loss.png", "the loss plot")):
             check_file_output(os.path.join(out, name), what, self._inputs())
 
     def _inputs(self) -> tuple[str, ...]:
         return (*self.cfg.train_files, *self.cfg.eval_files)
 
+    def _refuse_an_earlier_run(self) -> None:
+        """A new run (not --resume) into a folder that holds checkpoints of ours is refused: its saves
+        would be mixed with the earlier run's, pruning (which keeps the highest steps) would delete the
+        new ones, and `--resume latest` would pick the earlier run's newest."""
+        earlier = ck.earlier_run(self.cfg.output_dir)
+        if earlier:
+            names = os.path.basename(earlier[-1]) + (f" and {len(earlier) - 1} more" if len(earlier) > 1 else "")
+            raise DiffutronError(f"{self.cfg.output_dir} holds checkpoints of an earlier run ({names}); resume it "
+                                 "with --resume latest, or choose another --output-dir (or move them away)")
+
     def _check_future_saves(self) -> None:
         """Before the first step: every checkpoint-N this run will save (after self.step) is free or one
         of ours, never another trainer's folder or a file of that name."""
         cfg = self.cfg
+        if not cfg.resume:  # again: the start's cleanup may have finished an earlier run's interrupted save
+            self._refuse_an_earlier_run()
         for n, path in ck.occupied(cfg.output_dir):
             saved = n % cfg.save_every == 0 or n == self.total_steps
             why = ck.replaceable(path) if self.step < n <= self.total_steps and saved else None
@@ -604,7 +621,7 @@ class Trainer:
         if fixed:
             raise DiffutronError(
                 "these settings decide what each step trains on and cannot change on resume: " +
-                ", ".join(f"{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in fixed.items()) +
+                ", ".join(f"{k} {_show(new, 200)} (checkpoint: {_show(old, 200)})" for k, (old, new) in fixed.items()) +
                 "; resume with the checkpoint's values (`train --resume` alone keeps them), or start a new run from "
                 "its weights in another --output-dir")
         step = state["step"]
@@ -631,7 +648,8 @@ class Trainer:
             group["weight_decay"] = self.cfg.weight_decay
         self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         self.log("resume: these settings differ from the checkpoint's; the new values are used: " +
-                 ", ".join(f"{k} {new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items()))
+                 ", ".join(f"{k} {_show(new, 200)} (checkpoint: {_show(old, 200)})"
+                           for k, (old, new) in changed.items()))
 
     def _set_aside_later_checkpoints(self) -> None:
         """Our checkpoints after the resumed step belong to the run being abandoned: renamed aside, never
