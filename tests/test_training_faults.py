@@ -496,6 +496,30 @@ def test_a_bad_trainer_state_is_one_line_and_latest_falls_back(tiny_checkpoint, 
 
 
 @pytest.mark.needs("peft")
+def test_latest_sets_aside_a_later_checkpoint_that_fails_verification_whole(tiny_checkpoint, two_checkpoints,
+                                                                            tmp_path):
+    """The newest checkpoint's manifest names a file outside it: it fails verification, --resume latest
+    falls back to checkpoint-2, and the broken checkpoint-4 (not provably ours) is renamed aside with every
+    byte kept, instead of blocking the run's save at step 4."""
+    import json
+
+    from test_bad_inputs_training import snapshot
+
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    (out / "outside").write_text("a file beside the checkpoint")
+    manifest = json.loads((out / "checkpoint-4" / ck.MANIFEST).read_text())
+    manifest["files"]["../outside"] = {"size": 28, "sha256": ck.sha256_file(str(out / "outside"))}
+    (out / "checkpoint-4" / ck.MANIFEST).write_text(json.dumps(manifest))
+    before = snapshot(str(out / "checkpoint-4"))
+    logs = []
+    _train(_cfg(tiny_checkpoint, out, max_steps=6, resume="latest"), logs, stop_after=3)
+    assert any(l == f"resumed from {out / 'checkpoint-2'} at step 2" for l in logs), logs
+    aside = [p for p in os.listdir(out) if p.startswith(".set-aside-checkpoint-4-")]
+    assert len(aside) == 1 and snapshot(str(out / aside[0])) == before
+
+
+@pytest.mark.needs("peft")
 def test_latest_with_no_loadable_checkpoint_names_the_oldest_problem(tiny_checkpoint, two_checkpoints, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(two_checkpoints, out)

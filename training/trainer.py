@@ -312,6 +312,8 @@ class Trainer:
         if not cfg.resume:  # again: the start's cleanup may have finished an earlier run's interrupted save
             self._refuse_an_earlier_run()
         for n, path in ck.occupied(cfg.output_dir):
+            if cfg.resume and n > self.step and os.path.isdir(path):
+                continue  # a later checkpoint folder of the abandoned run: set aside whole before the first save
             saved = n % cfg.save_every == 0 or n == self.total_steps
             why = ck.replaceable(path) if self.step < n <= self.total_steps and saved else None
             if why:
@@ -652,13 +654,16 @@ class Trainer:
                            for k, (old, new) in changed.items()))
 
     def _set_aside_later_checkpoints(self) -> None:
-        """Our checkpoints after the resumed step belong to the run being abandoned: renamed aside, never
-        mixed in (nor deleted); folders that are not ours are left where they are."""
+        """Checkpoint folders after the resumed step belong to the run being abandoned: renamed aside whole,
+        never mixed in nor deleted. Those that do not verify as ours (a corrupted save, often the very
+        reason `--resume latest` fell back) are set aside too: a rename keeps every byte of them."""
         for later in ck.checkpoint_folders(self.cfg.output_dir):
-            if ck.step_of(later) > self.step and ck.replaceable(later) is None:
+            if ck.step_of(later) > self.step:
+                why = ck.replaceable(later)
                 aside = os.path.join(self.cfg.output_dir, f".set-aside-{os.path.basename(later)}-{int(time.time())}")
                 os.replace(later, aside)
-                self.log(f"set aside {later} (after the resumed step {self.step}) as {aside}")
+                self.log(f"set aside {later} (after the resumed step {self.step}"
+                         f"{'; ' + why if why else ''}) as {aside}")
 
     def _load_weights(self, path: str) -> None:
         from safetensors.torch import load_file
