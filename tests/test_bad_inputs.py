@@ -477,7 +477,7 @@ def test_standard_output_gets_utf8_whatever_its_encoding(monkeypatch):
     after what print() wrote before it."""
     import io
 
-    from diffutron_engine.cli.main import write_stdout
+    from diffutron_engine.cli.stdout import write_stdout
 
     raw = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii"))

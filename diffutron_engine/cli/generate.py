@@ -25,7 +25,7 @@ from ..config import (CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST, FAST_PRESET, PR
 from ..errors import DiffutronError, check_utf8
 from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat, resolve_model_path
 from ..outputs import check_file_output, write_file
-from .main import write_stdout
+from .stdout import write_stdout
 
 # Rows sampled together. The engine allocates each row's state up front (three vocabulary-wide bitmaps:
 # 96 KB a row at mmBERT's 256,000 tokens), so --batch-size 10**12 asked for 96 TB; the bound keeps that
