@@ -145,18 +145,18 @@ def main(argv=None, prog: str | None = None) -> int:
         torch.set_num_threads(args.threads)
     tag = None
     if args.save is not None:  # checked before the benchmark runs, not after minutes of it
-        from .benchmark import check_save
         from .loading import resolve_device
+        from .outputs import check_report_folder
 
         tag = args.tag or f"eval-{resolve_device(args.device).split(':')[0]}-l{args.layers}"
-        check_save(args.save, tag)
+        check_report_folder(args.save, tag)
     report = run(args.layers, args.requests, args.mc_num, args.batch_size, args.vocab, args.device, args.dtype,
                  args.seed, args.token_budget, log=lambda m: print(m, file=sys.stderr))
     print(format_table(report))
     if args.save is not None:
-        from .benchmark import save
+        from .outputs import save_report
 
-        print(f"saved {save(report, args.save, tag)}", file=sys.stderr)
+        print(f"saved {save_report(report, args.save, tag)}", file=sys.stderr)
     print(json.dumps(report))
     return 0
 

@@ -111,24 +111,15 @@ def main(argv=None, prog: str | None = None) -> int:
     if args.num_requests < 1 or args.concurrency < 1 or (args.request_rate is not None and args.request_rate <= 0):
         print("error: --num-requests and --concurrency must be >= 1, --request-rate > 0", file=sys.stderr)
         return 2
-    target = None
-    if args.save == "":
-        print("error: --save is empty: give a folder", file=sys.stderr)
-        return 2
-    if args.save:  # checked before the load runs: a bad folder is one line, not a lost measurement
-        import datetime
-
+    tag = f"{args.tag}-c{args.concurrency}"
+    if args.save is not None:  # checked before the load runs: a bad folder is one line, not a lost measurement
         from .errors import DiffutronError
-        from .outputs import check_file_output
+        from .outputs import check_report_folder
 
-        name = f"{datetime.date.today().isoformat()}-{args.tag}-c{args.concurrency}.json"
         try:
-            if os.path.lexists(args.save) and not os.path.isdir(args.save):
-                raise DiffutronError(f"--save {args.save!r} is not a folder")
-            os.makedirs(args.save, exist_ok=True)
-            target = check_file_output(os.path.join(args.save, name), "--save")
-        except (DiffutronError, OSError) as exc:
-            print(f"error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+            check_report_folder(args.save, tag)
+        except DiffutronError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
     report = asyncio.run(run(args))
     print(f"{'requests':<10} {'errors':>6} {'req/s':>8} {'out tok/s':>10} {'TTFC p50/p99 s':>16} {'latency p50/p99 s':>18}")
@@ -137,11 +128,11 @@ def main(argv=None, prog: str | None = None) -> int:
     print(f"{report['requests']:<10} {report['errors']:>6} {report['requests_per_s']:>8.2f} "
           f"{report['output_tokens_per_s']:>10.1f} {fmt(t['p50']) + '/' + fmt(t['p99']):>16} "
           f"{fmt(lat['p50']) + '/' + fmt(lat['p99']):>18}")
-    if target is not None:
-        from .outputs import write_file
+    if args.save is not None:
+        from .outputs import save_report
 
         shown = {k: v for k, v in vars(args).items() if k != "api_key"}  # a report never carries the key
-        write_file(target, json.dumps({"args": shown, **report}, indent=1), "--save")
+        print(f"saved {save_report({'args': shown, **report}, args.save, tag)}", file=sys.stderr)
     print(json.dumps(report))
     return 0 if report["errors"] == 0 else 1
 

@@ -13,8 +13,6 @@ counters are reported; `problems(report)` lists what makes a report invalid.
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,8 +20,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .config import BENCH_MODES as MODES, DEFAULT_BENCH_MODES as DEFAULT_MODES, SamplerConfig, SamplingParams
-from .errors import DiffutronError
-from .outputs import check_file_output, write_text_file
 
 # the graph counters reported per engine mode (report["modes"][mode]["extra"]["graphs"]), counted over
 # the timed run only (diffutron_engine.engine.graphs): a valid run only replays (no warm-up, capture or
@@ -278,37 +274,3 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def report_path(folder: str, tag: str) -> str:
-    """Where save() writes a report today: FOLDER/YYYY-MM-DD-TAG.json."""
-    return os.path.join(folder, f"{time.strftime('%Y-%m-%d')}-{tag}.json")
-
-
-def check_save(folder: str, tag: str | None = None, what: str = "--save") -> None:
-    """Fail before the benchmark runs where its report could not be saved: `folder` must be a folder, or
-    one that can be made (its nearest existing parent a writable folder), and, with `tag`, today's report
-    file must be writable (not read-only, not a folder) by the rule of diffutron_engine.outputs."""
-    if not folder:
-        raise DiffutronError(f"{what} is empty: give a folder")
-    probe = os.path.abspath(folder)
-    while not os.path.lexists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise DiffutronError(f"cannot write {what} {folder!r}: {probe!r} is not a folder")
-    if probe != os.path.abspath(folder):  # to be made: its parent must take it
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise DiffutronError(f"cannot write {what} {folder!r}: {probe!r} is not writable")
-    elif tag is not None:
-        check_file_output(report_path(folder, tag), what)
-
-
-def save(report: dict, folder: str, tag: str, what: str = "--save") -> str:
-    """Write the report as JSON into `folder` (made if missing) by the rule of diffutron_engine.outputs: a
-    temporary file renamed onto today's report of the same tag, a read-only one refused; the path."""
-    check_save(folder, what=what)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise DiffutronError(f"cannot write {what} {folder!r}: {exc.strerror or exc}") from None
-    path = report_path(folder, tag)
-    write_text_file(path, json.dumps(report, indent=1), what)
-    return path

@@ -461,33 +461,33 @@ def test_generate_reading_its_prompts_from_a_file_writes_another(tmp_path, capfd
 
 # ------------------------------------------------------------------------------ benchmark reports
 def test_a_report_is_saved_into_a_folder_made_for_it(tmp_path):
-    from diffutron_engine.benchmark import check_save, report_path, save
+    from diffutron_engine.outputs import check_report_folder, report_path, save_report
 
     folder = str(tmp_path / "results" / "new")
-    check_save(folder, "t")
-    path = save({"speedup": 2.0}, folder, "t")
+    check_report_folder(folder, "t")
+    path = save_report({"speedup": 2.0}, folder, "t")
     assert path == report_path(folder, "t") and json.loads(open(path).read()) == {"speedup": 2.0}
-    assert save({"speedup": 3.0}, folder, "t") == path and json.loads(open(path).read()) == {"speedup": 3.0}
+    assert save_report({"speedup": 3.0}, folder, "t") == path and json.loads(open(path).read()) == {"speedup": 3.0}
     _no_temporaries(tmp_path / "results" / "new")
 
 
 def test_a_report_that_cannot_be_saved_is_refused_before_the_run(tmp_path):
-    from diffutron_engine.benchmark import check_save, report_path, save
+    from diffutron_engine.outputs import check_report_folder, report_path, save_report
 
     (tmp_path / "file").write_text("keep")
     for folder, message in ((str(tmp_path / "file"), "file' is not a folder"),
                             (str(tmp_path / "file" / "sub"), "file' is not a folder"), ("", "--save is empty")):
         with pytest.raises(DiffutronError, match=message):
-            check_save(folder, "t")
+            check_report_folder(folder, "t")
         with pytest.raises(DiffutronError, match=message):
-            save({}, folder, "t")
+            save_report({}, folder, "t")
     report = report_path(str(tmp_path), "t")
     with open(report, "w") as f:
         f.write("an earlier report kept read-only\n")
     os.chmod(report, 0o444)
     with pytest.raises(DiffutronError, match="it is read-only"):
-        check_save(str(tmp_path), "t")
+        check_report_folder(str(tmp_path), "t")
     with pytest.raises(DiffutronError, match="it is read-only"):
-        save({}, str(tmp_path), "t")
+        save_report({}, str(tmp_path), "t")
     assert open(report).read() == "an earlier report kept read-only\n"
     assert (tmp_path / "file").read_text() == "keep"

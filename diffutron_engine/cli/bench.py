@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..benchmark import BenchConfig, check_save, format_table, run as run_bench, save
+    from ..benchmark import BenchConfig, format_table, run as run_bench
+    from ..outputs import check_report_folder, save_report
 
     if args.overhead:
         return _run_overhead(args)
@@ -58,17 +59,17 @@ def run(args) -> int:
             raise DiffutronError("--device cuda was asked for but no CUDA GPU is available")
     tag = args.tag or (f"bench-{cfg.device}-b{cfg.batch_size}-t{cfg.temperature:g}-L{cfg.layers}-{cfg.dtype}")
     if args.save is not None:
-        check_save(args.save, tag)  # before minutes of measuring
+        check_report_folder(args.save, tag)  # before minutes of measuring
     report = run_bench(cfg, log=lambda s: print(s, file=sys.stderr))
     print(format_table(report))
     if args.save is not None:
-        print(f"saved {save(report, args.save, tag)}", file=sys.stderr)
+        print(f"saved {save_report(report, args.save, tag)}", file=sys.stderr)
     print(json.dumps(report))
     return 0
 
 
 def _run_overhead(args) -> int:
-    from ..benchmark import check_save, save
+    from ..outputs import check_report_folder, save_report
     from ..overhead import OverheadConfig, format_table, run as run_overhead
 
     try:
@@ -77,10 +78,10 @@ def _run_overhead(args) -> int:
         raise DiffutronError(str(exc)) from None
     tag = args.tag or "overhead-cpu"
     if args.save is not None:
-        check_save(args.save, tag)  # before the measuring
+        check_report_folder(args.save, tag)  # before the measuring
     report = run_overhead(cfg, log=lambda s: print(s, file=sys.stderr))
     print(format_table(report))
     if args.save is not None:
-        print(f"saved {save(report, args.save, tag)}", file=sys.stderr)
+        print(f"saved {save_report(report, args.save, tag)}", file=sys.stderr)
     print(json.dumps(report))
     return 0
