@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
+from test_bad_inputs import _make_files  # the generate table's: files, or functions making them
 
 from diffutron_engine.loading import BUNDLED_MODELS
 
@@ -310,16 +311,6 @@ def _param(case: Case):
     if case.needs:
         marks.append(pytest.mark.needs(*case.needs))
     return pytest.param(case, id=case.id, marks=marks)
-
-
-def _make_files(case: Case, tmp: str) -> None:
-    for name, content in (case.files or {}).items():
-        path = os.path.join(tmp, name)
-        if callable(content):
-            content(path)
-        else:
-            with open(path, "wb") as f:
-                f.write(content)
 
 
 def snapshot(root: str) -> dict[str, tuple]:
