@@ -75,7 +75,7 @@ endif
 # What the GPU suite and the engine launch, recorded under the interpreter (bench/record_launches.py, about
 # 5 minutes on 2 cores): made again when the package, a kernel, a benchmark, a test or the golden model changes.
 $(LAUNCHES): $(VENV)/.installed bench/record_launches.py bench/gpu_kernels.py bench/gpu_suite \
-		$(wildcard kernels/*.py diffutron_engine/*.py diffutron_engine/*/*.py tests/*.py tests/data/golden/*/*/*)
+		$(wildcard kernels/*.py diffutron_engine/*.py diffutron_engine/*/*.py tests/*.py tests/*/*.py tests/data/golden/*/*/*)
 	mkdir -p $(dir $@)
 	HF_HUB_OFFLINE=1 $(PY) bench/record_launches.py --out $@
 

@@ -13,7 +13,7 @@ Three sources, each appending to FILE through kernels/recorder.py:
   threshold and factor rules, random remasking), with more requests than rows so that rows join and leave;
 - benchmarks: the GPU suite's kernel benchmarks (bench/gpu_kernels.py) at their real shapes on meta
   tensors, recorded and not run;
-- tests: the GPU suite's test tier (bench/gpu_suite's GPU_TESTS) under the interpreter, in a child
+- tests: the GPU suite's test tier (the tests bench/gpu_suite selects by its marker) under the interpreter, in a child
   process with DIFFUTRON_RECORD_LAUNCHES set.
 The FILE is replaced only when every source succeeded (written beside it, then renamed). Prints one JSON
 line: launches recorded per source, distinct kernels, seconds.
@@ -96,10 +96,9 @@ def benchmarks(path: str, log) -> None:
 
 
 def tests(path: str, log) -> None:
-    files = [t for t in _gpu_suite().GPU_TESTS if os.path.exists(os.path.join(ROOT, t.split("::")[0]))]
     env = dict(os.environ, DIFFUTRON_RECORD_LAUNCHES=path, HF_HUB_OFFLINE="1", TRITON_INTERPRET="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_gpu_suite().gpu_test_args()]
     t = time.monotonic()
     try:  # a hung test must not hang the compile check: 4 minutes on 2 cores, 15 allowed
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -108,7 +107,7 @@ def tests(path: str, log) -> None:
         tail = exc.output if isinstance(exc.output, str) else (exc.output or b"").decode(errors="replace")
         raise RuntimeError(f"the GPU tier's tests did not finish in {TESTS_TIMEOUT} s:\n{tail[-3000:]}") from None
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    log(f"[record] tests ({len(files)} files and nodes): {tail} in {time.monotonic() - t:.1f} s")
+    log(f"[record] tests (marked {_gpu_suite().GPU_MARKER}): {tail} in {time.monotonic() - t:.1f} s")
     if proc.returncode != 0:
         raise RuntimeError(f"the GPU tier's tests failed under the interpreter: {tail}\n{proc.stdout[-3000:]}")
 

@@ -62,7 +62,7 @@ class StopRule:
         """`find` after a step that committed positions `new` (sorted) into a row where the previous
         `find` found nothing: an occurrence now must pass through a new token, so only the runs holding
         new tokens are decoded, and of each only a window around them. Cost proportional to the new
-        tokens, not to the answer's length; same result as `find` (tests/test_stopping.py)."""
+        tokens, not to the answer's length; same result as `find` (tests/engine/test_stopping.py)."""
         if not new:
             return None
         K = self.window

@@ -630,7 +630,7 @@ def _mul_hi_lo(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """High and low 32-bit words of m * x for uint32 values held in int64. The 64-bit product wraps
     around in int64, which keeps every bit: the low word is its low 32 bits, the high word bits 32..63
     (masked, since the arithmetic shift of a negative int64 fills with ones). The known-answer tests in
-    tests/test_kernel_sampling.py check this against the published Philox vectors."""
+    tests/kernels/test_kernel_sampling.py check this against the published Philox vectors."""
     prod = x * m
     return (prod >> 32) & 0xFFFFFFFF, prod & 0xFFFFFFFF
 

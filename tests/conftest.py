@@ -5,14 +5,13 @@ import os
 
 import pytest
 import torch
+from where import GOLDEN_MODEL
 
 # Triton kernels run on CPU tensors in the interpreter when there is no GPU. The variable must be set
 # before anything imports triton, so it is set here, once, for the whole session.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-HERE = os.path.dirname(__file__)
-GOLDEN_MODEL = os.path.join(HERE, "data", "golden", "mdlm-tiny", "model")
 
 
 # Optional packages a test may need (`@pytest.mark.needs("fastapi", "uvicorn")`, by import name), each with

@@ -13,9 +13,9 @@ import time
 import types
 
 import pytest
+from where import ROOT
 
-HERE = os.path.dirname(__file__)
-SUITE = os.path.join(HERE, "..", "bench", "gpu_suite")
+SUITE = os.path.join(ROOT, "bench", "gpu_suite")
 
 
 def _load():
@@ -222,15 +222,25 @@ def test_run_group_kills_a_grandchild_at_its_deadline(tmp_path):
 def test_the_tests_step_stops_pytest_at_its_own_deadline(tmp_path, monkeypatch):
     suite = _load()
     test_file = tmp_path / "test_hangs.py"
-    test_file.write_text("import time\n\ndef test_quick():\n    pass\n\ndef test_hangs():\n    time.sleep(60)\n")
-    monkeypatch.setattr(suite, "GPU_TESTS", [str(test_file), "tests/test_not_written_yet.py"])
+    test_file.write_text("import time\n\nimport pytest\n\npytestmark = pytest.mark.gpu_suite\n\n"
+                         "def test_quick():\n    pass\n\ndef test_hangs():\n    time.sleep(60)\n")
+    monkeypatch.setattr(suite, "GPU_TEST_PATHS", [str(test_file)])
     ctx = types.SimpleNamespace(quick=False, dir=str(tmp_path), left=lambda: 12.0)
     with pytest.raises(suite.StepError) as info:
         suite.gpu_tests(ctx)
     exc = info.value
     assert exc.status == "timeout" and exc.result["passed"] == 1
     assert exc.result["running_when_killed"].endswith("test_hangs")
-    assert exc.result["missing"] == ["tests/test_not_written_yet.py"]
+
+
+def test_the_tests_step_fails_when_no_test_carries_the_marker(tmp_path, monkeypatch):
+    suite = _load()
+    test_file = tmp_path / "test_unmarked.py"
+    test_file.write_text("def test_quick():\n    pass\n")
+    monkeypatch.setattr(suite, "GPU_TEST_PATHS", [str(test_file)])
+    ctx = types.SimpleNamespace(quick=False, dir=str(tmp_path), left=lambda: 60.0)
+    with pytest.raises(suite.StepError, match="no test under .* carries the gpu_suite marker"):
+        suite.gpu_tests(ctx)
 
 
 def test_failures_are_summed_up_by_their_first_error_line():
@@ -251,11 +261,20 @@ def test_failures_are_summed_up_by_their_first_error_line():
     assert suite._first_errors(text) == {"test_one[a]": "assert 1 == 2", "test_two": "RuntimeError: boom"}
 
 
-def test_gpu_tests_is_a_list_of_node_ids_or_files():
+def test_the_gpu_tier_is_the_marked_tests():
+    """The tier is what the marker selects: the kernel tests, the backends, the CUDA graphs and the engine
+    on every backend, wherever they sit in tests/."""
     suite = _load()
-    assert "tests/test_cuda_graphs.py" in suite.GPU_TESTS
-    for t in suite.GPU_TESTS:
-        assert t.startswith("tests/") and t.split("::")[0].endswith(".py")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *suite.gpu_test_args()],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    files = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    for f in ("kernels/test_kernel_sampling.py", "kernels/test_kernel_unmask.py", "kernels/test_kernel_attention.py",
+              "kernels/test_kernel_cross_entropy.py", "kernels/test_backends.py", "engine/test_cuda_graphs.py",
+              "engine/test_engine.py"):
+        assert "tests/" + f in files, (f, sorted(files))
+    assert "tests/engine/test_engine.py::test_exact_mode_on_every_backend[torch]" in proc.stdout
+    assert not any("server/" in f or "training/" in f for f in files)
 
 
 def test_only_writes_its_own_report_beside_the_full_run(tmp_path, monkeypatch, capsys):

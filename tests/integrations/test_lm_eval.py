@@ -18,9 +18,9 @@ import torch
 from diffutron_engine.errors import DiffutronError  # noqa: E402
 from diffutron_engine.integrations import mc_likelihood as mc  # noqa: E402
 from diffutron_engine.model.modernbert import ModernBertRunner  # noqa: E402
+from where import DATA
 
-HERE = os.path.dirname(__file__)
-TASKS = os.path.join(HERE, "data", "lm_eval")
+TASKS = os.path.join(DATA, "lm_eval")
 PAIRS_TEXT = [("Türkiye'nin başkenti ", "Ankara'dır."), ("Hava bugün", " güneşli"),
               ("Çay, Türk kültüründe misafirperverliğin simgesidir. Bir dil modeli", " kelimelerin olasılıklarını öğrenir"),
               ("", "Merhaba dünya"), ("Bilgisayarlar verileri işler  ", "ve paylaşır.")]

@@ -30,6 +30,8 @@ from typing import Callable
 import pytest
 
 from diffutron_engine.loading import BUNDLED_MODELS
+from files_util import make_files
+from where import ROOT
 
 TINY_TR = BUNDLED_MODELS["tiny-tr"]
 QUICK = ("--model", "tiny-tr", "--max-new-tokens", "4", "--steps", "4", "--block-size", "4")
@@ -216,7 +218,7 @@ GENERATE_CASES = [
 # `train`: every setting, data file, model and resume target it is given. {tmp}/out is the run's output
 # folder; no checkpoint, metrics or final model may appear in it. A few rows of each kind run as real
 # processes (settings are refused before torch is imported: 0.2 s); the rest run in process.
-TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "data", "tr",
+TEXT = os.path.join(ROOT, "training", "data", "tr",
                     "heldout.txt")
 CPT = ("train", "cpt", "--model", "tiny-tr", "--output-dir", "{tmp}/out")
 DATA = ("--data", TEXT)
@@ -348,16 +350,6 @@ def _param(case: Case):
     return pytest.param(case, id=case.id, marks=marks)
 
 
-def _make_files(case: Case, tmp) -> None:
-    for name, content in (case.files or {}).items():
-        path = os.path.join(tmp, name)
-        if callable(content):
-            content(path)
-        else:
-            with open(path, "wb") as f:
-                f.write(content.encode("utf-8", "surrogatepass") if isinstance(content, str) else content)
-
-
 def _argv(case: Case, tmp) -> list[str]:
     argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
     return argv + (["--output", os.path.join(tmp, "out.txt")] if case.output else [])
@@ -422,7 +414,7 @@ def run_case(case: Case, tmp) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("case", [_param(c) for c in ALL_CASES])
 def test_bad_input(case: Case, tmp_path, capfd, monkeypatch):
-    _make_files(case, tmp_path)
+    make_files(case.files, tmp_path)
     before = {name: _state(os.path.join(tmp_path, name)) for name in case.intact}
     proc = run_in_process(case, tmp_path, capfd, monkeypatch) if case.in_process else run_case(case, tmp_path)
     err = proc.stderr.decode("utf-8", "backslashreplace")

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from where import ROOT
 
 pytestmark = pytest.mark.triton
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _unmask_once(seen=None):

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 
 import pytest
 from serve_util import AUTH, KEY, KNOBS, Server

@@ -27,6 +27,9 @@ from diffutron_engine.kernels.cross_entropy import (  # noqa: E402
     linear_cross_entropy_reference,
 )
 
+# the GPU tier: bench/gpu_suite runs this file on the GPU machine
+pytestmark = pytest.mark.gpu_suite
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]

@@ -3,8 +3,8 @@ editable mode and is missing from a wheel), and the bundled model ships as packa
 
 import ast
 import os
+from where import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup_call() -> dict:

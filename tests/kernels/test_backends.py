@@ -8,6 +8,9 @@ from diffutron_engine.backends import force_backend, sample
 from diffutron_engine.kernels.sampling import sample_cpp
 from diffutron_engine.kernels.sampling import SampleParams
 
+# the GPU tier: bench/gpu_suite runs this file on the GPU machine
+pytestmark = pytest.mark.gpu_suite
+
 EPS32 = torch.finfo(torch.float32).eps
 
 

@@ -10,10 +10,9 @@ import torch
 from diffutron_engine import SamplerConfig
 from diffutron_engine.loading import load_model
 from diffutron_engine.reference import ReferenceSampler
+from where import GOLDEN, ROOT
 
-HERE = os.path.dirname(__file__)
-GOLDEN = os.path.join(HERE, "data", "golden", "mdlm-tiny")
-SHARED = os.path.join(HERE, "..", "..", "shared", "golden", "mdlm-tiny")
+SHARED = os.path.join(ROOT, "..", "shared", "golden", "mdlm-tiny")
 CASES = json.load(open(os.path.join(GOLDEN, "cases.json")))["cases"]
 
 

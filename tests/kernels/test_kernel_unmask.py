@@ -5,6 +5,9 @@ import torch
 
 from diffutron_engine.kernels import unmask as U
 
+# the GPU tier: bench/gpu_suite runs this file on the GPU machine
+pytestmark = pytest.mark.gpu_suite
+
 IMPLS = [pytest.param(U.unmask_torch, id="torch"),
          pytest.param(U.unmask_triton, id="triton", marks=pytest.mark.triton)]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

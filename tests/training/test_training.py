@@ -16,9 +16,8 @@ from diffutron_engine.training.dataset import collate, cpt_examples, sft_example
 from diffutron_engine.training.objectives import mask_batch
 from diffutron_engine.training.merge import merge_lora
 from diffutron_engine.training.trainer import MaskedLMLoss, Trainer, TrainingDiverged, _checkpoints
+from where import ROOT
 
-HERE = os.path.dirname(__file__)
-ROOT = os.path.dirname(HERE)
 TEXT = os.path.join(ROOT, "training", "data", "tr", "heldout.txt")
 
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
+from where import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_compile_check.py")
 
 

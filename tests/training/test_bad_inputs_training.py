@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
-from test_bad_inputs import _make_files  # the generate table's: files, or functions making them
+from files_util import make_files
 
 from diffutron_engine.loading import BUNDLED_MODELS
+from where import ROOT
 
 TINY_TR = BUNDLED_MODELS["tiny-tr"]
-TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "data", "tr",
+TEXT = os.path.join(ROOT, "training", "data", "tr",
                     "heldout.txt")
 CPT = ("train", "cpt", "--model", "tiny-tr", "--output-dir", "{tmp}/out")
 SFT = ("train", "sft", "--model", "tiny-tr", "--output-dir", "{tmp}/out")
@@ -364,7 +365,7 @@ def _run(case: Case, tmp: str, capfd, monkeypatch) -> tuple[int, str, str]:
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_bad_input(case: Case, tmp_path, capfd, monkeypatch):
     tmp = str(tmp_path)
-    _make_files(case, tmp)
+    make_files(case.files, tmp)
     before = snapshot(tmp)
     code, out, err = _run(case, tmp, capfd, monkeypatch)
     assert code == 2, err[-3000:]

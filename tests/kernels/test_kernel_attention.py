@@ -18,6 +18,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from diffutron_engine.kernels.attention import attention_reference, flash_attention  # noqa: E402
 
+# the GPU tier: bench/gpu_suite runs this file on the GPU machine
+pytestmark = pytest.mark.gpu_suite
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 

@@ -10,6 +10,9 @@ from diffutron_engine.backends import cpp_extension
 from diffutron_engine.kernels import sampling as S
 from diffutron_engine.kernels.sampling import sample_cpp
 
+# the GPU tier: bench/gpu_suite runs this file on the GPU machine
+pytestmark = pytest.mark.gpu_suite
+
 BACKENDS = [
     pytest.param("torch", id="torch"),
     pytest.param("cpp", id="cpp", marks=pytest.mark.cext),

@@ -10,9 +10,9 @@ import torch
 
 from diffutron_engine import DiffutronError, Engine, SamplingParams
 from diffutron_engine.reference import ReferenceSampler
+from where import GOLDEN
 
-HERE = os.path.dirname(__file__)
-CASES = json.load(open(os.path.join(HERE, "data", "golden", "mdlm-tiny", "cases.json")))["cases"]
+CASES = json.load(open(os.path.join(GOLDEN, "cases.json")))["cases"]
 GREEDY = [c for c in CASES if not c["config"].get("temperature") and c["config"].get("remasking") != "random"
           and not c["config"].get("stochastic_transfer")]
 
@@ -60,6 +60,7 @@ BACKEND_CASES = list({c["name"]: c for c in filter(None, [
 
 
 @pytest.mark.slow
+@pytest.mark.gpu_suite
 @pytest.mark.parametrize("backend", [pytest.param("torch"), pytest.param("cpp", marks=pytest.mark.cext),
                                      pytest.param("triton", marks=pytest.mark.triton)])
 def test_exact_mode_on_every_backend(request, golden, backend):
@@ -84,6 +85,7 @@ def test_exact_mode_on_every_backend(request, golden, backend):
 
 
 @pytest.mark.slow
+@pytest.mark.gpu_suite
 @pytest.mark.triton
 def test_triton_backend_matches_torch_with_caches_and_sampling(golden_triton):
     """Dual cache (attention reads the pool in place), threshold rule and temperature: the same tokens

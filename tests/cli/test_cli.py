@@ -135,7 +135,7 @@ def test_the_largest_seed_wraps_around_for_the_next_prompt(capsys):
 
 
 def test_every_command_with_a_model_takes_the_bundled_name(capsys, tmp_path):
-    """generate, eval perplexity and serve (Engine.from_pretrained, served in tests/test_server.py) resolve
+    """generate, eval perplexity and serve (Engine.from_pretrained, served in tests/server/test_server.py) resolve
     --model tiny-tr with loading.resolve_model_path; bench builds its own random models."""
     from diffutron_engine import Engine
 

@@ -86,12 +86,12 @@ def test_problems_lists_what_makes_a_report_invalid():
 
 @pytest.mark.parametrize("failing", [False, True], ids=["graphs", "failing-captures"])
 def test_bench_warms_up_on_the_timed_batch(monkeypatch, failing):
-    """With graphs (on CPU, tests/test_cuda_graphs.py's stand-in), every step of the timed run is a replay:
+    """With graphs (on CPU, tests/engine/test_cuda_graphs.py's stand-in), every step of the timed run is a replay:
     the warm-up ran the same batch, so nothing is first seen or captured while timed. Captures that fail
     are counted and make the report invalid."""
     import diffutron_engine.engine as engine_pkg
     from diffutron_engine.benchmark import BenchConfig, problems, run
-    from test_cuda_graphs import CPUStepGraphs
+    from graph_util import CPUStepGraphs
 
     class GraphedEngine(engine_pkg.Engine):
         def __init__(self, *args, **kw):
