@@ -23,10 +23,10 @@ from .request import Request
 
 # columns of DeviceBatch.ints
 INT = ("length", "block", "step", "lo", "hi", "offset", "nsteps", "shift", "rule", "cfg", "random", "seed")
-I = {name: i for i, name in enumerate(INT)}
+INT_COL = {name: i for i, name in enumerate(INT)}
 # columns of DeviceBatch.floats
 FLOAT = ("temperature", "penalty", "value", "cfg_mult")
-F = {name: i for i, name in enumerate(FLOAT)}
+FLOAT_COL = {name: i for i, name in enumerate(FLOAT)}
 # columns of DeviceBatch.blocks
 BLOCK = ("lo", "hi", "offset", "nsteps")
 
@@ -88,10 +88,10 @@ class DeviceBatch:
     def _write_dummy(self) -> None:
         d = self.dummy
         self.ints[d] = 0
-        self.ints[d, I["length"]] = 1  # one valid key: attention over padding rows stays finite
-        self.ints[d, I["nsteps"]] = 1
+        self.ints[d, INT_COL["length"]] = 1  # one valid key: attention over padding rows stays finite
+        self.ints[d, INT_COL["nsteps"]] = 1
         self.floats[d] = 0
-        self.floats[d, F["penalty"]] = 1.0
+        self.floats[d, FLOAT_COL["penalty"]] = 1.0
 
     def write(self, slots: list[int], reqs: list[Request]) -> None:
         """Write newly admitted requests into their slots: rows built on the host, then one copy per
@@ -121,12 +121,12 @@ class DeviceBatch:
             for name, v in (("length", L), ("lo", lo), ("hi", hi), ("offset", off), ("nsteps", nsteps),
                             ("shift", int(p.right_shift_logits)), ("rule", rule), ("cfg", int(p.cfg_scale > 0)),
                             ("random", int(p.remasking == "random")), ("seed", req.seed)):
-                ints[i, I[name]] = v
-            floats[i, F["temperature"]] = p.temperature
-            floats[i, F["penalty"]] = p.repetition_penalty
-            floats[i, F["value"]] = p.threshold if p.threshold is not None else (p.factor or 0.0)
+                ints[i, INT_COL[name]] = v
+            floats[i, FLOAT_COL["temperature"]] = p.temperature
+            floats[i, FLOAT_COL["penalty"]] = p.repetition_penalty
+            floats[i, FLOAT_COL["value"]] = p.threshold if p.threshold is not None else (p.factor or 0.0)
             # float32 of the double (cfg_scale + 1), as the oracle's Python-float multiplier becomes
-            floats[i, F["cfg_mult"]] = p.cfg_scale + 1.0
+            floats[i, FLOAT_COL["cfg_mult"]] = p.cfg_scale + 1.0
             seen[i] = self._seen_bitmap(req.tokens)
             if p.suppress_tokens:
                 suppress[i] = id_bitmap(p.suppress_tokens, self.vocab).numpy()
@@ -151,7 +151,7 @@ class DeviceBatch:
         self.seen[slot] = torch.from_numpy(self._seen_bitmap(req.tokens)).to(self.device)
         row = block_table(req)[min(req.block, len(req.blocks) - 1)]
         state = torch.tensor([req.block, req.step, *row], dtype=torch.long)
-        cols = [I[n] for n in ("block", "step", "lo", "hi", "offset", "nsteps")]
+        cols = [INT_COL[n] for n in ("block", "step", "lo", "hi", "offset", "nsteps")]
         self.ints[slot, cols] = state.to(self.device)
 
     def set_rows(self, slots: list[int]) -> None:

@@ -22,7 +22,7 @@ import torch
 from .. import backends
 from ..kernels.sampling import SampleFlags, SampleParams, sample_head_triton
 from ..model import KVPool, ModernBertRunner
-from .batch import BLOCK, F, I, DeviceBatch
+from .batch import BLOCK, FLOAT_COL, INT_COL, DeviceBatch
 from .graphs import StepGraphs
 from .request import Request
 
@@ -104,7 +104,7 @@ class ModelRunner:
         self._rec_host = None
         self._ensure_buffers(self.batch.positions, 32)
         names = ("block", "step") + BLOCK
-        self._progress_cols = torch.tensor([I[n] for n in names], device=self.device)
+        self._progress_cols = torch.tensor([INT_COL[n] for n in names], device=self.device)
         self._rows_key: tuple | None = None
         self._shape_cache: tuple | None = None
         self.graphs = StepGraphs() if cuda_graphs and self.device.type == "cuda" else None
@@ -249,7 +249,7 @@ class ModelRunner:
         # the rows' state, gathered once, one contiguous [B] row per field (a copy whatever B is, so the
         # op sequence does not depend on the shape)
         st = db.ints[slots].T.clone(memory_format=torch.contiguous_format)  # [len(INT), B]
-        lo, hi, step = st[I["lo"]], st[I["hi"]], st[I["step"]]
+        lo, hi, step = st[INT_COL["lo"]], st[INT_COL["hi"]], st[INT_COL["step"]]
         pos = lo[:, None] + ar[:L]  # [B, L] canvas positions of the block
         in_block = pos < hi[:, None]
         cols = torch.where(in_block, pos, db.positions)  # outside the block: the trash column
@@ -263,7 +263,7 @@ class ModelRunner:
         cfg = None
         if sh.cfg_rows:  # the CFG rows, whose unconditional copies follow the B rows in the forward
             C = sh.cfg_rows
-            cfg = _select(st[I["cfg"]] == 1, C, ar)
+            cfg = _select(st[INT_COL["cfg"]] == 1, C, ar)
             # rank of each row among the CFG rows (C for the others): where its unconditional copy is
             rank = torch.full((B + 1,), C, dtype=torch.long, device=self.device).index_copy_(
                 0, torch.where(cfg[1], cfg[0], B), ar[:C])[:B]
@@ -280,12 +280,12 @@ class ModelRunner:
         rs = slots[row]  # the slot of each candidate
         f = sh.flags
         params = SampleParams(
-            temperature=db.floats[rs, F["temperature"]] if f.sample else 0.0,
-            penalty=db.floats[rs, F["penalty"]] if f.penalty else 1.0,
-            seeds=db.ints[rs, I["seed"]], positions=pos.reshape(-1)[cidx], steps=db.ints[rs, I["step"]],
+            temperature=db.floats[rs, FLOAT_COL["temperature"]] if f.sample else 0.0,
+            penalty=db.floats[rs, FLOAT_COL["penalty"]] if f.penalty else 1.0,
+            seeds=db.ints[rs, INT_COL["seed"]], positions=pos.reshape(-1)[cidx], steps=db.ints[rs, INT_COL["step"]],
             streams=self._zeros[:N], seen=db.seen if f.penalty else None, row_request=rs,
             suppress=db.suppress if f.suppress else (), begin_suppress=db.begin if f.begin else (),
-            random_confidence=db.ints[rs, I["random"]].bool() if f.random else False,
+            random_confidence=db.ints[rs, INT_COL["random"]].bool() if f.random else False,
             valid=cok, flags=f)
         if fused:
             dec = self.model.decoder
@@ -298,9 +298,9 @@ class ModelRunner:
         ids = torch.zeros(B * L + 1, dtype=torch.long, device=self.device).index_copy_(0, dest, ids_c)
         conf, ids = conf[: B * L].view(B, L), ids[: B * L].view(B, L)
 
-        k = db.sched[slots, (st[I["offset"]] + step).clamp(max=db.sched.shape[1] - 1)]
-        rule = sh.rule if sh.rule is not None else st[I["rule"]]  # one rule for all rows: its name
-        value = db.floats[slots, F["value"]] if sh.rule != "topk" else None
+        k = db.sched[slots, (st[INT_COL["offset"]] + step).clamp(max=db.sched.shape[1] - 1)]
+        rule = sh.rule if sh.rule is not None else st[INT_COL["rule"]]  # one rule for all rows: its name
+        value = db.floats[slots, FLOAT_COL["value"]] if sh.rule != "topk" else None
         # the seen bits are read only by rows with a penalty, so they are kept while one runs
         chosen = self.ops.unmask(conf, ids, k, lo, db.canvas, rule, value, rows=slots,
                                  seen=db.seen if f.penalty else None, unseen=(self.mask_id, self.eos_id))
@@ -310,10 +310,10 @@ class ModelRunner:
         # or its steps are spent; the next block's row of the table becomes current
         new_step = step + active.long()
         left = ((db.canvas[slots[:, None], cols] == self.mask_id) & in_block).sum(1)
-        done = active & ((left == 0) | (new_step >= st[I["nsteps"]]))
-        block = st[I["block"]] + done.long()
+        done = active & ((left == 0) | (new_step >= st[INT_COL["nsteps"]]))
+        block = st[INT_COL["block"]] + done.long()
         nxt = db.blocks[slots, block.clamp(max=db.blocks.shape[1] - 1)]  # [B, 4]: lo, hi, offset, steps
-        cur = torch.stack([lo, hi, st[I["offset"]], st[I["nsteps"]]], dim=1)
+        cur = torch.stack([lo, hi, st[INT_COL["offset"]], st[INT_COL["nsteps"]]], dim=1)
         progress = torch.cat([block[:, None], torch.where(done, 0, new_step)[:, None],
                               torch.where(done[:, None], nxt, cur)], dim=1)
         db.ints[slots[:, None], self._progress_cols] = progress
@@ -344,12 +344,12 @@ class ModelRunner:
         else:
             ext, uncond, ok = slots, None, active
         E, H = ext.shape[0], m.hidden
-        shift = db.ints[ext, I["shift"]]
+        shift = db.ints[ext, INT_COL["shift"]]
         src = pos - shift[:, None]  # where each candidate's logits come from
         cols = ar[:T]
 
         if self.cache == "none":
-            h = m.forward(self._ids(ext, cols.expand(E, T), uncond), cols < db.ints[ext, I["length"]][:, None])
+            h = m.forward(self._ids(ext, cols.expand(E, T), uncond), cols < db.ints[ext, INT_COL["length"]][:, None])
             return h.gather(1, src.clamp(0, T - 1)[:, :, None].expand(E, L, H))
 
         # K/V caches: rows at their block's first step run the whole canvas and store every layer's
@@ -357,12 +357,12 @@ class ModelRunner:
         pool = self.pool
         pool_slot = torch.where(uncond, ext + db.slots, ext) if uncond is not None else ext
         out = torch.zeros(E + 1, L, H, dtype=m.dtype, device=self.device)  # row E: where padding goes
-        step = db.ints[ext, I["step"]]
+        step = db.ints[ext, INT_COL["step"]]
         if sh.refresh:
             idx, good = _select((step == 0) & ok, sh.refresh, ar)
             rows, n = ext[idx], idx.shape[0]
             unc = uncond[idx] if uncond is not None else None
-            h = m.forward(self._ids(rows, cols.expand(n, T), unc), cols < db.ints[rows, I["length"]][:, None],
+            h = m.forward(self._ids(rows, cols.expand(n, T), unc), cols < db.ints[rows, INT_COL["length"]][:, None],
                           pool, torch.where(good, pool_slot[idx], db.dummy))
             cand = src[idx].clamp(0, T - 1)
             out.index_copy_(0, torch.where(good, idx, E), h.gather(1, cand[:, :, None].expand(n, L, H)))
@@ -371,13 +371,13 @@ class ModelRunner:
             idx, good = _select((step != 0) & ok, sh.partial, ar)
             rows, n = ext[idx], idx.shape[0]
             unc = uncond[idx] if uncond is not None else None
-            start = (db.ints[rows, I["lo"]] - shift[idx]).clamp(min=0)
+            start = (db.ints[rows, INT_COL["lo"]] - shift[idx]).clamp(min=0)
             qpos = start[:, None] + ar[:Q]
-            end = db.ints[rows, I["hi"] if self.cache == "dual" else I["length"]]
+            end = db.ints[rows, INT_COL["hi"] if self.cache == "dual" else INT_COL["length"]]
             qok = qpos < end[:, None]
             ids = self._ids(rows, torch.where(qok, qpos, db.positions), unc)
             pos_q = torch.where(qok, qpos, pool.positions)  # padded queries write the trash position
-            h = m.forward_partial(ids, pos_q, cols < db.ints[rows, I["length"]][:, None], pool,
+            h = m.forward_partial(ids, pos_q, cols < db.ints[rows, INT_COL["length"]][:, None], pool,
                                   torch.where(good, pool_slot[idx], db.dummy))
             cand = (src[idx] - start[:, None]).clamp(0, Q - 1)
             out.index_copy_(0, torch.where(good, idx, E), h.gather(1, cand[:, :, None].expand(n, L, H)))
@@ -388,6 +388,6 @@ class ModelRunner:
         uncond + (scale + 1) * (cond - uncond), rounded as the oracle's tensor arithmetic is; candidates
         of rows without CFG keep their logits."""
         cond, un = logits[:n], logits[n:]
-        mult = self.batch.floats[slots, F["cfg_mult"]][:, None]
+        mult = self.batch.floats[slots, FLOAT_COL["cfg_mult"]][:, None]
         mixed = un + (mult * (cond - un)).to(logits.dtype)
         return torch.where(has_cfg[:, None], mixed, cond)
