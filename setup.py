@@ -75,7 +75,8 @@ setup(
         "diffutron_engine.engine",
         "diffutron_engine.integrations",
         "diffutron_engine.server",
-        "diffutron_engine.models",  # data only: the bundled demo model
+        "diffutron_engine.bench",
+        "diffutron_engine.models",  # the bundled demo model (data) and the random-weight model builder
         "diffutron_engine.kernels",
         "diffutron_engine.training",
         "diffutron_engine.training.data",

@@ -14,15 +14,14 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from diffutron_engine import bench_serve  # noqa: E402
+from diffutron_engine.bench import serve as bench_serve  # noqa: E402
+from diffutron_engine.bench.measure import cpu_name  # noqa: E402
 from diffutron_engine.errors import DiffutronError  # noqa: E402
 from diffutron_engine.outputs import check_file_output, write_text_file  # noqa: E402
 
@@ -96,10 +95,8 @@ def main(argv=None) -> int:
               f"{spread[0]:.2f}, {spread[1]:.2f} | {errors} |")
         summary.append({"concurrency": c, "a_tokens_per_s": ta, "b_tokens_per_s": tb, "ratio_tokens": tb / ta,
                         "a_p50_s": la, "b_p50_s": lb, "ratio_p50": lb / la, "spread": spread, "errors": errors})
-    cpu = next((m.group(1) for m in [re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())] if m),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     out = {"repo_a": args.repo_a, "repo_b": args.repo_b, "rounds": args.rounds, "max_tokens": args.max_tokens,
-           "hardware": {"cpu": cpu, "cores": os.cpu_count()}, "rows": summary}
+           "hardware": {"cpu": cpu_name(), "cores": os.cpu_count()}, "rows": summary}
     if args.save:
         write_text_file(args.save, json.dumps(out, indent=1), "--save")
     print(json.dumps(out))

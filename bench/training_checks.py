@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=os.path.join(ROOT, "training", "data", "tr", "heldout.txt"))
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
-    from diffutron_engine.random_model import build_random_checkpoint
+    from diffutron_engine.models.random_weights import build_random_checkpoint
     from diffutron_engine.training.config import TrainConfig
     from diffutron_engine.training.trainer import Trainer
 

@@ -66,7 +66,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A random-weight tiny ModernBertForMaskedLM with a BPE tokenizer (mmBERT's special ids)."""
-    from diffutron_engine.random_model import build_random_checkpoint
+    from diffutron_engine.models.random_weights import build_random_checkpoint
 
     return build_random_checkpoint(str(tmp_path_factory.mktemp("tiny") / "model"), size="tiny", seed=0)
 

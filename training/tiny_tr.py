@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import DiffutronError
-from ..random_model import SPECIAL_TOKENS, modernbert_config
+from ..models.random_weights import SPECIAL_TOKENS, modernbert_config
 
 # training/tiny_tr.py -> training/data/tr/train.txt (the repository layout; the text is not package data)
 DEFAULT_TRAIN_FILE = Path(__file__).resolve().parent / "data" / "tr" / "train.txt"
@@ -42,7 +42,7 @@ CHAT_MARKERS = ("[SYS]", "[/SYS]", "[Question]", "[/Question]", "[Answer]", "[/A
 # 15.3 MB in float32. Heads of dim 64 (192 / 3), which the Triton attention kernel supports. GLU MLP of
 # 2x the width. Sliding windows of 64 tokens with a global layer every third (layers 0 and 3), as
 # mmBERT does at a larger scale; the rest (RoPE theta, special ids, tied embeddings, no biases or
-# dropout) comes from random_model.modernbert_config, i.e. mmBERT's conventions.
+# dropout) comes from models.random_weights.modernbert_config, i.e. mmBERT's conventions.
 TINY_TR_SHAPE = dict(
     hidden_size=192,
     num_hidden_layers=6,

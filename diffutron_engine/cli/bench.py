@@ -1,55 +1,142 @@
-"""`diffutron-engine bench`: end-to-end throughput of the oracle and each engine mode (see
-diffutron_engine.benchmark). A readable table, then the last line is one JSON document."""
+"""`diffutron-engine bench BENCHMARK`: the benchmarks of diffutron_engine.bench, one subcommand each.
+
+    bench throughput   the oracle and each engine mode on the same prompts (random mmBERT weights)
+    bench overhead     the engine's own cost beside transformers' bare forward (a 1-layer model)
+    bench eval         the Monte-Carlo likelihood, the plain implementation vs the batched one
+    bench serve        load on a running server
+
+Each prints a readable table, then one JSON line last; `--save FOLDER` also writes the report there
+(the folder is checked before the measuring, bad flags before anything is built). `bench [FLAGS]`
+runs `bench throughput [FLAGS]`, and `bench --overhead` runs `bench overhead`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 
 from ..errors import DiffutronError
 
 
 def add_parser(sub) -> None:
-    from ..config import BENCH_MODES as MODES, DEFAULT_BENCH_MODES as DEFAULT_MODES
+    p = sub.add_parser("bench", help="benchmarks: throughput (default), overhead, eval, serve",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       default_subcommand="throughput")
+    kinds = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=type(p))
+    kinds.required = True
+    for name, what, add_arguments, run in (
+            ("throughput", "end-to-end throughput: the oracle vs the engine's modes (random mmBERT weights)",
+             add_throughput_arguments, run_throughput),
+            ("overhead", "the engine's own cost: its step beside transformers' bare forward on a 1-layer model, "
+             "at batch 1, 8, 32, 64", add_overhead_arguments, run_overhead),
+            ("eval", "Monte-Carlo likelihood of masked diffusion LMs: the plain implementation vs the batched one "
+             "of the lm-eval model, same requests and seed", add_eval_arguments, run_eval),
+            ("serve", "load benchmark of a running server: requests/s, output tokens/s, time to first chunk, "
+             "latency percentiles", add_serve_arguments, run_serve)):
+        q = kinds.add_parser(name, help=what, description=what)
+        add_arguments(q)
+        q.set_defaults(func=run)
 
-    p = sub.add_parser("bench", help="end-to-end throughput: oracle vs engine modes (random mmBERT weights); "
-                       "`bench serve --help`: load benchmark of a running server")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=128)
+
+# ------------------------------------------------------------------------------------------ shared
+def _at_least(least: int):
+    """An argparse type: an integer >= least."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r:.40}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r:.40}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _add_report_arguments(p, tag_help: str, tag_default=None) -> None:
+    p.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
+    p.add_argument("--tag", default=tag_default, help=f"file name tag for --save ({tag_help})")
+
+
+def _check_save(args, tag: str) -> None:
+    """Before the measuring (minutes): a report that could not be saved is refused now."""
+    if args.save is not None:
+        from ..outputs import check_report_folder
+
+        check_report_folder(args.save, tag)
+
+
+def _print_report(args, tag: str, report: dict, table: str, saved: dict | None = None) -> None:
+    """The table, then (with --save) the report's file named on stderr, then the report as the last line."""
+    print(table)
+    if args.save is not None:
+        from ..outputs import save_report
+
+        print(f"saved {save_report(report if saved is None else saved, args.save, tag)}", file=sys.stderr)
+    print(json.dumps(report))
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ throughput
+def _modes(text: str) -> tuple[str, ...]:
+    from ..bench.modes import check_modes
+
+    try:
+        return check_modes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_throughput_arguments(p) -> None:
+    from ..bench.modes import BENCH_MODES, DEFAULT_BENCH_MODES
+
+    positive = _at_least(1)
+    p.add_argument("--batch-size", type=positive, default=1)
+    p.add_argument("--prompt-len", type=positive, default=64)
+    p.add_argument("--new-tokens", type=positive, default=128)
+    p.add_argument("--block-size", type=positive, default=32)
+    p.add_argument("--steps", type=positive, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--layers", type=int, default=22, help="fewer layers for quick runs (real model: 22)")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, from: {', '.join(MODES)}")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--layers", type=positive, default=22, help="fewer layers for quick runs (real model: 22)")
+    p.add_argument("--modes", type=_modes, default=DEFAULT_BENCH_MODES,
+                   help=f"comma-separated, from: {', '.join(BENCH_MODES)} (default: {','.join(DEFAULT_BENCH_MODES)})")
+    p.add_argument("--threads", type=positive, help="torch CPU threads")
     p.add_argument("--init-std", type=float, default=0.02,
                    help="random weight std; 0.02 gives flat next-token distributions, larger gives peaked ones")
-    p.add_argument("--vocab-size", type=int, help="smaller vocabulary for quick checks (default: mmBERT's 256,000)")
+    p.add_argument("--vocab-size", type=positive,
+                   help="smaller vocabulary for quick checks (default: mmBERT's 256,000)")
     p.add_argument("--cuda-graphs", action="store_true", help="engine modes replay forwards from CUDA graphs")
-    p.add_argument("--overhead", action="store_true",
-                   help="the engine's own cost: its step beside transformers' bare forward on a 1-layer model, "
-                        "at batch 1, 8, 32, 64 (other flags but --threads, --save and --tag are ignored)")
-    p.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
-    p.add_argument("--tag", default=None, help="file name tag for --save (default: derived from the config)")
-    p.set_defaults(func=run)
+    _add_report_arguments(p, "default: derived from the config")
+    # the spelling from before the subcommands: `bench --overhead` runs `bench overhead` (which reads only
+    # --threads, --save and --tag)
+    p.add_argument("--overhead", action="store_const", dest="func", const=run_overhead, help=argparse.SUPPRESS)
 
 
-def run(args) -> int:
-    from ..benchmark import BenchConfig, format_table, run as run_bench
-    from ..outputs import check_report_folder, save_report
-
-    if args.overhead:
-        return _run_overhead(args)
+def run_throughput(args) -> int:
+    from ..bench.throughput import BenchConfig, format_table, run
 
     try:
         cfg = BenchConfig(batch_size=args.batch_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                           block_size=args.block_size, steps=args.steps, temperature=args.temperature,
-                          dtype=args.dtype, device=args.device, layers=args.layers,
-                          modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()), threads=args.threads,
-                          init_std=args.init_std, vocab_size=args.vocab_size, cuda_graphs=args.cuda_graphs)
+                          dtype=args.dtype, device=args.device, layers=args.layers, modes=args.modes,
+                          threads=args.threads, init_std=args.init_std, vocab_size=args.vocab_size,
+                          cuda_graphs=args.cuda_graphs)
     except ValueError as exc:
         raise DiffutronError(str(exc)) from None
     if cfg.device.startswith("cuda"):
@@ -57,31 +144,100 @@ def run(args) -> int:
 
         if not torch.cuda.is_available():
             raise DiffutronError("--device cuda was asked for but no CUDA GPU is available")
-    tag = args.tag or (f"bench-{cfg.device}-b{cfg.batch_size}-t{cfg.temperature:g}-L{cfg.layers}-{cfg.dtype}")
-    if args.save is not None:
-        check_report_folder(args.save, tag)  # before minutes of measuring
-    report = run_bench(cfg, log=lambda s: print(s, file=sys.stderr))
-    print(format_table(report))
-    if args.save is not None:
-        print(f"saved {save_report(report, args.save, tag)}", file=sys.stderr)
-    print(json.dumps(report))
+    tag = args.tag or f"bench-{cfg.device}-b{cfg.batch_size}-t{cfg.temperature:g}-L{cfg.layers}-{cfg.dtype}"
+    _check_save(args, tag)
+    report = run(cfg, log=_log)
+    _print_report(args, tag, report, format_table(report))
     return 0
 
 
-def _run_overhead(args) -> int:
-    from ..outputs import check_report_folder, save_report
-    from ..overhead import OverheadConfig, format_table, run as run_overhead
+# ------------------------------------------------------------------------------------------ overhead
+def add_overhead_arguments(p) -> None:
+    p.add_argument("--threads", type=_at_least(1), help="torch CPU threads")
+    _add_report_arguments(p, "default: overhead-cpu")
+
+
+def run_overhead(args) -> int:
+    from ..bench.overhead import OverheadConfig, format_table, run
 
     try:
         cfg = OverheadConfig(threads=args.threads)
     except ValueError as exc:
         raise DiffutronError(str(exc)) from None
     tag = args.tag or "overhead-cpu"
-    if args.save is not None:
-        check_report_folder(args.save, tag)  # before the measuring
-    report = run_overhead(cfg, log=lambda s: print(s, file=sys.stderr))
-    print(format_table(report))
-    if args.save is not None:
-        print(f"saved {save_report(report, args.save, tag)}", file=sys.stderr)
-    print(json.dumps(report))
+    _check_save(args, tag)
+    report = run(cfg, log=_log)
+    _print_report(args, tag, report, format_table(report))
     return 0
+
+
+# ------------------------------------------------------------------------------------------ eval
+def add_eval_arguments(p) -> None:
+    p.add_argument("--layers", type=_at_least(1), default=2,
+                   help="transformer layers of the random mmBERT (default: 2)")
+    p.add_argument("--requests", type=_at_least(1), default=16, help="(context, continuation) pairs (default: 16)")
+    p.add_argument("--mc-num", type=int, default=32, help="noisy copies per request (default: 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="copies per stratified draw (default: 32)")
+    p.add_argument("--vocab", type=_at_least(1000), default=256_000, help="vocabulary size, >= 1000 (the "
+                   "benchmark tokenizer's; default: mmBERT's 256,000)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--token-budget", type=_at_least(1), default=None, help="tokens per batched forward "
+                   "(default: 8192 on CPU, 65536 on CUDA)")
+    p.add_argument("--seed", type=_at_least(0), default=0)
+    p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads")
+    _add_report_arguments(p, "default: eval-<device>-l<layers>")
+
+
+def run_eval(args) -> int:
+    from ..bench.likelihood import format_table, run
+    from ..loading import resolve_device
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    tag = args.tag or f"eval-{resolve_device(args.device).split(':')[0]}-l{args.layers}"
+    _check_save(args, tag)
+    report = run(args.layers, args.requests, args.mc_num, args.batch_size, args.vocab, args.device, args.dtype,
+                 args.seed, args.token_budget, log=_log)
+    _print_report(args, tag, report, format_table(report))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ serve
+def _json_object(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r:.40}")
+    return text
+
+
+def add_serve_arguments(p) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--num-requests", type=_at_least(1), default=100)
+    p.add_argument("--concurrency", type=_at_least(1), default=16)
+    p.add_argument("--request-rate", type=_positive_float, help="requests per second (Poisson); "
+                   "default: all at once")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prompts", help="JSONL file with a {\"prompt\": ...} per line")
+    p.add_argument("--extra-body", type=_json_object, help="JSON object merged into every request (diffusion knobs)")
+    p.add_argument("--api-key", default=os.environ.get("DIFFUTRON_API_KEY"),
+                   help="the server's key (default: DIFFUTRON_API_KEY, which keeps it out of `ps`)")
+    _add_report_arguments(p, "default: serve; the file's is TAG-c<concurrency>", tag_default="serve")
+
+
+def run_serve(args) -> int:
+    import asyncio
+
+    from ..bench.serve import format_table, run
+
+    tag = f"{args.tag}-c{args.concurrency}"
+    _check_save(args, tag)
+    report = asyncio.run(run(args))
+    shown = {k: v for k, v in vars(args).items() if k not in ("api_key", "func")}  # a report never carries the key
+    _print_report(args, tag, report, format_table(report), saved={"args": shown, **report})
+    return 0 if report["errors"] == 0 else 1

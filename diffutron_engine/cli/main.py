@@ -20,7 +20,20 @@ EXIT_STDOUT_CLOSED = 141
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit code 2) like every other bad input."""
+    """argparse, but a usage error is one line (and exit code 2) like every other bad input; and a parser
+    with subcommands may name one, `default_subcommand`, that runs when its arguments are none or start
+    with an option other than --help (`bench --layers 4` is `bench throughput --layers 4`)."""
+
+    def __init__(self, *args, default_subcommand: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default_subcommand = default_subcommand
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.default_subcommand is not None:
+            args = list(sys.argv[1:] if args is None else args)
+            if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
+                args.insert(0, self.default_subcommand)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -73,16 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    # commands with argument parsers of their own: a server's load benchmark, the likelihood
-    # benchmark, and lm-evaluation-harness's CLI
-    if argv[:2] == ["bench", "serve"]:
-        from ..bench_serve import main as bench_serve
-
-        return bench_serve(argv[2:], prog="diffutron-engine bench serve")
-    if argv[:2] == ["bench", "eval"]:
-        from ..bench_eval import main as bench_eval
-
-        return bench_eval(argv[2:], prog="diffutron-engine bench eval")
+    # lm-evaluation-harness's CLI parses its own arguments
     if argv[:2] == ["eval", "lm-eval"]:
         from ..integrations.lm_eval import cli_main
 

@@ -1,6 +1,9 @@
 """`diffutron-engine bench` end to end on a small version of the real architecture."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -29,7 +32,7 @@ def test_bench_reports_every_mode_and_ends_with_json(capsys, tmp_path):
 def test_overhead_report_on_small_settings(capsys):
     """The overhead harness at tiny settings: every figure is there, ops per step do not change with the
     batch or the block, and `bench --overhead` prints a table then one JSON line."""
-    from diffutron_engine.overhead import OverheadConfig, format_table, run
+    from diffutron_engine.bench.overhead import OverheadConfig, format_table, run
 
     report = run(OverheadConfig(batches=(1, 3), blocks=(4, 8), prompt_len=8, new_tokens=32, block_size=8,
                                 min_seconds=0.05), log=lambda s: None)
@@ -51,7 +54,7 @@ def _report(**exact):
 
 
 def test_problems_lists_what_makes_a_report_invalid():
-    from diffutron_engine.benchmark import problems
+    from diffutron_engine.bench.throughput import problems
 
     assert problems(_report()) == []  # the cache modes are approximations: their agreement is no problem
     bad = _report(agreement=99.5)
@@ -90,7 +93,7 @@ def test_bench_warms_up_on_the_timed_batch(monkeypatch, failing):
     the warm-up ran the same batch, so nothing is first seen or captured while timed. Captures that fail
     are counted and make the report invalid."""
     import diffutron_engine.engine as engine_pkg
-    from diffutron_engine.benchmark import BenchConfig, problems, run
+    from diffutron_engine.bench.throughput import BenchConfig, problems, run
     from graph_util import CPUStepGraphs
 
     class GraphedEngine(engine_pkg.Engine):
@@ -114,3 +117,99 @@ def test_bench_warms_up_on_the_timed_batch(monkeypatch, failing):
         assert counts == {"exact": {"captures": 0, "replays": 0, "fallbacks": 8, "warmups": 0}}
         assert problems(report) == ["exact: 8 step(s) ran eagerly because a CUDA graph capture failed "
                                     "(the run does not measure graph replay)"]
+
+
+# ------------------------------------------------------------------------------------------ the command line
+def _parse(*argv):
+    from diffutron_engine.cli.main import build_parser
+
+    return build_parser().parse_args(["bench", *argv])
+
+
+def test_bench_subcommands_and_the_old_spellings_parse():
+    from diffutron_engine.cli import bench
+
+    args = _parse("throughput", "--layers", "2", "--modes", "exact, dual")
+    assert (args.bench_command, args.func, args.layers, args.modes) == ("throughput", bench.run_throughput, 2,
+                                                                      ("exact", "dual"))
+    # no subcommand: throughput, with its defaults or the flags given
+    assert _parse().func is bench.run_throughput and _parse().layers == 22
+    old = _parse("--layers", "2", "--vocab-size", "1000")
+    assert (old.bench_command, old.func, old.layers, old.vocab_size) == ("throughput", bench.run_throughput, 2, 1000)
+    # `bench --overhead` is `bench overhead`
+    assert _parse("--overhead", "--threads", "2").func is bench.run_overhead
+    assert _parse("--overhead", "--threads", "2").threads == 2
+    assert _parse("overhead", "--save", "x").func is bench.run_overhead
+    assert _parse("eval", "--mc-num", "8").func is bench.run_eval and _parse("eval", "--mc-num", "8").mc_num == 8
+    args = _parse("serve", "--num-requests", "3", "--extra-body", '{"steps": 4}')
+    assert (args.func, args.num_requests, args.extra_body) == (bench.run_serve, 3, '{"steps": 4}')
+
+
+@pytest.mark.parametrize("argv, shown, hidden", [
+    (("bench", "--help"), ["throughput", "overhead", "eval", "serve"], []),
+    (("bench", "overhead", "--help"), ["--threads", "--save", "--tag"], ["--layers", "--modes", "--overhead"]),
+    (("bench", "throughput", "--help"), ["--modes", "--layers", "--cuda-graphs"], ["--overhead"]),
+    (("bench", "eval", "--help"), ["--mc-num", "--token-budget"], ["--modes"]),
+    (("bench", "serve", "--help"), ["--num-requests", "--extra-body", "--api-key"], ["--modes"]),
+], ids=["bench", "overhead", "throughput", "eval", "serve"])
+def test_bench_help(capsys, argv, shown, hidden):
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert all(s in out for s in shown) and not any(h in out for h in hidden), out
+
+
+def test_bench_bad_flags_are_one_line_and_exit_2_before_torch_is_imported():
+    """Each bad flag in a fresh interpreter: one line on stderr naming it, exit code 2, nothing on stdout,
+    and torch never imported (the check comes before any model is built)."""
+    from where import ROOT
+
+    cases = [(["bench", "throughput", "--modes", "exact,nope"], "unknown mode(s) nope; choose from reference, exact"),
+             (["bench", "--modes", "nope"], "unknown mode(s) nope"),
+             (["bench", "--layers", "0"], "argument --layers: must be >= 1, got 0"),
+             (["bench", "overhead", "--layers", "2"], "unrecognized arguments: --layers 2"),
+             (["bench", "eval", "--vocab", "10"], "argument --vocab: must be >= 1000, got 10"),
+             (["bench", "serve", "--concurrency", "0"], "argument --concurrency: must be >= 1, got 0"),
+             (["bench", "serve", "--request-rate", "0"], "argument --request-rate: must be a finite number > 0"),
+             (["bench", "serve", "--extra-body", "{"], "argument --extra-body: not JSON"),
+             (["bench", "serv"], "invalid choice: 'serv'")]
+    code = ("import json, sys\nfrom diffutron_engine.cli.main import main\n"
+            "try:\n    rc = main(json.loads(sys.argv[1]))\nexcept SystemExit as e:\n    rc = e.code\n"
+            "sys.stderr.write('torch imported\\n' if 'torch' in sys.modules else '')\nsys.exit(rc)\n")
+    for argv, message in cases:
+        r = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+        assert r.returncode == 2 and r.stdout == "", (argv, r)
+        assert len(r.stderr.splitlines()) == 1 and message in r.stderr, (argv, r.stderr)
+
+
+def test_bench_modes_are_presets_without_torch():
+    from diffutron_engine import config
+    from diffutron_engine.bench.modes import BENCH_MODES, DEFAULT_BENCH_MODES, REFERENCE, check_modes
+
+    assert all(isinstance(m, config.Preset) for m in BENCH_MODES.values())
+    assert BENCH_MODES["fast"] is config.FAST
+    assert BENCH_MODES[REFERENCE].engine == {} and BENCH_MODES[REFERENCE].request == {}
+    assert BENCH_MODES["exact"].engine == {"cache": "none"} and BENCH_MODES["threshold"].request == {"threshold": 0.9}
+    assert set(DEFAULT_BENCH_MODES) <= set(BENCH_MODES)
+    assert check_modes(" exact,,dual ") == ("exact", "dual")
+    for bad in ("exact,nope", ""):
+        with pytest.raises(ValueError):
+            check_modes(bad)
+
+
+@pytest.mark.needs("httpx")
+def test_bench_serve_counts_failed_requests_and_saves_without_the_key(capsys, tmp_path, monkeypatch):
+    """Against a port where nothing listens: every request is an error, exit code 1, the table then the
+    JSON line; the saved report holds the arguments but never the API key."""
+    monkeypatch.setenv("DIFFUTRON_API_KEY", "secret-key")
+    code = main(["bench", "serve", "--url", "http://127.0.0.1:9", "--num-requests", "2", "--concurrency", "1",
+                 "--save", str(tmp_path), "--tag", "t"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 1
+    assert out[0].split()[:2] == ["requests", "errors"]
+    report = json.loads(out[-1])
+    assert report["requests"] == 2 and report["errors"] == 2
+    saved = next(tmp_path.glob("*-t-c1.json")).read_text()
+    assert "secret-key" not in saved and json.loads(saved)["args"]["num_requests"] == 2

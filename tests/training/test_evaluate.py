@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from diffutron_engine.cli import eval as eval_cmd
 from diffutron_engine.errors import DiffutronError
-from diffutron_engine.random_model import _CORPUS
+from diffutron_engine.models.random_weights import _CORPUS
 from diffutron_engine.training.evaluate import build_sequences, draw_masks, masked_lm_perplexity, special_ids
 
 TEXTS = [line for line in _CORPUS.splitlines() if line.strip()] * 6

@@ -58,7 +58,7 @@ def test_config_layers_and_errors(tmp_path):
 def test_lora_on_the_real_configuration_counts_the_papers_parameters():
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
-    from diffutron_engine.random_model import MMBERT_BASE
+    from diffutron_engine.models.random_weights import MMBERT_BASE
     from diffutron_engine.training.trainer import apply_lora, count_parameters
 
     with torch.device("meta"):  # the real architecture without allocating its weights

@@ -1,4 +1,4 @@
-"""`diffutron-engine bench --overhead`: what the engine costs beyond the model, measured where the model
+"""`diffutron-engine bench overhead`: what the engine costs beyond the model, measured where the model
 is nearly free.
 
 On a 1-layer ModernBERT (hidden 64, a 1,000-id vocabulary) a forward pass costs little, so the engine's
@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .engine.probe import count_step_ops, device_step_seconds
+from ..engine.probe import count_step_ops, device_step_seconds
+from .measure import machine_info
 
 
 @dataclass
@@ -56,8 +57,8 @@ def _timed(fn, min_seconds: float, max_calls: int | None = None) -> float:
 
 
 def _setup(model, tok, batch: int, cfg: OverheadConfig, block_size: int):
-    from .config import SamplingParams
-    from .engine import Engine
+    from ..config import SamplingParams
+    from ..engine import Engine
 
     engine = Engine(model, tok, max_batch=batch)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -73,9 +74,8 @@ def _setup(model, tok, batch: int, cfg: OverheadConfig, block_size: int):
 def run(cfg: OverheadConfig, log=print) -> dict:
     from transformers import ModernBertForMaskedLM
 
-    from .benchmark import machine_info
-    from .loading import prepare_tokenizer
-    from .random_model import build_tokenizer, modernbert_config
+    from ..loading import prepare_tokenizer
+    from ..models.random_weights import build_tokenizer, modernbert_config
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

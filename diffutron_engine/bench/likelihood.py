@@ -15,20 +15,17 @@ its numbers measure speed and agreement, not quality.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 
 import torch
 
-from .errors import DiffutronError
+from .measure import PeakMemory, machine_info, sync
 
 
 def _requests(tokenizer, n: int) -> list[tuple[str, str]]:
     """n (context, continuation) pairs in the style of a multiple-choice task: each context of a few
     sentences of the built-in Turkish text, four candidate endings each."""
-    from .random_model import _CORPUS
+    from ..models.random_weights import _CORPUS
 
     lines = [l.strip() for l in _CORPUS.splitlines() if len(l.split()) >= 6 and not l.startswith("[")]
     out = []
@@ -45,12 +42,11 @@ def _requests(tokenizer, n: int) -> list[tuple[str, str]]:
 def run(layers: int = 2, requests: int = 16, mc_num: int = 32, batch_size: int = 32, vocab: int = 256_000,
         device: str = "cpu", dtype: str = "float32", seed: int = 0, token_budget: int | None = None,
         log=print) -> dict:
-    from .benchmark import _PeakMemory, machine_info
-    from .integrations.mc_likelihood import (check_mc, check_requests, default_token_budget, encode_pair,
-                                             loglikelihood_batched, loglikelihood_plain, pack)
-    from .loading import resolve_device, resolve_dtype
-    from .model.modernbert import ModernBertRunner
-    from .random_model import MMBERT_BASE, build_tokenizer, random_mmbert
+    from ..integrations.mc_likelihood import (check_mc, check_requests, default_token_budget, encode_pair,
+                                              loglikelihood_batched, loglikelihood_plain, pack)
+    from ..loading import resolve_device, resolve_dtype
+    from ..model.modernbert import ModernBert
+    from ..models.random_weights import MMBERT_BASE, build_tokenizer, random_mmbert
 
     check_mc(mc_num, batch_size)
     device = resolve_device(device)
@@ -60,7 +56,7 @@ def run(layers: int = 2, requests: int = 16, mc_num: int = 32, batch_size: int =
     texts = _requests(tok, requests)
     pairs = [encode_pair(tok, c, x) for c, x in texts]
     check_requests(pairs, model.config.max_position_embeddings, texts)
-    runner = ModernBertRunner(model)
+    runner = ModernBert(model)
     budget = token_budget or default_token_budget(device)
     log(f"{len(pairs)} requests, context {min(len(p.context) for p in pairs)}-{max(len(p.context) for p in pairs)} "
         f"tokens, continuation {min(len(p.target) for p in pairs)}-{max(len(p.target) for p in pairs)}; "
@@ -68,12 +64,11 @@ def run(layers: int = 2, requests: int = 16, mc_num: int = 32, batch_size: int =
 
     def timed(fn):
         torch.manual_seed(seed)  # the same masks for both: the estimator consumes torch's generators
-        with _PeakMemory(device) as mem:
+        with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             with torch.no_grad():
                 vals = fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(device)
             secs = time.perf_counter() - t0
         return vals, secs, mem.peak
 
@@ -115,51 +110,3 @@ def format_table(report: dict) -> str:
     lines.append(f"speed-up {report['speedup']:.2f}x; largest difference {report['max_abs_diff']:.3g} "
                  f"(relative {report['max_rel_diff']:.2g})")
     return "\n".join(lines)
-
-
-def main(argv=None, prog: str | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=prog or "diffutron-engine bench eval",
-                                 description="Monte-Carlo likelihood of masked diffusion LMs: the plain "
-                                 "implementation vs the batched one of the lm-eval model, same requests and seed.")
-    ap.add_argument("--layers", type=int, default=2, help="transformer layers of the random mmBERT (default: 2)")
-    ap.add_argument("--requests", type=int, default=16, help="(context, continuation) pairs (default: 16)")
-    ap.add_argument("--mc-num", type=int, default=32, help="noisy copies per request (default: 32)")
-    ap.add_argument("--batch-size", type=int, default=32, help="copies per stratified draw (default: 32)")
-    ap.add_argument("--vocab", type=int, default=256_000, help="vocabulary size, >= 1000 (the "
-                    "benchmark tokenizer's; default: mmBERT's 256,000)")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    ap.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
-    ap.add_argument("--token-budget", type=int, default=None, help="tokens per batched forward (default: 8192 "
-                    "on CPU, 65536 on CUDA)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
-    ap.add_argument("--tag", default=None, help="file name tag for --save (default: eval-<device>-l<layers>)")
-    args = ap.parse_args(argv)
-    for flag, v, least in (("--layers", args.layers, 1), ("--requests", args.requests, 1), ("--vocab", args.vocab, 1000),
-                           ("--token-budget", args.token_budget, 1), ("--threads", args.threads, 1),
-                           ("--seed", args.seed, 0)):
-        if v is not None and v < least:
-            raise DiffutronError(f"{flag} must be >= {least}, got {v}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tag = None
-    if args.save is not None:  # checked before the benchmark runs, not after minutes of it
-        from .loading import resolve_device
-        from .outputs import check_report_folder
-
-        tag = args.tag or f"eval-{resolve_device(args.device).split(':')[0]}-l{args.layers}"
-        check_report_folder(args.save, tag)
-    report = run(args.layers, args.requests, args.mc_num, args.batch_size, args.vocab, args.device, args.dtype,
-                 args.seed, args.token_budget, log=lambda m: print(m, file=sys.stderr))
-    print(format_table(report))
-    if args.save is not None:
-        from .outputs import save_report
-
-        print(f"saved {save_report(report, args.save, tag)}", file=sys.stderr)
-    print(json.dumps(report))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,13 +9,12 @@ and end-to-end latency (p50, p90, p99) and errors; a table, then one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import random
-import sys
 import time
+
+from ..errors import DiffutronError
 
 
 def _percentiles(xs: list[float]) -> dict:
@@ -86,56 +85,27 @@ async def run(args) -> dict:
 
 def _prompts(args) -> list[str]:
     if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            rows = [json.loads(line)["prompt"] for line in f if line.strip()]
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                rows = [json.loads(line)["prompt"] for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise DiffutronError(f"cannot read --prompts {args.prompts!r}: {type(exc).__name__}: {exc} "
+                                 '(a {"prompt": ...} object per line)') from None
         if not rows:
-            raise SystemExit(f"error: {args.prompts} has no prompts")
+            raise DiffutronError(f"--prompts {args.prompts!r} has no prompts")
         return rows
     return [f"Bu işlev {i}" for i in range(64)]
 
 
-def main(argv=None, prog: str | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--num-requests", type=int, default=100)
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--request-rate", type=float, help="requests per second (Poisson); default: all at once")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--prompts", help="JSONL file with a {\"prompt\": ...} per line")
-    ap.add_argument("--extra-body", help="JSON object merged into every request (diffusion knobs)")
-    ap.add_argument("--api-key", default=os.environ.get("DIFFUTRON_API_KEY"),
-                    help="the server's key (default: DIFFUTRON_API_KEY, which keeps it out of `ps`)")
-    ap.add_argument("--save", metavar="FOLDER", help="also write the JSON report into FOLDER (e.g. bench/results)")
-    ap.add_argument("--tag", default="serve", help="file name tag for --save")
-    args = ap.parse_args(argv)
-    if args.num_requests < 1 or args.concurrency < 1 or (args.request_rate is not None and args.request_rate <= 0):
-        print("error: --num-requests and --concurrency must be >= 1, --request-rate > 0", file=sys.stderr)
-        return 2
-    tag = f"{args.tag}-c{args.concurrency}"
-    if args.save is not None:  # checked before the load runs: a bad folder is one line, not a lost measurement
-        from .errors import DiffutronError
-        from .outputs import check_report_folder
-
-        try:
-            check_report_folder(args.save, tag)
-        except DiffutronError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    report = asyncio.run(run(args))
-    print(f"{'requests':<10} {'errors':>6} {'req/s':>8} {'out tok/s':>10} {'TTFC p50/p99 s':>16} {'latency p50/p99 s':>18}")
+def format_table(report: dict) -> str:
     t, lat = report["ttfc_s"], report["latency_s"]
-    fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
-    print(f"{report['requests']:<10} {report['errors']:>6} {report['requests_per_s']:>8.2f} "
-          f"{report['output_tokens_per_s']:>10.1f} {fmt(t['p50']) + '/' + fmt(t['p99']):>16} "
-          f"{fmt(lat['p50']) + '/' + fmt(lat['p99']):>18}")
-    if args.save is not None:
-        from .outputs import save_report
 
-        shown = {k: v for k, v in vars(args).items() if k != "api_key"}  # a report never carries the key
-        print(f"saved {save_report({'args': shown, **report}, args.save, tag)}", file=sys.stderr)
-    print(json.dumps(report))
-    return 0 if report["errors"] == 0 else 1
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return "\n".join([
+        f"{'requests':<10} {'errors':>6} {'req/s':>8} {'out tok/s':>10} {'TTFC p50/p99 s':>16} "
+        f"{'latency p50/p99 s':>18}",
+        f"{report['requests']:<10} {report['errors']:>6} {report['requests_per_s']:>8.2f} "
+        f"{report['output_tokens_per_s']:>10.1f} {fmt(t['p50']) + '/' + fmt(t['p99']):>16} "
+        f"{fmt(lat['p50']) + '/' + fmt(lat['p99']):>18}"])

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m diffutron_engine.random_model",
+        prog="python -m diffutron_engine.models.random_weights",
         description="Write a RANDOM-WEIGHT ModernBERT masked LM with a locally trained tokenizer (no network).",
     )
     p.add_argument("out", help="output directory")

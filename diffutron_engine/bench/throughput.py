@@ -1,4 +1,4 @@
-"""End-to-end throughput harness behind `diffutron-engine bench`.
+"""End-to-end throughput harness behind `diffutron-engine bench throughput`.
 
 Builds the real mmBERT-base architecture with random weights (seconds), runs the oracle and each engine
 mode on the same prompts, and reports per mode: generated tokens/s, forward passes per generated
@@ -13,13 +13,14 @@ counters are reported; `problems(report)` lists what makes a report invalid.
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import BENCH_MODES as MODES, DEFAULT_BENCH_MODES as DEFAULT_MODES, SamplerConfig, SamplingParams
+from ..config import SamplingParams
+from .measure import PeakMemory, machine_info, sync
+from .modes import BENCH_MODES, DEFAULT_BENCH_MODES, REFERENCE, check_modes
 
 # the graph counters reported per engine mode (report["modes"][mode]["extra"]["graphs"]), counted over
 # the timed run only (diffutron_engine.engine.graphs): a valid run only replays (no warm-up, capture or
@@ -38,7 +39,7 @@ class BenchConfig:
     dtype: str = "float32"
     device: str = "cpu"
     layers: int = 22
-    modes: tuple = DEFAULT_MODES
+    modes: tuple = DEFAULT_BENCH_MODES
     seed: int = 0
     threads: int | None = None
     # Weight init std. 0.02 (transformers' default) makes near-uniform next-token distributions
@@ -50,9 +51,7 @@ class BenchConfig:
     fused_head: bool = False  # engine modes compute the LM head inside the Triton sampler (CUDA only)
 
     def __post_init__(self):
-        unknown = [m for m in self.modes if m not in MODES]
-        if unknown:
-            raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+        self.modes = check_modes(self.modes)
         for name in ("batch_size", "prompt_len", "new_tokens", "block_size", "steps", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -68,86 +67,10 @@ class ModeResult:
     extra: dict = field(default_factory=dict)
 
 
-def _return_freed_memory_to_the_os() -> None:
-    """glibc raises its mmap threshold after large frees and then keeps freed buffers resident, so a
-    later region's resident-set peak would undercount; pinning the threshold (which also disables the
-    dynamic adjustment) makes every large buffer an mmap that is returned on free."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-class _PeakMemory:
-    """Peak working memory of a region: CUDA allocator peak, or on Linux the process's resident-set
-    high-water mark (VmHWM, reset through /proc/self/clear_refs) above the RSS at the start."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        if not self.cuda:
-            _return_freed_memory_to_the_os()
-
-    @staticmethod
-    def _status(key: str) -> int | None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.base = self._status("VmRSS")
-            except OSError:
-                self.base = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        else:
-            hwm = self._status("VmHWM")
-            self.peak = None if self.base is None or hwm is None else max(hwm - self.base, 0) / 2**20
-
-
-def machine_info(device: str) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_threads": torch.get_num_threads(), "cpu": _cpu_name()}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(cfg: BenchConfig, log=print) -> dict:
-    from .engine import Engine
-    from .random_model import build_tokenizer, random_mmbert
-    from .reference import ReferenceSampler
+    from ..engine import Engine
+    from ..models.random_weights import build_tokenizer, random_mmbert
+    from ..reference import ReferenceSampler
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -167,38 +90,37 @@ def run(cfg: BenchConfig, log=print) -> dict:
     for mode in cfg.modes:
         torch.manual_seed(cfg.seed)
         extra: dict = {}
-        if mode == "reference":
+        if mode == REFERENCE:
             sampler = ReferenceSampler(model=model, tokenizer=tok)
-            sampler.sample(prompts, SamplerConfig(return_dict=True, **knobs))  # warm-up: the timed batch
-            _sync(cfg.device)
+            sampler.sample(prompts, return_dict=True, **knobs)  # warm-up: the timed batch
+            sync(cfg.device)
             torch.manual_seed(cfg.seed)
-            with _PeakMemory(cfg.device) as mem:
+            with PeakMemory(cfg.device) as mem:
                 t = time.perf_counter()
-                out = sampler.sample(prompts, SamplerConfig(return_dict=True, **knobs))
-                _sync(cfg.device)
+                out = sampler.sample(prompts, return_dict=True, **knobs)
+                sync(cfg.device)
                 seconds = time.perf_counter() - t
             rows = [out.sequences[i, len(p): len(p) + cfg.new_tokens].tolist() for i, p in enumerate(prompts)]
             oracle_rows = rows
             fwd = out.forward_passes * cfg.batch_size * (2 if knobs.get("cfg_scale") else 1) / n_tokens
             batch_steps = out.forward_passes
         else:
-            knobs_mode = dict(MODES[mode])
-            cache = knobs_mode.pop("cache", "none")
-            engine = Engine(model, tok, max_batch=cfg.batch_size, cache=cache, cuda_graphs=cfg.cuda_graphs,
-                            fused_head=cfg.fused_head)
-            scfg = SamplingParams(early_stop=False, seed=cfg.seed, **knobs, **knobs_mode)
+            preset = BENCH_MODES[mode]
+            engine = Engine(model, tok, max_batch=cfg.batch_size, cuda_graphs=cfg.cuda_graphs,
+                            fused_head=cfg.fused_head, **preset.engine)
+            scfg = SamplingParams(early_stop=False, seed=cfg.seed, **knobs, **preset.request)
             graphs = engine.runner.graphs  # None unless CUDA graphs are in use (CUDA device)
             # warm-up on the timed batch: the same steps, shapes and graph keys as the timed run (the
             # seeds are fixed); with graphs, a second pass captures what the first ran eagerly
             for _ in range(2 if graphs is not None else 1):
                 engine.generate(prompts, scfg)
-            _sync(cfg.device)
+            sync(cfg.device)
             torch.manual_seed(cfg.seed)
             before = graphs.stats() if graphs is not None else None
-            with _PeakMemory(cfg.device) as mem:
+            with PeakMemory(cfg.device) as mem:
                 t = time.perf_counter()
                 res = engine.generate(prompts, scfg)
-                _sync(cfg.device)
+                sync(cfg.device)
                 seconds = time.perf_counter() - t
             rows = [r.tokens[len(p):] for r, p in zip(res, prompts)]
             fwd = sum(r.forward_passes for r in res) / n_tokens
@@ -240,7 +162,7 @@ def problems(report: dict) -> list[str]:
                        "must give the oracle's tokens (100%)")
         counts = (m.get("extra") or {}).get("graphs")
         if counts is None:
-            if graphs_expected and name != "reference":
+            if graphs_expected and name != REFERENCE:
                 out.append(f"{name}: CUDA graphs were asked for but the run reports no graph counters")
             continue
         if counts.get("fallbacks"):
@@ -255,14 +177,9 @@ def problems(report: dict) -> list[str]:
     return out
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def format_table(report: dict) -> str:
     modes = report["modes"]
-    ref = modes.get("reference")
+    ref = modes.get(REFERENCE)
     lines = [f"{'mode':<18} {'tok/s':>9} {'x oracle':>9} {'fwd/tok':>8} {'ms/step':>8} {'peak MB':>9} {'agree %':>8}"]
     for name, m in modes.items():
         ratio = m["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
