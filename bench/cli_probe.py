@@ -42,6 +42,8 @@ import threading
 import time
 import traceback
 
+from probe_util import finish
+
 GIB = 1 << 30
 ERR, WARN = "diffutron-engine: error:", "diffutron-engine: warning:"
 # a usage error from a subcommand's parser names it: "diffutron-engine generate: error: ..." (one line too)
@@ -690,11 +692,16 @@ def cases() -> list[dict]:
         return Spec(args=merge("--adapter", a, "--out", f), precious=[f, a], check=no_trash)
     add(M, "out-existing-file", (2,), out_file, needs=("run",))
 
-    def out_unrelated(ctx, d):
-        a = adapter_copy(ctx, d)
+    def photos(d):
+        """A folder of the user's own, unrelated to the run."""
         o = os.path.join(d, "photos")
         os.makedirs(o)
         write(os.path.join(o, "holiday.jpg"), os.urandom(2048))
+        return o
+
+    def out_unrelated(ctx, d):
+        a = adapter_copy(ctx, d)
+        o = photos(d)
         return Spec(args=merge("--adapter", a, "--out", o), precious=[o, a])
     add(M, "out-unrelated-folder", (2,), out_unrelated, needs=("run",))
 
@@ -714,9 +721,7 @@ def cases() -> list[dict]:
 
     def out_link_folder(ctx, d):
         a = adapter_copy(ctx, d)
-        o = os.path.join(d, "photos")
-        os.makedirs(o)
-        write(os.path.join(o, "holiday.jpg"), os.urandom(2048))
+        o = photos(d)
         link = os.path.join(d, "merged")
         os.symlink(o, link)
         return Spec(args=merge("--adapter", a, "--out", link), precious=[o, link, a])
@@ -1077,12 +1082,7 @@ def main(argv=None) -> int:
                "held": sum(r["held"] for r in tried), "tried": len(tried),
                "not_held": [r["id"] for r in failures], "skipped": [r["id"] for r in skipped],
                "fixture_errors": ctx.errors}
-    print(json.dumps(summary, ensure_ascii=False))
-    if args.save:
-        with open(args.save, "w") as f:
-            json.dump({**summary, "cases": ordered}, f, indent=1, ensure_ascii=False)
-    log(f"done in {seconds:.0f} s")
-    return 0
+    return finish(summary, {"cases": ordered}, args.save, seconds, log)
 
 
 if __name__ == "__main__":

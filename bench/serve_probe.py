@@ -30,6 +30,8 @@ import time
 import traceback
 from http.client import HTTPException, HTTPResponse, IncompleteRead
 
+from probe_util import finish
+
 KEY = "probe-Key-7q"  # letters in both cases, so a case-swapped key is a different key
 AUTH = {"Authorization": f"Bearer {KEY}"}
 JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
@@ -796,12 +798,7 @@ def main(argv=None) -> int:
     summary = {"repo": repo, "seconds": round(seconds, 1), "error": error, "bodies": tally,
                "checks": {k: {"pass": ok, "figure": fig} for k, (ok, fig) in checks.items()},
                "not_held": [f"{f['category']}/{f['name']}" for f in failures]}
-    print(json.dumps(summary, ensure_ascii=False))
-    if args.save:
-        with open(args.save, "w") as f:
-            json.dump({**summary, "failures": failures}, f, indent=1, ensure_ascii=False)
-    log(f"done in {seconds:.0f} s")
-    return 0
+    return finish(summary, {"failures": failures}, args.save, seconds, log)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import reprlib
 import sys
 import typing
 from dataclasses import dataclass, field
 
+from ..bounded import show
 from ..errors import DiffutronError
+
+_show = show  # trainer.py's name for it, until it imports show from ..bounded itself
 
 TASKS = ("cpt", "sft")
 OBJECTIVES = ("mlm", "mdlm")
@@ -84,7 +86,7 @@ class TrainConfig:
 
         def need(name, ok, allowed):
             if not ok:
-                bad(f"{name} must be {allowed}, got {_show(getattr(self, name))}")
+                bad(f"{name} must be {allowed}, got {show(getattr(self, name))}")
 
         for name, choices in (("task", TASKS), ("objective", OBJECTIVES), ("optimizer", OPTIMIZERS),
                               ("strategy", STRATEGIES), ("precision", PRECISIONS)):
@@ -131,33 +133,13 @@ def _field_types() -> dict:
     return typing.get_type_hints(TrainConfig)
 
 
-# A YAML file's aliases share one object among many places: 400 bytes of nested aliases make a list of
-# ten million items, whose full repr is tens of megabytes. Containers are shown through a repr that
-# stops after a few levels and items, so showing a value costs what the error line holds.
-_BOUNDED = reprlib.Repr()
-_BOUNDED.maxlevel, _BOUNDED.maxstring, _BOUNDED.maxlong, _BOUNDED.maxother = 3, 60, 60, 60
-for _attr in ("maxlist", "maxtuple", "maxdict", "maxset", "maxfrozenset", "maxdeque", "maxarray"):
-    setattr(_BOUNDED, _attr, 6)
-
-
-def _show(value, width: int = 60) -> str:
-    """repr(value), cut to `width` characters: an error line stays one short line whatever was given
-    (a 5,000-digit number, a long list, a YAML alias nested many times)."""
-    try:
-        # a scalar's repr is as long as what was given (its length is shown); a container's is bounded
-        text = repr(value) if isinstance(value, (str, int, float)) else _BOUNDED.repr(value)
-    except ValueError:  # an int beyond Python's conversion limit (only from Python, not from YAML)
-        return f"an integer of {value.bit_length():,} bits" if isinstance(value, int) else type(value).__name__
-    return text if len(text) <= width else f"{text[:width - 20]}... ({len(text):,} characters)"
-
-
 def _number(name: str, value, kind: type):
     """An int or a float from any YAML/Python spelling: 3, 3.0, "3", "1e-4", "1_000", 1e3 (an int field
     takes a float only when it is integral: 2.5 steps is an error, 1e3 is 1000)."""
     what = "an integer" if kind is int else "a number"
 
     def bad(detail=""):
-        return DiffutronError(f"invalid training config: {name} must be {what}{detail}, got {_show(value)}")
+        return DiffutronError(f"invalid training config: {name} must be {what}{detail}, got {show(value)}")
 
     v = value
     if isinstance(v, bool):
@@ -196,7 +178,7 @@ def _convert(name: str, value, typ):
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
-        raise DiffutronError(f"invalid training config: {name} must be true or false, got {_show(value)}")
+        raise DiffutronError(f"invalid training config: {name} must be true or false, got {show(value)}")
     if typ in (int, float):
         return _number(name, value, typ)
     if typ is str:
@@ -204,7 +186,7 @@ def _convert(name: str, value, typ):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):  # a path or name spelled as a number
             return str(value)
-        raise DiffutronError(f"invalid training config: {name} must be a string, got {_show(value)}")
+        raise DiffutronError(f"invalid training config: {name} must be a string, got {show(value)}")
     if typing.get_origin(typ) is list:
         if isinstance(value, str):  # a comma-separated list: "Wqkv,Wo" or a single "Wqkv"
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -213,7 +195,7 @@ def _convert(name: str, value, typ):
         if not isinstance(value, list) or not all(
                 isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
             raise DiffutronError(f"invalid training config: {name} must be a list of strings (or one comma-"
-                                 f"separated string), got {_show(value)}")
+                                 f"separated string), got {show(value)}")
         return [str(v) for v in value]
     raise AssertionError(f"no converter for {name}: {typ}")  # a new field type: add it here
 
@@ -248,9 +230,9 @@ def parse_value(text: str):
     try:
         return yaml.safe_load(text)
     except RecursionError:
-        raise DiffutronError(f"{_show(text)} is nested too deeply to read") from None
+        raise DiffutronError(f"{show(text)} is nested too deeply to read") from None
     except (yaml.YAMLError, ValueError, TypeError) as exc:  # YAML's own, and its constructors' (2020-99-99)
-        raise DiffutronError(f"{_show(text)} is not a valid value ({first_line(exc)}); quote strings, write "
+        raise DiffutronError(f"{show(text)} is not a valid value ({first_line(exc)}); quote strings, write "
                              "lists as [a, b] or a,b") from None
 
 
@@ -280,7 +262,7 @@ def gather(preset: str | None = None, path: str | None = None, overrides: dict |
     known = [f.name for f in dataclasses.fields(TrainConfig)]
     bad_keys = [k for k in values if not isinstance(k, str)]
     if bad_keys:
-        raise DiffutronError(f"setting names must be strings, got {_show(bad_keys[0])}")
+        raise DiffutronError(f"setting names must be strings, got {show(bad_keys[0])}")
     unknown = sorted(set(values) - set(known))
     if unknown:
         hints = [k + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")

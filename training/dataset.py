@@ -12,14 +12,14 @@ exactly the batches of an uninterrupted single-process run.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
+from ..bounded import read_lines, size_text
 from ..errors import DiffutronError, check_utf8
+from ..jsonio import parse_json
 from ..loading import END_OF_TURN, render_chat
 from .config import first_line
 
@@ -67,63 +67,40 @@ def _hub_records(dataset: str, split: str) -> list:
 
 
 def _lines(path: str):
-    """(number, line) of a UTF-8 text file, each line at most MAX_LINE_BYTES. Read as bytes and decoded
-    line by line, so an error names its line (a text stream decodes 8 KiB blocks ahead); lines end at
-    \\n, \\r\\n or \\r, as when Python reads text, and are numbered by \\n."""
+    """(number, line) of a UTF-8 text file, each line at most MAX_LINE_BYTES (its break not counted). Read
+    as bytes and decoded line by line, so an error names its line (a text stream decodes 8 KiB blocks
+    ahead); lines end at \\n, \\r\\n or \\r, as when Python reads text, and are numbered by \\n."""
     with open(path, "rb") as f:
-        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
-            if len(raw) > MAX_LINE_BYTES:
-                raise DiffutronError(f"{path}:{n}: a line longer than {MAX_LINE_BYTES // 2**20} MiB; split it into "
-                                     "shorter documents (or is this a text file?)")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DiffutronError(f"data file {path!r} line {n} is not UTF-8 text (byte 0x{raw[exc.start]:02x} "
-                                     f"at offset {exc.start})") from None
-            for line in text.replace("\r\n", "\n").split("\r"):
-                yield n, line
-
-
-def _json(text, where: str):
-    """json.loads, with its failures as one line naming `where`."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DiffutronError(f"{where}: not valid JSON ({exc.msg})") from None
-    except RecursionError:
-        raise DiffutronError(f"{where}: JSON nested too deeply to read") from None
-    except ValueError:  # an integer beyond Python's conversion limit (4,300 digits by default)
-        raise DiffutronError(f"{where}: a JSON number longer than {sys.get_int_max_str_digits():,} digits") from None
+        for n, line in read_lines(f, f"data file {path!r}", max_line_bytes=MAX_LINE_BYTES,
+                                  long_line_hint="split it into shorter documents (or is this a text file?)"):
+            for part in line.split("\r"):
+                yield n, part
 
 
 def _read_file(path: str) -> list:
     """The records of one data file (see read_records)."""
     ext = os.path.splitext(path)[1].lower()
     if ext in (".txt", ".text", ""):
-        return [line.rstrip("\n") for _, line in _lines(path) if line.strip()]
+        return [line for _, line in _lines(path) if line.strip()]
     if ext == ".jsonl":
-        return [_json(line, f"{path}:{n}") for n, line in _lines(path) if line.strip()]
+        return [parse_json(line, f"{path}:{n}") for n, line in _lines(path) if line.strip()]
     if ext == ".json":
         with open(path, "rb") as f:
             # the size first (no gigabytes read only to be refused), the read bounded too (a growing file)
             too_big = os.fstat(f.fileno()).st_size > MAX_JSON_BYTES
             raw = b"" if too_big else f.read(MAX_JSON_BYTES + 1)
         if too_big or len(raw) > MAX_JSON_BYTES:
-            raise DiffutronError(f"data file {path!r} is larger than {_size(MAX_JSON_BYTES)}, the bound for a .json "
-                                 "file (read whole); give the rows as .jsonl or .parquet")
+            raise DiffutronError(f"data file {path!r} is larger than {size_text(MAX_JSON_BYTES)}, the bound for a "
+                                 ".json file (read whole); give the rows as .jsonl or .parquet")
         text = raw.decode("utf-8")
         del raw  # the parse below needs the text only
-        data = _json(text, path)
+        data = parse_json(text, path)
         if not isinstance(data, list):
             raise DiffutronError(f"{path}: a .json data file must hold a list of rows")
         return data
     if ext == ".parquet":
         return _read_parquet(path)
     raise DiffutronError(f"{path}: unknown data format {ext!r}; use .txt, .jsonl, .json or .parquet")
-
-
-def _size(n: int) -> str:
-    return f"{n // 2**30} GiB" if n % 2**30 == 0 else f"{n // 2**20} MiB" if n % 2**20 == 0 else f"{n:,} bytes"
 
 
 def _read_parquet(path: str) -> list:

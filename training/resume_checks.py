@@ -8,15 +8,15 @@ import math
 
 import torch
 
+from ..bounded import show
 from . import checkpoints as ck
 
 _STATE_KEYS = ("step", "optimizer", "scheduler", "rng")
 _ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")  # what torch's AdamW keeps per parameter after a step
 
 
-def _show(value, width: int = 60) -> str:
-    text = repr(value) if not torch.is_tensor(value) else f"a tensor of shape {tuple(value.shape)}"
-    return text if len(text) <= width else text[:width - 3] + "..."
+def _show(value) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else show(value)
 
 
 def expected_step(folder: str) -> int | None:

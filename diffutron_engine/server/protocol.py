@@ -8,6 +8,8 @@ import json
 import typing
 from dataclasses import dataclass
 
+from .. import jsonio
+from ..bounded import show
 from ..config import SamplingParams, with_defaults
 from ..errors import DiffutronError, check_utf8
 from .config import ServerConfig
@@ -75,11 +77,9 @@ class CompletionRequest:
 
 def parse_json(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):  # also ints beyond Python's digit limit
-        raise ApiError(400, "the request body is not valid JSON") from None
-    except RecursionError:  # the parser recurses once per level of nesting
-        raise ApiError(400, "the request body is JSON nested too deeply") from None
+        body = jsonio.parse_json(raw, "the request body")
+    except DiffutronError as exc:  # not UTF-8, malformed, nested too deeply, an integer too long to convert
+        raise ApiError(400, str(exc)) from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
@@ -275,8 +275,8 @@ def _describe_hint(hint) -> str:
 
 
 def _short(value) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A value of the body as its sender spelled it (JSON), cut to one short line."""
+    return show(value, as_json=True)
 
 
 # ------------------------------------------------------------------------------------------- responses

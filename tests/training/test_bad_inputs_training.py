@@ -218,10 +218,10 @@ CASES = [
     Case("sft message role unknown", (*SFT, "--data", "{tmp}/x.jsonl"), "SFT row 1: message 0 has unknown role 'bot'",
          files={"x.jsonl": b'{"messages": [{"role": "bot", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'},
          needs=("peft",)),
-    Case("jsonl line beyond 64 Mi", (*CPT, "--data", "{tmp}/x.jsonl"), "x.jsonl:1: a line longer than 64 MiB; split it",
+    Case("jsonl line beyond 64 Mi", (*CPT, "--data", "{tmp}/x.jsonl"), "x.jsonl' line 1 is longer than 64 MiB; split it",
          files={"x.jsonl": _long_line}),
-    Case("jsonl 5000-digit integer", (*CPT, "--data", "{tmp}/x.jsonl"), "x.jsonl:2: a JSON number longer than 4,300 "
-         "digits", files={"x.jsonl": b'{"text": "a"}\n{"text": "b", "n": ' + DIGITS.encode() + b"}\n"}),
+    Case("jsonl 5000-digit integer", (*CPT, "--data", "{tmp}/x.jsonl"), "x.jsonl:2: JSON with an integer of more than "
+         "4,300 digits", files={"x.jsonl": b'{"text": "a"}\n{"text": "b", "n": ' + DIGITS.encode() + b"}\n"}),
     Case("jsonl nested too deeply", (*CPT, "--data", "{tmp}/x.jsonl"), "x.jsonl:1: JSON nested too deeply to read",
          files={"x.jsonl": b"[" * 100_000 + b"]" * 100_000 + b"\n"}),
     Case("jsonl lone surrogate", (*CPT, "--data", "{tmp}/x.jsonl"), "data row 2 field 'text' holds a lone surrogate "

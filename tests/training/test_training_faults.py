@@ -100,7 +100,7 @@ def test_a_value_nested_by_yaml_aliases_is_shown_in_a_short_line(tmp_path, key):
 def test_showing_a_nested_value_reads_only_what_the_line_holds():
     """An error line's value is formatted a few levels and items deep, not in full and then cut: the
     full repr of ten million shared items is tens of megabytes, and costs what it holds."""
-    from diffutron_engine.training.config import _show
+    from diffutron_engine.bounded import show
 
     shown = []
 
@@ -112,7 +112,7 @@ def test_showing_a_nested_value_reads_only_what_the_line_holds():
     nested = [Item()] * 10
     for _ in range(6):
         nested = [nested] * 10
-    assert len(_show(nested)) < 80 and len(shown) < 1000
+    assert len(show(nested)) < 80 and len(shown) < 1000
 
 
 def test_resume_settings_nested_by_shared_references_are_shown_in_a_short_line():
