@@ -30,11 +30,13 @@ def _map_source_subpackages() -> None:
 
 _map_source_subpackages()
 
-from .config import FAST_PRESET, PRESETS, SamplerConfig, SamplingParams  # noqa: E402
+from .config import FAST, PRESETS, EngineConfig, Preset, ReferenceParams, SamplingParams  # noqa: E402
 from .errors import DiffutronError  # noqa: E402
+from .inputs import ChatPrompt, TextPrompt, TokensPrompt  # noqa: E402
 
-__all__ = ["DiffutronError", "Engine", "FAST_PRESET", "PRESETS", "RequestOutput", "SamplerConfig", "SamplingParams",
-           "StepFailed", "ReferenceSampler", "load_model", "__version__"]
+__all__ = ["ChatPrompt", "DiffutronError", "Engine", "EngineConfig", "FAST", "PRESETS", "Preset", "ReferenceParams",
+           "ReferenceSampler", "RequestOutput", "SamplingParams", "StepFailed", "TextPrompt", "TokensPrompt",
+           "load_model", "__version__"]
 
 
 def __getattr__(name):

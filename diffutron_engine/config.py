@@ -1,5 +1,7 @@
-"""Sampling configuration: the oracle's config (the knobs of dllm's MDLM sampler, same names), the
-engine's per-request SamplingParams, and Diffutron's published presets."""
+"""The parameters, declared and validated once, without torch (the command line checks them before it
+imports torch): dllm's sampler knobs (SamplingKnobs), the oracle's ReferenceParams and a request's
+SamplingParams that extend them, the engine's EngineConfig, presets spanning both sides (FAST), the
+seed rule, and the names of the kernel backends."""
 
 from __future__ import annotations
 
@@ -116,15 +118,14 @@ def _override(obj, kwargs: dict, what: str):
 
 
 @dataclass
-class SamplerConfig:
-    """The reference sampler's knobs; defaults are those of dllm's MDLM sampler.
+class SamplingKnobs:
+    """The knobs of dllm's MDLM sampler (same names, defaults and meaning), declared and validated once:
+    the oracle's ReferenceParams and a request's SamplingParams both extend it (docs/sampling.md).
 
-    `max_new_tokens` falsy (0 or None) means "use max_length - longest prompt", as in dllm.
-    `block_size=None` is allowed only for `infill` (one block over the whole canvas).
+    `block_size=None` is allowed only for infill (one block over the whole canvas).
     """
 
     max_new_tokens: int | None = 128
-    max_length: int | None = None
     block_size: int | None = 128
     steps: int = 128
     temperature: float = 0.0
@@ -135,15 +136,10 @@ class SamplerConfig:
     suppress_tokens: list[int] | None = None
     begin_suppress_tokens: list[int] | None = None
     right_shift_logits: bool = False
-    return_dict: bool = False
     repetition_penalty: float = 1.0
     stop_strings: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, minimum=0, allow_none=True)
-        self.max_length = _check_int("max_length", self.max_length, minimum=1, allow_none=True)
-        if not self.max_new_tokens and self.max_length is None:
-            raise DiffutronError("max_new_tokens must be >= 1 (or give max_length instead)")
         self.block_size = _check_int("block_size", self.block_size, minimum=1, allow_none=True)
         self.steps = _check_int("steps", self.steps, minimum=1)
         if self.steps > MAX_STEPS:
@@ -186,12 +182,38 @@ class SamplerConfig:
             self.stop_strings = list(self.stop_strings)
             for i, s in enumerate(self.stop_strings):
                 check_utf8(s, f"stop string {i + 1}")
-        for name in ("stochastic_transfer", "right_shift_logits", "return_dict"):
+        for name in ("stochastic_transfer", "right_shift_logits"):
             setattr(self, name, _check_bool(name, getattr(self, name)))
 
-    def override(self, **kwargs) -> "SamplerConfig":
-        """A validated copy with some fields replaced (the `sample(..., **kwargs)` contract)."""
-        return _override(self, kwargs, "sampler option")
+    _WHAT = "sampling parameter"  # for the message naming an unknown field
+
+    def override(self, **kwargs):
+        """A validated copy with some fields replaced; unknown names are refused."""
+        return _override(self, kwargs, self._WHAT)
+
+    def knobs(self) -> dict:
+        """The shared knobs' values (to carry them from one side's type to the other's)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingKnobs)}
+
+
+@dataclass
+class ReferenceParams(SamplingKnobs):
+    """The oracle's parameters (diffutron_engine.reference): dllm's MDLM sampler config, its defaults.
+
+    `max_new_tokens` falsy (0 or None) means "use max_length - longest prompt", as in dllm.
+    """
+
+    max_length: int | None = None
+    return_dict: bool = False
+    _WHAT = "sampler option"
+
+    def __post_init__(self) -> None:
+        self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, minimum=0, allow_none=True)
+        self.max_length = _check_int("max_length", self.max_length, minimum=1, allow_none=True)
+        if not self.max_new_tokens and self.max_length is None:
+            raise DiffutronError("max_new_tokens must be >= 1 (or give max_length instead)")
+        super().__post_init__()
+        self.return_dict = _check_bool("return_dict", self.return_dict)
 
 
 # The two settings published with Diffutron-Instruct (docs/sampling.md, "Published settings").
@@ -203,27 +225,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
-CACHE_MODES = ("none", "prefix", "dual")
-
-# Sampling knobs shared by the oracle's config and the engine's per-request parameters.
-_ORACLE_KNOBS = ("max_new_tokens", "steps", "block_size", "temperature", "remasking", "stochastic_transfer",
-                 "cfg_scale", "cfg_keep_tokens", "suppress_tokens", "begin_suppress_tokens", "right_shift_logits",
-                 "repetition_penalty", "stop_strings")
-
-
 @dataclass
-class SamplingParams:
-    """One request's sampling parameters (the engine's; the oracle's knobs plus the engine's own).
+class SamplingParams(SamplingKnobs):
+    """One request's sampling parameters (the engine's): the shared knobs plus the engine's own.
 
     Every request carries its own SamplingParams and any mix of them runs in one batch. The decode
-    choice that changes how the model is run (`cache`) is the engine's, made when it is built.
+    choices that change how the model is run (the cache, graphs, dtype) are the engine's (EngineConfig).
 
-    - the oracle's knobs: same names, defaults and meaning as SamplerConfig (see docs/sampling.md);
-      `block_size=None` is allowed only for infill (one block over the whole sequence).
+    - the shared knobs (SamplingKnobs): dllm's names, defaults and meaning (see docs/sampling.md);
+      max_new_tokens must be >= 1 here (no max_length: a request's length is its own).
     - seed: the key of the request's random stream (Philox counters, see docs/sampling.md), so its
       text does not depend on the other requests in the batch. None draws one from torch's global
       generator when the request is added (so torch.manual_seed applies). `Engine.generate(prompts,
-      params)` with one SamplingParams gives prompt i the seed (seed + i) mod 2**63.
+      params)` with one SamplingParams gives prompt i the seed seed_for(seed, i).
     - threshold: commit every masked position of the block with confidence >= threshold (at least the
       most confident one) instead of the schedule's count.
     - factor: commit the n most confident positions for the largest n with (n + 1) * (1 - c_n) < factor,
@@ -234,19 +248,6 @@ class SamplingParams:
     factor, on an engine built with cache="none".
     """
 
-    max_new_tokens: int = 128
-    steps: int = 128
-    block_size: int | None = 128
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
-    stochastic_transfer: bool = False
-    cfg_scale: float = 0.0
-    cfg_keep_tokens: list[int] | None = None
-    suppress_tokens: list[int] | None = None
-    begin_suppress_tokens: list[int] | None = None
-    right_shift_logits: bool = False
-    repetition_penalty: float = 1.0
-    stop_strings: list[str] | None = None
     seed: int | None = None
     threshold: float | None = None
     factor: float | None = None
@@ -254,10 +255,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        # the oracle's checks of the shared knobs, in one place
-        oracle = SamplerConfig(**{k: getattr(self, k) for k in _ORACLE_KNOBS})
-        for k in _ORACLE_KNOBS:
-            setattr(self, k, getattr(oracle, k))
+        super().__post_init__()
         for name in ("threshold", "factor"):
             setattr(self, name, _check_float(name, getattr(self, name), allow_none=True))
         if self.threshold is not None and self.factor is not None:
@@ -271,32 +269,88 @@ class SamplingParams:
             raise DiffutronError(f"seed must be < 2**63, got {self.seed}")
         self.early_stop = _check_bool("early_stop", self.early_stop)
 
-    def override(self, **kwargs) -> "SamplingParams":
-        """A validated copy with some fields replaced."""
-        return _override(self, kwargs, "sampling parameter")
-
     @property
     def rule(self) -> str:
         """How many positions a step commits: "schedule" (the oracle's), "threshold" or "factor"."""
         return "threshold" if self.threshold is not None else "factor" if self.factor is not None else "schedule"
 
 
+CACHE_MODES = ("none", "prefix", "dual")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class EngineConfig:
+    """The engine's settings, fixed when it is built (every request's own are its SamplingParams).
+
+    - max_batch: requests decoded together (the device batch's rows).
+    - cache: "none" (exact: the whole canvas every step), "prefix" (K/V left of the current block
+      computed at its first step and reused for its other steps) or "dual" (the masked suffix right of
+      the block is cached too); the two caches are faster approximations.
+    - cuda_graphs: replay each step from a CUDA graph captured per step shape (CUDA only; ignored on CPU).
+    - fused_head: compute the LM head inside the Triton sampler, never storing the logits (where the
+      Triton sampler runs; ignored elsewhere).
+    - dtype, device: what from_pretrained loads the model as ("auto": bfloat16 on a GPU that has it,
+      float32 on CPU; a GPU when there is one). An Engine built on a loaded model runs it as it is, and
+      refuses settings that contradict it.
+    """
+
+    max_batch: int = 8
+    cache: str = "none"
+    cuda_graphs: bool = False
+    fused_head: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.max_batch = _check_int("max_batch", self.max_batch, minimum=1)
+        if self.cache not in CACHE_MODES:
+            raise DiffutronError(f"unknown cache {self.cache!r}; choose one of: {', '.join(CACHE_MODES)}")
+        self.cuda_graphs = _check_bool("cuda_graphs", self.cuda_graphs)
+        self.fused_head = _check_bool("fused_head", self.fused_head)
+        if self.dtype not in DTYPES:
+            raise DiffutronError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
+        device = self.device
+        if not isinstance(device, str) or not (device in DEVICES or _is_cuda_index(device)):
+            raise DiffutronError(f"unknown device {device!r:.80}; choose one of: {', '.join(DEVICES)} (or cuda:N)")
+
+    def override(self, **kwargs) -> "EngineConfig":
+        """A validated copy with some settings replaced; unknown names are refused."""
+        return _override(self, kwargs, "engine setting")
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isascii() and index.isdigit() and len(index) <= 4
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A setting that spans both sides: the engine's (Engine(...) keyword arguments, fixed when it is
-    built) and every request's defaults (SamplingParams fields a request may replace)."""
+    """A setting that spans both sides: the engine's (EngineConfig fields, fixed when it is built) and
+    every request's defaults (SamplingParams fields a request may replace). Both are checked here, when
+    the preset is declared."""
 
-    engine: dict
-    request: dict
+    engine: dict = field(default_factory=dict)
+    request: dict = field(default_factory=dict)
 
-    def __iter__(self):  # the flat view: help texts and benchmark modes
-        return iter({**self.engine, **self.request}.items())
+    def __post_init__(self) -> None:
+        EngineConfig().override(**self.engine)  # unknown names refused by name, values checked
+        SamplingParams().override(**self.request)
+
+    def engine_config(self, base: EngineConfig | None = None, **given) -> EngineConfig:
+        """`base` (default: EngineConfig()) with the preset's settings, then the non-None `given` ones."""
+        return (base or EngineConfig()).override(**{**self.engine, **{k: v for k, v in given.items()
+                                                                       if v is not None}})
+
+    def describe(self) -> str:
+        """`cache=dual, threshold=0.9`: for help texts and reports."""
+        return ", ".join(f"{k}={v}" for k, v in {**self.engine, **self.request}.items())
 
 
 # The engine's fast setting: the best measured combination of the fast knobs (see bench/results).
-# `generate --fast` and `serve --fast` both read this one pair.
+# `generate --fast`, `serve --fast` and the benchmarks' "fast" mode all read this one pair.
 FAST = Preset(engine=dict(cache="dual"), request=dict(threshold=0.9))
-FAST_PRESET: dict = dict(FAST)
 
 
 def with_defaults(defaults: dict, given: dict) -> dict:
@@ -308,18 +362,3 @@ def with_defaults(defaults: dict, given: dict) -> dict:
         fields.pop("factor", None)
     fields.update(given)
     return fields
-
-
-# `diffutron-engine bench` modes (diffutron_engine.benchmark): mode name -> the engine's cache mode and
-# per-request knobs ("reference" is the oracle). Here, without torch, so that the command line builds
-# its parser (and refuses bad input) without importing torch.
-BENCH_MODES: dict[str, dict] = {
-    "reference": {},
-    "exact": dict(cache="none"),
-    "prefix": dict(cache="prefix"),
-    "dual": dict(cache="dual"),
-    "threshold": dict(cache="none", threshold=0.9),
-    "prefix+threshold": dict(cache="prefix", threshold=0.9),
-    "fast": dict(FAST),
-}
-DEFAULT_BENCH_MODES = ("reference", "exact", "prefix", "dual", "fast")

@@ -26,6 +26,15 @@ def check_utf8(text: str, what: str, from_os: bool = False) -> str:
     return text
 
 
+class PromptError(DiffutronError):
+    """A bad prompt in a call of several: `index` is its position and `reason` the problem, so that a
+    caller can name the prompt its own way (a file's line, a request's choice)."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"prompt {index + 1}: {reason}")
+        self.index, self.reason = index, reason
+
+
 class DiffutronWarning(UserWarning):
     """Something the user should know that is not an error (e.g. a checkpoint whose weights are all
     zero). The CLI prints it as one line on stderr."""

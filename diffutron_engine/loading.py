@@ -7,11 +7,10 @@ import math
 import os
 from dataclasses import dataclass
 
+from .config import DEVICES, DTYPES
 from .errors import DiffutronError, DiffutronWarning, check_utf8
 
 DEFAULT_MODEL = "diffutron/DiffutronLM-0.3B-Instruct"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda")
 
 # End of an assistant turn in the chat template; generated text is cut there.
 END_OF_TURN = "[/Answer]"
@@ -337,21 +336,6 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
     if add_generation_prompt:
         parts.append("[Answer]\n")
     return "".join(parts)
-
-
-def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> list[int]:
-    """Token ids of one prompt: a string (wrapped as one user turn when `chat`) or chat messages."""
-    if isinstance(prompt, str):
-        check_utf8(prompt, "the prompt")
-        if not prompt.strip():
-            raise DiffutronError("empty prompt: give some text to answer")
-        text = render_chat([{"role": "user", "content": prompt}]) if chat else prompt
-    else:
-        if not any(isinstance(m, dict) and str(m.get("content", "")).strip() for m in prompt or []):
-            raise DiffutronError("empty prompt: the messages have no content")
-        text = render_chat(prompt)
-    # The template adds no [CLS]/[SEP]: never let the tokenizer add special tokens.
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def decode_answer(tokenizer, row, prompt_len: int) -> tuple[str, int]:

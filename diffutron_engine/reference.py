@@ -15,15 +15,15 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import SamplerConfig
+from .config import ReferenceParams
 from .errors import DiffutronError
+from .commit_schedule import block_schedule
 from .loading import check_context
-from .schedule import block_schedule
 from .stopping import StopRule
 
 
 @dataclass
-class SamplerOutput:
+class ReferenceOutput:
     sequences: torch.Tensor  # B x T canvas
     histories: list[torch.Tensor] | None = None  # canvases: the initial one, then one per step
     forward_passes: int = 0  # model calls made (a CFG step's doubled batch counts once)
@@ -43,9 +43,9 @@ class ReferenceSampler:
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
-    def sample(self, inputs: Sequence, config: SamplerConfig | None = None, **kwargs):
+    def sample(self, inputs: Sequence, config: ReferenceParams | None = None, **kwargs):
         """Generate after each prompt (token-id lists or 1-D tensors of unequal length)."""
-        cfg = (config or SamplerConfig()).override(**kwargs) if kwargs else (config or SamplerConfig())
+        cfg = (config or ReferenceParams()).override(**kwargs) if kwargs else (config or ReferenceParams())
         if cfg.block_size is None:
             raise DiffutronError("block_size must be >= 1 for sample (None is allowed only for infill)")
         ids, bos_id, eos_id, mask_id = self._prepare(inputs, cfg)
@@ -58,17 +58,9 @@ class ReferenceSampler:
                 raise DiffutronError(
                     f"max_length {cfg.max_length} leaves no room after the longest prompt ({max(lens)} tokens)"
                 )
-        check_context(self.model.config, total)
+        x, attention_mask = self._canvas(ids, total, eos_id, mask_id, new)
 
-        B, dev = len(ids), self._device
-        x = torch.full((B, total), eos_id, dtype=torch.long, device=dev)
-        attention_mask = torch.zeros((B, total), dtype=torch.long, device=dev)
-        for i, p in enumerate(ids):
-            x[i, : lens[i]] = p
-            x[i, lens[i] : lens[i] + new] = mask_id
-            attention_mask[i, : min(lens[i] + new, total)] = 1
-
-        bs = cfg.block_size
+        B, bs = len(ids), cfg.block_size
         num_blocks = math.ceil(new / bs)
         # Per row and block: the range [lo, hi) whose masks the schedule counts, and the end beyond
         # which confidence is -inf (sampling restricts only the right side, as dllm does).
@@ -83,24 +75,17 @@ class ReferenceSampler:
         return self._run(x, attention_mask, windows, cfg, mask_id, eos_id, answer_starts=lens)
 
     @torch.no_grad()
-    def infill(self, inputs: Sequence, config: SamplerConfig | None = None, **kwargs):
+    def infill(self, inputs: Sequence, config: ReferenceParams | None = None, **kwargs):
         """Fill the mask tokens already inside the given sequences (right-padded with EOS)."""
-        cfg = (config or SamplerConfig()).override(**kwargs) if kwargs else (config or SamplerConfig())
+        cfg = (config or ReferenceParams()).override(**kwargs) if kwargs else (config or ReferenceParams())
         ids, bos_id, eos_id, mask_id = self._prepare(inputs, cfg)
         lens = [p.shape[0] for p in ids]
         total = max(lens)
         if total == 0:
             raise DiffutronError("infill needs at least one non-empty sequence")
-        check_context(self.model.config, total)
+        x, attention_mask = self._canvas(ids, total, eos_id, mask_id, 0)
 
-        B, dev = len(ids), self._device
-        x = torch.full((B, total), eos_id, dtype=torch.long, device=dev)
-        attention_mask = torch.zeros((B, total), dtype=torch.long, device=dev)
-        for i, p in enumerate(ids):
-            x[i, : lens[i]] = p
-            attention_mask[i, : lens[i]] = 1
-
-        bs = cfg.block_size if cfg.block_size is not None else total
+        B, bs = len(ids), cfg.block_size if cfg.block_size is not None else total
         num_blocks = math.ceil(total / bs)
         windows = []
         for b in range(num_blocks):
@@ -112,8 +97,21 @@ class ReferenceSampler:
             windows.append(rows)
         return self._run(x, attention_mask, windows, cfg, mask_id, eos_id, answer_starts=[0] * B)
 
+    def _canvas(self, ids, total: int, eos_id: int, mask_id: int, new: int):
+        """The B x total canvas (each row: its prompt, `new` masks, EOS padding) and its attention mask,
+        after the context check."""
+        check_context(self.model.config, total)
+        lens = [p.shape[0] for p in ids]
+        x = torch.full((len(ids), total), eos_id, dtype=torch.long, device=self._device)
+        attention_mask = torch.zeros((len(ids), total), dtype=torch.long, device=self._device)
+        for i, p in enumerate(ids):
+            x[i, : lens[i]] = p
+            x[i, lens[i] : lens[i] + new] = mask_id
+            attention_mask[i, : min(lens[i] + new, total)] = 1
+        return x, attention_mask
+
     # ------------------------------------------------------------------ the loop
-    def _run(self, x, attention_mask, windows, cfg: SamplerConfig, mask_id: int, eos_id: int, answer_starts):
+    def _run(self, x, attention_mask, windows, cfg: ReferenceParams, mask_id: int, eos_id: int, answer_starts):
         B, T = x.shape
         # "Given" positions for CFG, fixed at the start: visible, not a mask, minus cfg_keep_tokens.
         given = (x != mask_id) & attention_mask.bool()
@@ -185,9 +183,9 @@ class ReferenceSampler:
 
         if not cfg.return_dict:
             return x
-        return SamplerOutput(sequences=x, histories=histories, forward_passes=forwards)
+        return ReferenceOutput(sequences=x, histories=histories, forward_passes=forwards)
 
-    def _logits(self, x, attention_mask, given, cfg: SamplerConfig, mask_id: int) -> torch.Tensor:
+    def _logits(self, x, attention_mask, given, cfg: ReferenceParams, mask_id: int) -> torch.Tensor:
         if cfg.cfg_scale > 0.0:
             un_x = x.clone()
             un_x[given] = mask_id
@@ -201,7 +199,7 @@ class ReferenceSampler:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _prepare(self, inputs: Sequence, cfg: SamplerConfig):
+    def _prepare(self, inputs: Sequence, cfg: ReferenceParams):
         tok = self.tokenizer
         mask_id, bos_id, eos_id = tok.mask_token_id, tok.bos_token_id, tok.eos_token_id
         if mask_id is None:

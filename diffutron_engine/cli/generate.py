@@ -13,18 +13,21 @@ or one of the inputs is refused before any work.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 
-from ..config import (CACHE_MODES, DIFFUTRON_STOP_STRINGS, FAST, FAST_PRESET, PRESETS, REMASKING, SamplerConfig, SamplingParams,
+from ..bounded import read_lines
+from ..config import (DIFFUTRON_STOP_STRINGS, PRESETS, REMASKING, EngineConfig, ReferenceParams, SamplingParams,
                       check_backend_env, with_defaults)
-from ..errors import DiffutronError, check_utf8
-from ..loading import DEFAULT_MODEL, DEVICES, DTYPES, render_chat, resolve_model_path
+from ..errors import DiffutronError, PromptError, check_utf8
+from ..inputs import ChatPrompt, TextPrompt
+from ..jsonio import parse_json
+from ..loading import DEFAULT_MODEL, render_chat, resolve_model_path
 from ..outputs import check_file_output, write_file
+from .engine_args import add_engine_arguments, engine_config, request_defaults
 from .stdout import write_stdout
 
 # Rows sampled together. The engine allocates each row's state up front (three vocabulary-wide bitmaps:
@@ -54,8 +57,6 @@ def add_parser(sub) -> None:
     p.add_argument("--output", metavar="FILE", help="write the results here (only if the whole run succeeds)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of plain text")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default: {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="auto", choices=DTYPES)
-    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default: auto)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a published Diffutron setting; flags override it")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--steps", type=int, help="total denoising steps, shared by the blocks")
@@ -73,9 +74,7 @@ def add_parser(sub) -> None:
                    help=f"prompts sampled together, 1 .. {MAX_BATCH_SIZE:,} (default: 1)")
     p.add_argument("--no-chat", action="store_true", help="use the prompt text as is, without the chat template")
     eng = p.add_argument_group("engine (fast modes change outputs; exact mode is the default)")
-    eng.add_argument("--fast", action="store_true",
-                     help=f"the best measured fast setting: {', '.join(f'{k}={v}' for k, v in FAST_PRESET.items())}")
-    eng.add_argument("--cache", choices=CACHE_MODES, help="K/V reuse across the steps of a block (default: none)")
+    add_engine_arguments(eng)
     eng.add_argument("--threshold", type=float, help="commit every position with confidence >= this (0, 1]")
     eng.add_argument("--factor", type=float, help="factor rule for parallel commits (> 0)")
     eng.add_argument("--no-early-stop", action="store_true", help="keep stepping rows whose answer has ended")
@@ -98,22 +97,21 @@ def _seed(text: str) -> int:
 class Prompt:
     source: object  # what the user gave: a string or a list of messages
     where: str  # for error messages: "prompt 2" or "FILE:LINE"
-    ids: list[int] | None = None
+    given: object = None  # what the engine is given (diffutron_engine.inputs): text or chat messages
+    ids: list[int] | None = None  # the oracle's token ids
 
 
-def settings(args) -> tuple[SamplingParams, str]:
-    """(SamplingParams, the engine's cache mode): defaults < --preset < --fast < explicit flags."""
+def settings(args) -> tuple[SamplingParams, EngineConfig]:
+    """(SamplingParams, EngineConfig): defaults < --preset < --fast < explicit flags. The engine's
+    max_batch is --batch-size here (run() lowers it to the number of prompts)."""
     fields = dict(PRESETS[args.preset]) if args.preset else {}
-    fast = getattr(args, "fast", False)
-    if fast:
-        fields.update(FAST.request)
+    fields.update(request_defaults(args))
     flags = dict(
         max_new_tokens=args.max_new_tokens, steps=args.steps, block_size=args.block_size,
         temperature=args.temperature, remasking=args.remasking, stochastic_transfer=args.stochastic_transfer,
         cfg_scale=args.cfg_scale, repetition_penalty=args.repetition_penalty,
         stop_strings=(args.stop or []) + (list(DIFFUTRON_STOP_STRINGS) if args.diffutron_stops else []) or None,
-        cache=getattr(args, "cache", None), threshold=getattr(args, "threshold", None),
-        factor=getattr(args, "factor", None),
+        threshold=getattr(args, "threshold", None), factor=getattr(args, "factor", None),
     )
     for i, stop in enumerate(args.stop or []):
         check_utf8(stop, f"--stop {i + 1}", from_os=True)
@@ -123,10 +121,7 @@ def settings(args) -> tuple[SamplingParams, str]:
     if args.block_size is not None and args.block_size < 1:
         raise DiffutronError(f"--block-size must be >= 1, got {args.block_size}")
     fields["early_stop"] = not getattr(args, "no_early_stop", False)
-    cache = fields.pop("cache", FAST.engine["cache"] if fast else "none")
-    if cache not in CACHE_MODES:
-        raise DiffutronError(f"unknown cache {cache!r}; choose one of: {', '.join(CACHE_MODES)}")
-    return SamplingParams(**fields), cache
+    return SamplingParams(**fields), engine_config(args, max_batch=args.batch_size)
 
 
 def read_prompts(args, stdin=None) -> list[Prompt]:
@@ -149,44 +144,12 @@ def read_prompts(args, stdin=None) -> list[Prompt]:
 
 
 def _lines(stream, name: str):
-    """(line number, text without its line break) of a stream, decoded as UTF-8 line by line from its
-    bytes when it has them, so that a line that is not UTF-8 is named instead of failing the whole read
-    (or reaching the tokenizer as surrogates, as Python's C-locale stdin would pass it). Each line is read
-    with a bound (readline without one reads an endless line into memory), and so is the whole stream."""
-    source = getattr(stream, "buffer", stream)
-    total = 0
-    for n in itertools.count(1):
-        line = source.readline(MAX_LINE_BYTES + 1)
-        if not line:
-            return
-        if n > MAX_INPUT_LINES:
-            raise DiffutronError(f"{name} holds more than {MAX_INPUT_LINES:,} lines; split the prompts over "
-                                 "several runs")
-        total += len(line)
-        if total > MAX_INPUT_BYTES:
-            raise DiffutronError(f"{name} holds more than {_size(MAX_INPUT_BYTES)}; split the prompts over "
-                                 "several runs")
-        body = line.removesuffix("\n" if isinstance(line, str) else b"\n")
-        if len(body) > MAX_LINE_BYTES:
-            raise DiffutronError(f"{name} line {n} is longer than {_size(MAX_LINE_BYTES)}; prompts are lines of "
-                                 "text (is this the file of prompts?)")
-        if isinstance(body, str):  # a text stream without bytes underneath (io.StringIO)
-            yield n, body
-            continue
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DiffutronError(
-                f"{name} line {n} is not UTF-8 text (byte 0x{body[exc.start]:02x} at offset {exc.start}); "
-                "convert it to UTF-8 (e.g. iconv -f LATIN5 -t UTF-8)") from None
-        yield n, text.removesuffix("\r")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n:,} bytes"
+    """(line number, text) of a stream of prompts, read with this command's bounds (looked up at each
+    call), decoded as UTF-8 line by line so that a bad line is named."""
+    return read_lines(stream, name, max_line_bytes=MAX_LINE_BYTES, max_bytes=MAX_INPUT_BYTES,
+                      max_lines=MAX_INPUT_LINES,
+                      long_line_hint="prompts are lines of text (is this the file of prompts?)",
+                      too_much_hint="split the prompts over several runs")
 
 
 def _read_jsonl(path: str) -> list[Prompt]:
@@ -204,18 +167,7 @@ def _read_jsonl(path: str) -> list[Prompt]:
 
 
 def _jsonl_prompt(line: str, where: str) -> Prompt:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DiffutronError(f"{where}: malformed JSON ({exc.msg})") from exc
-    except RecursionError:  # the parser recurses once per level of nesting
-        raise DiffutronError(f"{where}: JSON nested too deeply to read; expected an object with either "
-                             '"prompt" or "messages"') from None
-    except ValueError as exc:  # an integer beyond Python's limit on the digits it converts from text
-        if "integer string conversion" not in str(exc):
-            raise DiffutronError(f"{where}: malformed JSON ({exc})") from None
-        raise DiffutronError(f"{where}: JSON with an integer of more than {sys.get_int_max_str_digits():,} "
-                             'digits; expected an object with either "prompt" or "messages"') from None
+    obj = parse_json(line, where, hint='expected an object with either "prompt" or "messages"')
     if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
         raise DiffutronError(f'{where}: expected an object with either "prompt" or "messages"')
     if "prompt" in obj:
@@ -266,7 +218,7 @@ def run(args) -> int:
         raise DiffutronError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.batch_size > MAX_BATCH_SIZE:
         raise DiffutronError(f"--batch-size must be <= {MAX_BATCH_SIZE:,}, got {args.batch_size:,}")
-    params, cache = settings(args)
+    params, engine_cfg = settings(args)
     # before the prompts are read: the output must not be one of them (a file read through standard input
     # counts: `--output f < f` would replace the prompts with the answers)
     reads_stdin = not args.prompts and args.input is None
@@ -276,27 +228,25 @@ def run(args) -> int:
     model = resolve_model_path(args.model)
     check_backend_env()
 
-    from ..loading import encode_prompt, load_model
+    from ..loading import load_model
 
-    lm = load_model(model, dtype=args.dtype, device=args.device)
+    lm = load_model(model, dtype=engine_cfg.dtype, device=engine_cfg.device)
     for p in prompts:
-        p.ids = encode_prompt(lm.tokenizer, p.source, chat=not args.no_chat)
-    longest = max(len(p.ids) for p in prompts)
-    total = longest + params.max_new_tokens
-    if lm.max_context and total > lm.max_context:
-        raise DiffutronError(
-            f"prompt ({longest} tokens) plus --max-new-tokens ({params.max_new_tokens}) is {total} tokens, "
-            f"beyond the model's context of {lm.max_context}; shorten the prompt or lower --max-new-tokens"
-        )
+        p.given = ChatPrompt(messages=p.source) if isinstance(p.source, list) else \
+            TextPrompt(prompt=p.source, chat_template=not args.no_chat)
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     params = params.override(seed=seed)
     use_reference = args.reference or lm.model.config.model_type != "modernbert"
-    if use_reference and (cache != "none" or params.rule != "schedule"):
+    if use_reference and (engine_cfg.cache != "none" or params.rule != "schedule"):
         raise DiffutronError("--cache/--threshold/--factor/--fast need the engine (a ModernBERT model, no --reference)")
     if use_reference and args.stream:
         raise DiffutronError("--stream needs the engine (a ModernBERT model, no --reference)")
-    results = _run_reference(lm, prompts, params, args) if use_reference else _run_engine(lm, prompts, params, cache, args)
+    try:
+        results = (_run_reference(lm, prompts, params, args) if use_reference
+                   else _run_engine(lm, prompts, params, engine_cfg, args))
+    except PromptError as exc:  # the engine names the prompt by its index; the user knows it by where it was
+        raise DiffutronError(f"{prompts[exc.index].where}: {exc.reason}") from None
 
     if args.stream and args.output is None:
         return 0  # the answers went out as they were generated
@@ -318,9 +268,15 @@ def _run_reference(lm, prompts, params: SamplingParams, args) -> list[dict]:
     from ..loading import decode_answer
     from ..reference import ReferenceSampler
 
+    from ..inputs import prompt_ids
+
+    for i, p in enumerate(prompts):  # the engine's reading of each prompt: the same ids
+        try:
+            p.ids = prompt_ids(lm.tokenizer, p.given, lm.model.config.vocab_size)
+        except DiffutronError as exc:
+            raise PromptError(i, str(exc)) from None
     torch.manual_seed(params.seed)
-    oracle_cfg = SamplerConfig(return_dict=True, **{f: getattr(params, f) for f in SamplerConfig.__dataclass_fields__
-                                                    if hasattr(params, f)})
+    oracle_cfg = ReferenceParams(return_dict=True, **params.knobs())
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     progress = _Progress(len(batches))
     sampler = ReferenceSampler(model=lm.model, tokenizer=lm.tokenizer, on_step=progress)
@@ -340,14 +296,14 @@ def _run_reference(lm, prompts, params: SamplingParams, args) -> list[dict]:
     return results
 
 
-def _run_engine(lm, prompts, params: SamplingParams, cache: str, args) -> list[dict]:
+def _run_engine(lm, prompts, params: SamplingParams, engine_cfg: EngineConfig, args) -> list[dict]:
     """The engine: continuous batching over --batch-size rows; request i draws from seed + i. With
     --stream, text is printed as it settles: plain deltas for one prompt; with several, JSON events
     (--json) or "[i] text" lines."""
     from ..engine import Engine
 
     # no more rows than prompts: the rows beyond them would be allocated and never used
-    engine = Engine(lm.model, lm.tokenizer, max_batch=min(args.batch_size, len(prompts)), cache=cache)
+    engine = Engine(lm.model, lm.tokenizer, engine_cfg.override(max_batch=min(args.batch_size, len(prompts))))
     progress = _Progress(1, unit="tokens")
     total = len(prompts) * params.max_new_tokens
     done = 0
@@ -363,7 +319,7 @@ def _run_engine(lm, prompts, params: SamplingParams, cache: str, args) -> list[d
             progress(done, total, committed)
 
     try:
-        finals = engine.generate([p.ids for p in prompts], params, on_step=on_step)  # prompt i: seed + i
+        finals = engine.generate([p.given for p in prompts], params, on_step=on_step)  # prompt i: seed_for(seed, i)
     finally:
         progress.close()
     return [dict(prompt=p.source, text=r.text, new_tokens=r.new_tokens, forward_passes=r.forward_passes,

@@ -14,13 +14,25 @@ import stat
 import sys
 import warnings
 
-from ..config import CACHE_MODES, FAST, FAST_PRESET
 from ..errors import DiffutronError, DiffutronWarning
-from ..loading import DEFAULT_MODEL, DEVICES, DTYPES
+from ..loading import DEFAULT_MODEL
 from ..server.config import ServerConfig
+from .engine_args import add_engine_arguments, engine_config, request_defaults
 
 KEY_ENV = "DIFFUTRON_API_KEY"
 _D = ServerConfig()  # the defaults, shown in --help
+
+# The bounds' flags: ServerConfig field -> what it bounds.
+_BOUNDS = (
+    ("max_queue", "requests (prompts x n) in flight before 429; also the most one request may hold"),
+    ("max_body_bytes", "largest request body, counted as it arrives"),
+    ("max_prompt_bytes", "largest prompt (or chat), checked before tokenizing"),
+    ("max_connections", "open connections; more are closed as they arrive, and the file-descriptor limit is "
+                        "raised to fit them where it can"),
+    ("timeout_header", "seconds a connection has to send a request's headers"),
+    ("timeout_body", "seconds a client has to send a whole body before 408"),
+    ("timeout_keep_alive", "seconds an idle connection is kept open"),
+)
 
 
 def add_parser(sub) -> None:
@@ -31,35 +43,20 @@ def add_parser(sub) -> None:
     p.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests stepped together (default: 8)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES)
-    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default: auto)")
-    p.add_argument("--cache", choices=CACHE_MODES, help="K/V reuse across the steps of a block (default: none)")
-    p.add_argument("--fast", action="store_true",
-                   help=f"the measured fast setting: {', '.join(f'{k}={v}' for k, v in FAST_PRESET.items())} "
-                   "(the threshold is every request's default; a request may give its own, or null)")
+    eng = p.add_argument_group("engine (fast modes change outputs; exact mode is the default)")
+    eng.add_argument("--max-batch", type=int, default=8, help="requests stepped together (default: 8)")
+    add_engine_arguments(eng)  # --fast: its request part is every request's default; a request may replace it
     key = p.add_argument_group("the API key (required on every route but /health once set)")
     key.add_argument("--api-key-file", metavar="FILE", help="read the key from FILE (its first line)")
     key.add_argument("--api-key", metavar="KEY",
                      help=f"the key itself: visible to every local user in `ps`; prefer --api-key-file or "
                      f"the {KEY_ENV} environment variable")
     lim = p.add_argument_group("bounds on what one client can hold")
-    lim.add_argument("--max-queue", type=int, default=_D.max_queue,
-                     help=f"requests (prompts x n) in flight before 429; also the most one request may hold "
-                     f"(default: {_D.max_queue})")
-    lim.add_argument("--max-body-bytes", type=int, default=_D.max_body_bytes,
-                     help=f"largest request body, counted as it arrives (default: {_D.max_body_bytes})")
-    lim.add_argument("--max-prompt-bytes", type=int, default=_D.max_prompt_bytes,
-                     help=f"largest prompt (or chat), checked before tokenizing (default: {_D.max_prompt_bytes})")
-    lim.add_argument("--max-connections", type=int, default=_D.max_connections,
-                     help="open connections; more are closed as they arrive, and the file-descriptor limit "
-                     f"is raised to fit them where it can (default: {_D.max_connections})")
-    lim.add_argument("--timeout-header", type=float, default=_D.timeout_header,
-                     help=f"seconds a connection has to send a request's headers (default: {_D.timeout_header:g})")
-    lim.add_argument("--timeout-body", type=float, default=_D.timeout_body,
-                     help=f"seconds a client has to send a whole body before 408 (default: {_D.timeout_body:g})")
-    lim.add_argument("--timeout-keep-alive", type=float, default=_D.timeout_keep_alive,
-                     help=f"seconds an idle connection is kept open (default: {_D.timeout_keep_alive:g})")
+    for name, what in _BOUNDS:  # each flag is ServerConfig's field of the same name, its default shown
+        default = getattr(_D, name)
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        lim.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                         help=f"{what} (default: {shown})")
     p.add_argument("--drain-timeout", type=float, default=_D.drain_timeout,
                    help="on SIGTERM/SIGINT, seconds the requests in flight have to finish; the rest then get "
                    f"an error (default: {_D.drain_timeout:g})")
@@ -107,7 +104,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_prompt_bytes=args.max_prompt_bytes, max_queue=args.max_queue, max_connections=args.max_connections,
         timeout_header=args.timeout_header, timeout_body=args.timeout_body,
         timeout_keep_alive=args.timeout_keep_alive, drain_timeout=args.drain_timeout, api_key=read_api_key(args),
-        docs=args.docs, defaults=dict(FAST.request) if args.fast else {})
+        docs=args.docs, defaults=request_defaults(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(args.max_batch, bool) or args.max_batch < 1:
         raise DiffutronError(f"--max-batch must be >= 1, got {args.max_batch}")
     config = server_config(args)
+    engine_cfg = engine_config(args, max_batch=args.max_batch)
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -133,20 +131,18 @@ def run(args: argparse.Namespace) -> int:
         warnings.warn(f"serving on {args.host} without a key: anyone who reaches this address can use the model "
                       f"(set {KEY_ENV} or --api-key-file)", DiffutronWarning, stacklevel=2)
     try:
-        return _serve(args, config, sock, max_connections)
+        return _serve(args, engine_cfg, config, sock, max_connections)
     finally:
         sock.close()
 
 
-def _serve(args, config: ServerConfig, sock, max_connections: int) -> int:
+def _serve(args, engine_cfg, config: ServerConfig, sock, max_connections: int) -> int:
     from ..engine import Engine
     from ..server.app import create_app
     from ..server.http import make_server
     from ..server.loop import EngineLoop
 
-    cache = args.cache or (FAST.engine["cache"] if args.fast else "none")
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
-                                    cache=cache)
+    engine = Engine.from_pretrained(args.model, engine_cfg)
     loop = EngineLoop(engine)
     app = create_app(loop, config)
     server = make_server(app, loop, config, max_connections)

@@ -1,6 +1,6 @@
 """The engine: it owns its loop, as vLLM's and nano-vllm's engines do.
 
-    engine = Engine.from_pretrained("diffutron/DiffutronLM-0.3B-Instruct", cache="none")
+    engine = Engine.from_pretrained("diffutron/DiffutronLM-0.3B-Instruct", EngineConfig(cache="none"))
     rid = engine.add_request("Merhaba", SamplingParams(max_new_tokens=64, steps=64, block_size=32))
     while engine.has_unfinished():
         for out in engine.step():
@@ -28,11 +28,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..config import CACHE_MODES, SamplingParams, seed_for
-from ..errors import DiffutronError, StepFailed
-from ..loading import (DEFAULT_MODEL, check_context, check_tokenizer_fits, decode_answer, encode_prompt, load_model,
-                       prepare_tokenizer)
-from ..schedule import row_schedule
+from ..commit_schedule import row_schedule
+from ..config import EngineConfig, SamplingParams, seed_for
+from ..errors import DiffutronError, PromptError, StepFailed
+from ..inputs import prompt_ids
+from ..loading import DEFAULT_MODEL, check_context, check_tokenizer_fits, decode_answer, load_model, prepare_tokenizer
 from ..stopping import StopRule
 from .request import Request, Status
 from .runner import ModelRunner
@@ -71,6 +71,32 @@ def _check_request_id(request_id) -> None:
         raise DiffutronError(f"a request id must be a non-empty string, got {request_id!r:.60}")
 
 
+def _engine_config(config, settings: dict) -> EngineConfig:
+    if config is None:
+        return EngineConfig().override(**settings)  # an unknown name is refused by name
+    if not isinstance(config, EngineConfig):
+        raise DiffutronError(f"config must be an EngineConfig, got {type(config).__name__}")
+    return config.override(**settings) if settings else config
+
+
+def _check_model_matches(model, config: EngineConfig) -> None:
+    """An explicit dtype or device that is not the loaded model's: refused (the engine never moves or
+    casts a model it was given)."""
+    try:
+        param = next(model.parameters())
+    except (StopIteration, AttributeError, TypeError):
+        return
+    if config.dtype != "auto" and str(param.dtype) != f"torch.{config.dtype}":
+        raise DiffutronError(f"dtype={config.dtype!r} but the model's weights are {str(param.dtype)[6:]}: load it "
+                             "with that dtype (Engine.from_pretrained does) or leave dtype 'auto'")
+    if config.device != "auto":
+        want, have = config.device, param.device
+        same = want.split(":")[0] == have.type and (":" not in want or int(want.split(":")[1]) == (have.index or 0))
+        if not same:
+            raise DiffutronError(f"device={want!r} but the model is on {have}: load it there "
+                                 "(Engine.from_pretrained does) or leave device 'auto'")
+
+
 def _draw_seed() -> int:
     import torch  # torch's global generator, so that torch.manual_seed applies
 
@@ -78,32 +104,28 @@ def _draw_seed() -> int:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, cache: str = "none", cuda_graphs: bool = False,
-                 fused_head: bool = False):
-        """cache: "none" (exact: the whole canvas every step), "prefix" (K/V left of the current block
-        computed at its first step and reused for its other steps) or "dual" (the masked suffix right of
-        the block is cached too); the two caches are faster approximations. cuda_graphs: replay each
-        step from a CUDA graph captured per step shape (CUDA only; ignored on CPU). fused_head: compute
-        the LM head inside the Triton sampler, never storing the logits (where the Triton sampler runs;
-        ignored elsewhere). Every op's backend is chosen here, once (diffutron_engine.backends)."""
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, **settings):
+        """An engine over a loaded model and its tokenizer. `config` (default EngineConfig()) holds the
+        engine's settings; keyword `settings` replace some of them (`Engine(m, t, max_batch=4)`). An
+        explicit dtype or device must be the model's own (from_pretrained loads it so). Every op's
+        backend is chosen here, once (diffutron_engine.backends)."""
         if getattr(model.config, "model_type", None) != "modernbert":
             raise DiffutronError(
                 f"the engine runs ModernBERT checkpoints; this one is {model.config.model_type!r} "
                 "(use diffutron_engine.reference.ReferenceSampler for other masked LMs)"
             )
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise DiffutronError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        if cache not in CACHE_MODES:
-            raise DiffutronError(f"unknown cache {cache!r}; choose one of: {', '.join(CACHE_MODES)}")
+        config = _engine_config(config, settings)
+        _check_model_matches(model, config)
+        self.config = config
         self.model = model
         self.tokenizer = prepare_tokenizer(tokenizer)
         check_tokenizer_fits(self.tokenizer, model.config.vocab_size, "the model")
         self.mask_id = self.tokenizer.mask_token_id
-        self.max_batch = max_batch
-        self.cache = cache
-        self.runner = ModelRunner(model, self.tokenizer, max_batch, cache=cache, cuda_graphs=cuda_graphs,
-                                  fused_head=fused_head)
-        self.scheduler = Scheduler(max_batch)
+        self.max_batch = config.max_batch
+        self.cache = config.cache
+        self.runner = ModelRunner(model, self.tokenizer, config.max_batch, cache=config.cache,
+                                  cuda_graphs=config.cuda_graphs, fused_head=config.fused_head)
+        self.scheduler = Scheduler(config.max_batch)
         self._lock = threading.Lock()
         self._inbox: deque = deque()  # ("add", Request) | ("abort", request_id), from any thread
         self._live: dict[str, Request] = {}  # added, not yet reported finished
@@ -114,18 +136,19 @@ class Engine:
         self._id_prefix = f"req-{uuid.uuid4().hex[:8]}"
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, dtype: str = "auto", device: str = "auto",
-                        max_batch: int = 8, cache: str = "none", cuda_graphs: bool = False,
-                        fused_head: bool = False) -> "Engine":
-        lm = load_model(name_or_path, dtype=dtype, device=device)
-        return cls(lm.model, lm.tokenizer, max_batch=max_batch, cache=cache, cuda_graphs=cuda_graphs,
-                   fused_head=fused_head)
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, config: EngineConfig | None = None,
+                        **settings) -> "Engine":
+        """Load a checkpoint (a bundled name, a folder or a hub id) as `config` says (dtype, device) and
+        build the engine on it; keyword `settings` replace some of config's."""
+        config = _engine_config(config, settings)
+        lm = load_model(name_or_path, dtype=config.dtype, device=config.device)
+        return cls(lm.model, lm.tokenizer, config)
 
     # ------------------------------------------------------------------ the loop
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None, *,
                     index: int = 0, infill: bool = False) -> str:
-        """Queue a prompt (a string, answered with the chat template; chat messages; or token ids, used
-        as they are) and return its request id. With `infill`, the prompt is a sequence whose mask
+        """Queue a prompt (any form of diffutron_engine.inputs: text, answered with the chat template or
+        as it is; chat messages; token ids, used as they are) and return its request id. With `infill`, the prompt is a sequence whose mask
         tokens are filled instead. Bad input raises DiffutronError here, in the caller's thread."""
         params = self._check_params(params)
         seed = params.seed if params.seed is not None else _draw_seed()
@@ -136,7 +159,8 @@ class Engine:
     def add_requests(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                      infill: bool = False) -> list[str]:
         """Queue several prompts at once, all or none (every one is validated first); prompt i gets
-        index i and, with one SamplingParams for all, the seed (seed + i) mod 2**63."""
+        index i and, with one SamplingParams for all, the seed seed_for(seed, i). A bad prompt raises
+        PromptError naming its index."""
         return self._enqueue(self._make_all(prompts, params, infill))
 
     def abort(self, request_id: str) -> None:
@@ -229,6 +253,11 @@ class Engine:
             if pending:
                 self._held += [out for out in self._drain_inbox() if out.request_id not in ids_set]
 
+    def encode(self, prompt) -> list[int]:
+        """A prompt's token ids as add_request reads them (any form of diffutron_engine.inputs), for a
+        caller that adds one prompt several times (the server's n choices) and tokenizes it once."""
+        return prompt_ids(self.tokenizer, prompt, self.runner.model.vocab_size)
+
     def canvas(self, request_id: str) -> list[int]:
         """The current canvas (prompt, committed tokens, masks) of a request not yet reported finished."""
         with self._lock:
@@ -290,7 +319,15 @@ class Engine:
             one = self._check_params(params)
             base = one.seed if one.seed is not None else _draw_seed()
             each, seeds = [one] * len(prompts), [seed_for(base, i) for i in range(len(prompts))]
-        return [self._make(p, prm, seed, None, i, infill) for i, (p, prm, seed) in enumerate(zip(prompts, each, seeds))]
+        reqs = []
+        for i, (p, prm, seed) in enumerate(zip(prompts, each, seeds)):
+            try:
+                reqs.append(self._make(p, prm, seed, None, i, infill))
+            except PromptError:
+                raise
+            except DiffutronError as exc:
+                raise PromptError(i, str(exc)) from None
+        return reqs
 
     def _enqueue(self, reqs: list[Request]) -> list[str]:
         with self._lock:
@@ -303,23 +340,11 @@ class Engine:
                 self._inbox.append(("add", r))
         return ids
 
-    def _ids_of(self, prompt) -> list[int]:
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
-            return encode_prompt(self.tokenizer, prompt)
-        try:
-            ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
-        except (TypeError, ValueError):
-            raise DiffutronError("a prompt must be a string, chat messages, or a sequence of token ids") from None
-        vocab = self.runner.model.vocab_size
-        if any(t < 0 or t >= vocab for t in ids):
-            raise DiffutronError(f"prompt has token ids outside the vocabulary [0, {vocab})")
-        return ids
-
     def _make(self, prompt, params: SamplingParams, seed: int, request_id, index: int, infill: bool) -> Request:
         """A request: its canvas, blocks and commit schedules, all validated (no side effects)."""
         if request_id is not None:
             _check_request_id(request_id)
-        ids = self._ids_of(prompt)
+        ids = self.encode(prompt)
         if not ids and not infill and not params.right_shift_logits:
             raise DiffutronError("an empty prompt (no token ids): give at least one (with right_shift_logits an "
                                  "empty prompt starts from BOS, as dllm's sampler does)")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..config import CACHE_MODES, SamplerConfig, SamplingParams, seed_for
+from ..config import EngineConfig, ReferenceParams, SamplingParams, seed_for
 from ..errors import DiffutronError
 
 
@@ -38,14 +38,14 @@ def _dllm_bases():
 _SamplerBase, _ConfigBase = _dllm_bases()
 
 
-_CONFIG_BASES = (SamplerConfig,) if _ConfigBase is object else (SamplerConfig, _ConfigBase)
+_CONFIG_BASES = (ReferenceParams,) if _ConfigBase is object else (ReferenceParams, _ConfigBase)
 
 
 @dataclass
 class DiffutronSamplerConfig(*_CONFIG_BASES):
-    """dllm's MDLM fields (same names and defaults, from SamplerConfig) plus the engine's own: the
-    cache mode the engine runs with, and the per-request threshold, factor, early_stop and seed. The
-    defaults are exact mode."""
+    """dllm's MDLM fields (same names and defaults: the oracle's ReferenceParams) plus the engine's own:
+    the cache mode the engine runs with (EngineConfig's) and the request's threshold, factor, early_stop
+    and seed (SamplingParams', validated by it). The defaults are exact mode."""
 
     cache: str = "none"
     threshold: float | None = None
@@ -57,8 +57,14 @@ class DiffutronSamplerConfig(*_CONFIG_BASES):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.cache not in CACHE_MODES:
-            raise DiffutronError(f"unknown cache {self.cache!r}; choose one of: {', '.join(CACHE_MODES)}")
+        EngineConfig(cache=self.cache)
+        self.params()
+
+    def params(self, **given) -> SamplingParams:
+        """The request's SamplingParams: the shared knobs and the engine's own, `given` replacing them."""
+        fields = {**self.knobs(), "max_new_tokens": self.max_new_tokens or 1, "threshold": self.threshold,
+                  "factor": self.factor, "early_stop": self.early_stop, "seed": self.seed}
+        return SamplingParams(**{**fields, **given})
 
 
 @dataclass
@@ -78,7 +84,7 @@ class DiffutronSampler(_SamplerBase):
             raise DiffutronError("DiffutronSampler needs model=... and tokenizer=...")
         key = (id(self.model), id(self.tokenizer), batch, cache)
         if self._engine is None or self._engine_key != key:
-            self._engine = Engine(self.model, self.tokenizer, max_batch=max(batch, 1), cache=cache)
+            self._engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=max(batch, 1), cache=cache))
             self._engine_key = key
         return self._engine
 
@@ -92,7 +98,7 @@ class DiffutronSampler(_SamplerBase):
 
     def _run(self, inputs, config, kwargs, infill: bool):
         config = config or DiffutronSamplerConfig()
-        if not isinstance(config, DiffutronSamplerConfig):  # an oracle SamplerConfig: keep its knobs
+        if not isinstance(config, DiffutronSamplerConfig):  # the oracle's ReferenceParams: keep its knobs
             config = DiffutronSamplerConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
         cfg = config.override(**kwargs) if kwargs else config
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 1:
@@ -109,9 +115,7 @@ class DiffutronSampler(_SamplerBase):
         seed = cfg.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        knobs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SamplingParams) if hasattr(cfg, f.name)}
-        knobs.update(max_new_tokens=max(n, 1), seed=seed)
-        params = SamplingParams(**knobs)
+        params = cfg.params(max_new_tokens=max(n, 1), seed=seed)
 
         per_request = params
         if infill and cfg.block_size is not None:

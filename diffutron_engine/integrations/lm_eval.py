@@ -201,6 +201,8 @@ class DiffutronLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from ..config import SamplingParams, seed_for
+        from ..errors import PromptError
+        from ..inputs import TextPrompt
 
         prompts, params, ignored = [], [], set()
         for i, r in enumerate(requests):
@@ -217,18 +219,18 @@ class DiffutronLM(LM):
                 raise DiffutronError(f"generation request {i}: temperature must be a number, got {asked!r}") from None
             ignored.update(kwargs)
             steps = max(1, round(self.steps * n / self.max_new_tokens))
-            ids = self.tokenizer.encode(context, add_special_tokens=False)
-            if self.max_length and len(ids) + n > self.max_length:
-                raise DiffutronError(f"generation request {i} needs {len(ids)} prompt + {n} new tokens, beyond the "
-                                     f"model's context of {self.max_length}; lower max_gen_toks or the few-shot count")
-            prompts.append(ids)
+            prompts.append(TextPrompt(prompt=context, chat_template=False))  # lm-eval renders its own chat
             params.append(SamplingParams(max_new_tokens=n, steps=steps, block_size=min(self.block_size, n),
                                          temperature=temp, remasking=self.remasking, stop_strings=until or None,
                                          seed=seed_for(self.seed, i)))
         if ignored:
             log.warning("diffutron: generation arguments without a counterpart here were ignored: %s",
                         ", ".join(sorted(ignored)))
-        outs = self.engine.generate(prompts, params) if prompts else []
+        try:
+            outs = self.engine.generate(prompts, params) if prompts else []
+        except PromptError as exc:  # the engine checks each prompt (its text, its context) once
+            raise DiffutronError(f"generation request {exc.index}: {exc.reason} (here: max_gen_toks, or fewer "
+                                 "few-shot examples)") from None
         texts = []
         for r, p, o in zip(requests, params, outs):
             text = o.text
@@ -243,9 +245,10 @@ class DiffutronLM(LM):
     def engine(self):
         """The engine for generation and the greedy check, built on first use (exact mode)."""
         if self._engine is None:
+            from ..config import EngineConfig
             from ..engine import Engine
 
-            self._engine = Engine(self.model, self.tokenizer, max_batch=self.max_batch, cache="none")
+            self._engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=self.max_batch, cache="none"))
         return self._engine
 
     def _greedy(self, pairs: list[Scored]) -> list[bool]:

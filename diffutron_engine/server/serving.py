@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..config import seed_for
 from ..errors import DiffutronError
-from ..loading import encode_prompt
+from ..inputs import ChatPrompt, TextPrompt, TokensPrompt
 from . import protocol
 from .config import ServerConfig
 from .loop import EngineLoop, ShuttingDown
@@ -33,7 +33,6 @@ Job = tuple[int, str, asyncio.Queue]
 class OpenAIServing:
     def __init__(self, loop: EngineLoop, config: ServerConfig, metrics: Metrics, workers: int = 4):
         self.loop, self.config, self.metrics = loop, config, metrics
-        self.tokenizer = loop.engine.tokenizer
         # bounded: a burst of large prompts waits here, not in the event loop nor in unbounded threads
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffutron-serving")
         self._reserved = 0  # places taken by requests being tokenized (read and written on the event loop)
@@ -76,13 +75,14 @@ class OpenAIServing:
             self._reserved -= size
 
     def _add(self, req: CompletionRequest, aloop: asyncio.AbstractEventLoop) -> list[Job]:
-        """Tokenize each prompt once and add its n choices (worker thread); all or none."""
+        """Add each prompt's n choices, tokenized once by the engine (worker thread); all or none."""
         jobs: list[Job] = []
         prefix = "chatcmpl" if req.chat else "cmpl"
         try:
             for i, prompt in enumerate(req.prompts):
                 # completions: the prompt as it is; chat: the messages through the chat template
-                ids = encode_prompt(self.tokenizer, prompt, chat=False)
+                given = ChatPrompt(messages=prompt) if req.chat else TextPrompt(prompt=prompt, chat_template=False)
+                ids = TokensPrompt(prompt_token_ids=self.loop.engine.encode(given))
                 for j in range(req.n):
                     params = req.params
                     if params.seed is not None and j:  # choice j draws from seed + j, as prompt i offline

@@ -74,8 +74,8 @@ def test_preset_and_flags(capsys, tiny_checkpoint):
     parser = __import__("diffutron_engine.cli.main", fromlist=["build_parser"]).build_parser()
     args = parser.parse_args(["generate", "x", "--preset", "diffutron-long", "--steps", "16",
                               "--block-length", "8", "--stop", "</s>", "--stop", "<s>", "--stochastic-transfer"])
-    cfg, cache = generate.settings(args)
-    assert cache == "none"
+    cfg, engine = generate.settings(args)
+    assert engine.cache == "none"
     assert (cfg.steps, cfg.block_size, cfg.temperature, cfg.repetition_penalty) == (16, 8, 0.1, 1.2)
     assert cfg.stop_strings == ["</s>", "<s>"] and cfg.stochastic_transfer
     code, out, err = run_cli(capsys, "generate", "Merhaba", "--model", tiny_checkpoint, "--preset",
@@ -202,7 +202,7 @@ BAD = {
     "missing model": (lambda tmp, ck: ["generate", "x", "--model", str(tmp / "missing")], "does not exist"),
     "not a masked LM": (lambda tmp, ck: ["generate", "x", "--model", _not_masked_lm(tmp)], "no masked-LM head"),
     "no mask token": (lambda tmp, ck: ["generate", "x", "--model", _no_mask_tokenizer(tmp, ck)], "no mask token"),
-    "malformed jsonl": (lambda tmp, ck: ["generate", "--input", _bad_jsonl(tmp), "--model", ck], "bad.jsonl:3: malformed JSON"),
+    "malformed jsonl": (lambda tmp, ck: ["generate", "--input", _bad_jsonl(tmp), "--model", ck], "bad.jsonl:3: not valid JSON"),
     "jsonl wrong keys": (lambda tmp, ck: ["generate", "--input", _bad_jsonl(tmp, '{"text": "x"}'), "--model", ck],
                          'bad.jsonl:3: expected an object with either "prompt" or "messages"'),
     "missing input": (lambda tmp, ck: ["generate", "--input", str(tmp / "none.jsonl"), "--model", ck], "cannot read --input"),
@@ -278,7 +278,8 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path, tiny_checkpoint)
                            "--model", tiny_checkpoint, "--output", str(out_file)],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"diffutron-engine: error: {src}:3: malformed JSON (Expecting ',' delimiter)"
+    assert proc.stderr.strip() == (f"diffutron-engine: error: {src}:3: not valid JSON (Expecting ',' delimiter); "
+                                   'expected an object with either "prompt" or "messages"')
     assert not out_file.exists()
 
 
@@ -296,12 +297,14 @@ def test_engine_and_reference_agree_greedy(capsys, tiny_checkpoint):
 def test_fast_flags(capsys, tiny_checkpoint):
     from diffutron_engine.cli import generate
     from diffutron_engine.cli.main import build_parser
-    from diffutron_engine.config import FAST_PRESET
+    from diffutron_engine.config import FAST as PAIR
 
-    cfg, cache = generate.settings(build_parser().parse_args(["generate", "x", "--fast"]))
-    assert cache == FAST_PRESET["cache"] and cfg.threshold == FAST_PRESET["threshold"]
-    cfg, cache = generate.settings(build_parser().parse_args(["generate", "x", "--fast", "--factor", "1.5"]))
-    assert cfg.factor == 1.5 and cfg.threshold is None and cache == FAST_PRESET["cache"]
+    cfg, engine = generate.settings(build_parser().parse_args(["generate", "x", "--fast"]))
+    assert engine.cache == PAIR.engine["cache"] and cfg.threshold == PAIR.request["threshold"]
+    cfg, engine = generate.settings(build_parser().parse_args(["generate", "x", "--fast", "--factor", "1.5"]))
+    assert cfg.factor == 1.5 and cfg.threshold is None and engine.cache == PAIR.engine["cache"]
+    cfg, engine = generate.settings(build_parser().parse_args(["generate", "x", "--fast", "--cache", "prefix"]))
+    assert engine.cache == "prefix" and cfg.threshold == PAIR.request["threshold"]
     code, out, err = run_cli(capsys, "generate", "Merhaba", "--model", tiny_checkpoint, "--json",
                              "--cache", "prefix", "--threshold", "0.5", *FAST)
     assert code == 0, err

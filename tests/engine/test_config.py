@@ -1,10 +1,10 @@
 import pytest
 
-from diffutron_engine import PRESETS, DiffutronError, SamplerConfig
+from diffutron_engine import PRESETS, DiffutronError, ReferenceParams, SamplingParams
 
 
 def test_defaults_are_dllm_mdlm_defaults():
-    c = SamplerConfig()
+    c = ReferenceParams()
     assert (c.max_new_tokens, c.max_length, c.block_size, c.steps, c.temperature) == (128, None, 128, 128, 0.0)
     assert (c.remasking, c.stochastic_transfer, c.cfg_scale, c.right_shift_logits) == ("low_confidence", False, 0.0, False)
     assert (c.repetition_penalty, c.stop_strings, c.return_dict) == (1.0, None, False)
@@ -36,14 +36,14 @@ def test_defaults_are_dllm_mdlm_defaults():
 )
 def test_invalid_values_name_the_problem(kwargs, message):
     with pytest.raises(DiffutronError, match=message):
-        SamplerConfig(**kwargs)
+        ReferenceParams(**kwargs)
 
 
 def test_the_bounds_are_inclusive_and_shared_with_sampling_params():
     from diffutron_engine import SamplingParams
     from diffutron_engine.config import MAX_STEPS, MAX_TEMPERATURE
 
-    c = SamplerConfig(steps=MAX_STEPS, temperature=MAX_TEMPERATURE)
+    c = ReferenceParams(steps=MAX_STEPS, temperature=MAX_TEMPERATURE)
     assert (c.steps, c.temperature) == (MAX_STEPS, MAX_TEMPERATURE)
     # the engine's (and the server's) parameters go through the same checks
     with pytest.raises(DiffutronError, match="steps must be <= 16,384"):
@@ -55,21 +55,76 @@ def test_the_bounds_are_inclusive_and_shared_with_sampling_params():
 
 
 def test_max_length_instead_of_max_new_tokens():
-    c = SamplerConfig(max_new_tokens=None, max_length=64)
+    c = ReferenceParams(max_new_tokens=None, max_length=64)
     assert c.max_length == 64
 
 
 def test_override_validates_and_rejects_unknown_names():
-    c = SamplerConfig().override(steps=8, temperature=0.5)
+    c = ReferenceParams().override(steps=8, temperature=0.5)
     assert (c.steps, c.temperature) == (8, 0.5)
     with pytest.raises(DiffutronError, match="unknown sampler option"):
-        SamplerConfig().override(stepz=8)
+        ReferenceParams().override(stepz=8)
     with pytest.raises(DiffutronError, match="steps must be >= 1"):
-        SamplerConfig().override(steps=0)
+        ReferenceParams().override(steps=0)
 
 
 def test_presets_are_the_published_settings():
-    long = SamplerConfig(**PRESETS["diffutron-long"])
+    long = ReferenceParams(**PRESETS["diffutron-long"])
     assert (long.steps, long.temperature, long.block_size, long.repetition_penalty) == (128, 0.1, 32, 1.2)
-    short = SamplerConfig(**PRESETS["diffutron-short"])
+    short = ReferenceParams(**PRESETS["diffutron-short"])
     assert (short.steps, short.remasking, short.stochastic_transfer, short.cfg_scale) == (64, "low_confidence", False, 0.0)
+
+
+def test_the_shared_knobs_are_declared_once():
+    """The oracle's and a request's parameters extend one declaration of dllm's knobs: the same names,
+    defaults and checks on both sides, and knobs() carries them from one to the other."""
+    import dataclasses
+
+    from diffutron_engine.config import SamplingKnobs
+
+    shared = {f.name for f in dataclasses.fields(SamplingKnobs)}
+    assert shared <= {f.name for f in dataclasses.fields(ReferenceParams)}
+    assert shared <= {f.name for f in dataclasses.fields(SamplingParams)}
+    params = SamplingParams(max_new_tokens=7, steps=9, temperature=0.5, stop_strings="x", threshold=0.9, seed=3)
+    oracle = ReferenceParams(**params.knobs())
+    assert oracle.knobs() == params.knobs() and oracle.stop_strings == ["x"]
+    with pytest.raises(DiffutronError, match="max_new_tokens must be >= 1"):
+        SamplingParams(max_new_tokens=0)  # no max_length on the engine's side
+    with pytest.raises(DiffutronError, match="unknown sampling parameter"):
+        SamplingParams().override(max_length=5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_batch=0), "max_batch must be >= 1"),
+    (dict(max_batch=True), "max_batch must be an integer"),
+    (dict(cache="full"), "unknown cache 'full'"),
+    (dict(cuda_graphs="yes"), "cuda_graphs must be true or false"),
+    (dict(fused_head=1), "fused_head must be true or false"),
+    (dict(dtype="float8"), "unknown dtype 'float8'"),
+    (dict(device="tpu"), "unknown device 'tpu'"),
+    (dict(device="cuda:x"), "unknown device 'cuda:x'"),
+    (dict(device=0), "unknown device 0"),
+])
+def test_engine_config_refuses_bad_settings_by_name(kwargs, message):
+    from diffutron_engine import EngineConfig
+
+    with pytest.raises(DiffutronError, match=message):
+        EngineConfig(**kwargs)
+
+
+def test_engine_config_override_and_presets():
+    from diffutron_engine import FAST, EngineConfig, Preset
+
+    c = EngineConfig(max_batch=4, device="cuda:1")
+    assert c.override(cache="dual") == EngineConfig(max_batch=4, device="cuda:1", cache="dual")
+    with pytest.raises(DiffutronError, match="unknown engine setting"):
+        c.override(threshold=0.9)  # a request's knob is not the engine's
+    # the fast preset is one (engine, request) pair, each side checked where it is declared
+    assert FAST.engine_config() == EngineConfig(cache="dual")
+    assert FAST.engine_config(c, cache="prefix", cuda_graphs=None) == c.override(cache="prefix")
+    assert SamplingParams(**FAST.request).threshold == 0.9
+    assert FAST.describe() == "cache=dual, threshold=0.9"
+    with pytest.raises(DiffutronError, match="unknown engine setting"):
+        Preset(engine={"threshold": 0.9})
+    with pytest.raises(DiffutronError, match="threshold must be in"):
+        Preset(request={"threshold": 2})

@@ -10,7 +10,7 @@ from collections import deque
 import pytest
 import torch
 
-from diffutron_engine import DiffutronError, Engine, SamplerConfig, SamplingParams, StepFailed
+from diffutron_engine import DiffutronError, Engine, ReferenceParams, SamplingParams, StepFailed
 from diffutron_engine.reference import ReferenceSampler
 
 BASE = dict(max_new_tokens=16, block_size=8, steps=16, early_stop=False)
@@ -71,8 +71,7 @@ def test_mixed_parameters_share_one_batch(golden, backend):
     for (prompt, params), got in zip(reqs, together):
         if not _greedy(params):
             continue
-        knobs = {f: getattr(params, f) for f in SamplerConfig.__dataclass_fields__ if hasattr(params, f)}
-        ref = oracle.sample([prompt], SamplerConfig(**knobs))[0].tolist()
+        ref = oracle.sample([prompt], ReferenceParams(**params.knobs()))[0].tolist()
         assert got.tokens == ref, params
         checked += 1
     assert checked >= 14
@@ -518,3 +517,21 @@ def test_on_step_sees_each_step_of_the_call_and_can_end_it(golden):
     while engine.has_unfinished() or engine._held:
         finals += [o.request_id for o in engine.step() if o.finished]
     assert finals == [other] and engine.step() == []  # the other caller's request got its final output
+
+
+def test_engine_settings_are_one_engine_config(golden):
+    """Engine takes an EngineConfig (keyword settings replace some of its fields) and refuses a dtype or
+    device that contradicts the model it was given, instead of running something else than asked."""
+    from diffutron_engine import EngineConfig
+
+    engine = Engine(golden.model, golden.tokenizer, EngineConfig(max_batch=3, cache="prefix"), max_batch=2)
+    assert engine.config == EngineConfig(max_batch=2, cache="prefix") and engine.max_batch == 2
+    assert Engine(golden.model, golden.tokenizer, dtype="float32", device="cpu").config.device == "cpu"
+    with pytest.raises(DiffutronError, match="dtype='bfloat16' but the model's weights are float32"):
+        Engine(golden.model, golden.tokenizer, dtype="bfloat16")
+    with pytest.raises(DiffutronError, match="device='cuda' but the model is on cpu"):
+        Engine(golden.model, golden.tokenizer, EngineConfig(device="cuda"))
+    with pytest.raises(DiffutronError, match="unknown engine setting"):
+        Engine(golden.model, golden.tokenizer, threshold=0.9)
+    with pytest.raises(DiffutronError, match="config must be an EngineConfig"):
+        Engine(golden.model, golden.tokenizer, {"max_batch": 2})

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from diffutron_engine import SamplerConfig
+from diffutron_engine import ReferenceParams
 from diffutron_engine.loading import load_model
 from diffutron_engine.reference import ReferenceSampler
 from where import GOLDEN, ROOT
@@ -24,7 +24,7 @@ def sampler():
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_golden_case(sampler, case):
-    config = SamplerConfig(return_dict=True, **case["config"])
+    config = ReferenceParams(return_dict=True, **case["config"])
     torch.manual_seed(case["seed"])
     run = sampler.infill if case.get("kind") == "infill" else sampler.sample
     out = run(case["prompts"], config)

@@ -5,9 +5,10 @@ import torch
 
 from diffutron_engine import DiffutronError
 from diffutron_engine.errors import DiffutronWarning
-from diffutron_engine.loading import (BUNDLED_MODELS, decode_answer, encode_prompt, load_model, prepare_tokenizer,
+from diffutron_engine.inputs import encode_chat, encode_text
+from diffutron_engine.loading import (BUNDLED_MODELS, decode_answer, load_model, prepare_tokenizer,
                                       render_chat, resolve_model_path)
-from diffutron_engine.random_model import build_tokenizer, modernbert_config
+from diffutron_engine.models.random_weights import build_tokenizer, modernbert_config
 
 
 def test_loads_golden_checkpoint_with_its_tokenizer(golden):
@@ -208,19 +209,19 @@ def test_chat_template():
 
 def test_encode_prompt_adds_no_special_tokens_and_rejects_empty():
     tok = build_tokenizer()
-    ids = encode_prompt(tok, "Merhaba")
+    ids = encode_text(tok, "Merhaba")
     assert tok.decode(ids) == "[Question]\nMerhaba\n[/Question]\n\n[Answer]\n"
     assert not set(ids) & set(tok.all_special_ids)
-    assert tok.decode(encode_prompt(tok, "Merhaba", chat=False)) == "Merhaba"
+    assert tok.decode(encode_text(tok, "Merhaba", chat=False)) == "Merhaba"
     with pytest.raises(DiffutronError, match="empty prompt"):
-        encode_prompt(tok, "   ")
+        encode_text(tok, "   ")
     with pytest.raises(DiffutronError, match="empty prompt"):
-        encode_prompt(tok, [{"role": "user", "content": ""}])
+        encode_chat(tok, [{"role": "user", "content": ""}])
 
 
 def test_decode_answer_cuts_at_eos_and_end_of_turn():
     tok = build_tokenizer()
-    prompt = encode_prompt(tok, "Soru")
+    prompt = encode_text(tok, "Soru")
     answer = tok.encode("Ankara'dır.", add_special_tokens=False)
     row = prompt + answer + [tok.eos_token_id] + tok.encode("çöp", add_special_tokens=False)
     assert decode_answer(tok, row, len(prompt)) == ("Ankara'dır.", len(answer))

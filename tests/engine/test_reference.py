@@ -4,7 +4,7 @@ ModernBERT (invariants)."""
 import pytest
 import torch
 
-from diffutron_engine import DiffutronError, SamplerConfig
+from diffutron_engine import DiffutronError, ReferenceParams
 from diffutron_engine.reference import ReferenceSampler, _apply_repetition_penalty
 from fakes import FakeMaskedLM, FakeTokenizer
 
@@ -30,7 +30,7 @@ def fake_sampler(fn, **kw):
 # ----------------------------------------------------------------------------- canvas and output layout
 def test_canvas_layout_attention_mask_and_histories():
     s = fake_sampler(const_logits(9))
-    out = s.sample([[10, 11, 12], [20]], SamplerConfig(max_new_tokens=4, block_size=4, steps=4, return_dict=True))
+    out = s.sample([[10, 11, 12], [20]], ReferenceParams(max_new_tokens=4, block_size=4, steps=4, return_dict=True))
     x = out.sequences
     assert x.shape == (2, 3 + 4)
     assert x[0].tolist() == [10, 11, 12, 9, 9, 9, 9]
@@ -55,7 +55,7 @@ def test_max_length_when_max_new_tokens_is_zero():
 
 def test_published_long_setting_takes_128_forwards():
     s = fake_sampler(const_logits(9))
-    out = s.sample([[10]], SamplerConfig(max_new_tokens=128, block_size=32, steps=128, return_dict=True))
+    out = s.sample([[10]], ReferenceParams(max_new_tokens=128, block_size=32, steps=128, return_dict=True))
     assert out.forward_passes == 128
 
 
@@ -64,7 +64,7 @@ def test_blocks_restrict_commits_with_unequal_prompts(tiny):
     s = ReferenceSampler(model=tiny.model, tokenizer=tiny.tokenizer)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     bs, new = 4, 10
-    out = s.sample(prompts, SamplerConfig(max_new_tokens=new, block_size=bs, steps=9, return_dict=True))
+    out = s.sample(prompts, ReferenceParams(max_new_tokens=new, block_size=bs, steps=9, return_dict=True))
     # 3 blocks (4, 4, 2 tokens), ceil(9/3) = 3 steps each: schedules [1,2,1], [1,2,1], [1,1].
     assert len(out.histories) == 1 + 3 + 3 + 2
     step_block = [0, 0, 0, 1, 1, 1, 2, 2]
@@ -154,7 +154,7 @@ def test_suppress_tokens_are_never_chosen():
 
 def test_begin_suppress_only_lowers_confidence():
     s = fake_sampler(position_logits)
-    out = s.sample([[10, 11]], SamplerConfig(max_new_tokens=4, block_size=4, steps=4, return_dict=True,
+    out = s.sample([[10, 11]], ReferenceParams(max_new_tokens=4, block_size=4, steps=4, return_dict=True,
                                              begin_suppress_tokens=[32]))
     # The quirk: token 32 is still chosen at position 2 (suppressed after the choice) ...
     assert out.sequences[0, 2:].tolist() == [32, 33, 34, 35]
@@ -177,7 +177,7 @@ def test_right_shift_uses_the_previous_positions_logits():
 def test_infill_changes_only_mask_tokens(tiny):
     s = ReferenceSampler(model=tiny.model, tokenizer=tiny.tokenizer)
     seqs = [[5, MASK, MASK, 9, MASK, 11], [20, MASK, 23]]
-    out = s.infill(seqs, SamplerConfig(block_size=2, steps=6))
+    out = s.infill(seqs, ReferenceParams(block_size=2, steps=6))
     for row, seq in zip(out.tolist(), seqs):
         for a, b in zip(row, seq):
             assert a == b or (b == MASK and a != MASK)
@@ -201,7 +201,7 @@ def test_greedy_rows_do_not_depend_on_the_batch(tiny, config):
 # ----------------------------------------------------------------------------- kwargs and bad input
 def test_kwargs_override_config():
     s = fake_sampler(const_logits(9))
-    out = s.sample([[10]], SamplerConfig(max_new_tokens=2, steps=2), max_new_tokens=5, return_dict=True)
+    out = s.sample([[10]], ReferenceParams(max_new_tokens=2, steps=2), max_new_tokens=5, return_dict=True)
     assert out.sequences.shape == (1, 6)
 
 
@@ -221,11 +221,12 @@ def test_bad_inputs_raise_clear_errors():
 
 # ----------------------------------------------------------------------------- stop strings
 def test_stop_strings_end_the_answer_and_skip_remaining_steps():
-    from diffutron_engine.loading import decode_answer, encode_prompt
-    from diffutron_engine.random_model import build_tokenizer
+    from diffutron_engine.inputs import encode_text
+    from diffutron_engine.loading import decode_answer
+    from diffutron_engine.models.random_weights import build_tokenizer
 
     tok = build_tokenizer()
-    prompt = encode_prompt(tok, "merhaba")
+    prompt = encode_text(tok, "merhaba")
     target = tok.encode("iyi günler</s>devam eder ve sonra", add_special_tokens=False)
     L, n = len(prompt), len(target) + 6
 
@@ -237,7 +238,7 @@ def test_stop_strings_end_the_answer_and_skip_remaining_steps():
 
     model = FakeMaskedLM(len(tok), fn)
     s = ReferenceSampler(model=model, tokenizer=tok)
-    cfg = SamplerConfig(max_new_tokens=n, block_size=n, steps=n, return_dict=True)
+    cfg = ReferenceParams(max_new_tokens=n, block_size=n, steps=n, return_dict=True)
     full = s.sample([prompt], cfg)
     assert full.forward_passes == n and "</s>" in tok.decode(full.sequences[0, L:].tolist())
 
@@ -254,13 +255,13 @@ def test_stop_strings_end_the_answer_and_skip_remaining_steps():
 
 
 def test_stop_rule_ignores_the_prompt_masks_and_maps_non_canonical_tokens():
-    from diffutron_engine.loading import encode_prompt
-    from diffutron_engine.random_model import build_tokenizer
+    from diffutron_engine.inputs import encode_text
+    from diffutron_engine.models.random_weights import build_tokenizer
     from diffutron_engine.stopping import StopRule
 
     tok = build_tokenizer()
     rule = StopRule(tok, ["</s>", "<s>"])
-    prompt = encode_prompt(tok, "Bir etiket: </s> nedir?")  # the prompt itself holds a stop string
+    prompt = encode_text(tok, "Bir etiket: </s> nedir?")  # the prompt itself holds a stop string
     chars = [tok.convert_tokens_to_ids(c) for c in "iyi"]  # "iyi" spelled one character per token
     stop = tok.encode("</s>", add_special_tokens=False)
     row = prompt + chars + stop + tok.encode(" sonra", add_special_tokens=False)

@@ -133,12 +133,12 @@ def test_a_thousand_requests_at_concurrency_64():
     from concurrent.futures import ThreadPoolExecutor
 
     from diffutron_engine import Engine, SamplingParams
-    from diffutron_engine.loading import encode_prompt
+    from diffutron_engine.inputs import TextPrompt
 
     prompts = [f"Bu işlev {i}" for i in range(1000)]
     body = {"max_tokens": 4, "steps": 4, "block_size": 4, "temperature": 0}
     eng = Engine.from_pretrained("tiny-tr", max_batch=64)
-    offline = eng.generate([encode_prompt(eng.tokenizer, p, chat=False) for p in prompts],
+    offline = eng.generate([TextPrompt(prompt=p, chat_template=False) for p in prompts],
                            SamplingParams(max_new_tokens=4, steps=4, block_size=4))
     s = Server("--max-batch", "64", "--max-queue", "1024")
     try:
@@ -168,7 +168,8 @@ def test_serve_fast_applies_the_same_pair_as_generate_fast(tmp_path):
 
     from diffutron_engine import Engine, SamplingParams
     from diffutron_engine.config import FAST
-    from diffutron_engine.loading import BUNDLED_MODELS, encode_prompt
+    from diffutron_engine.inputs import TextPrompt
+    from diffutron_engine.loading import BUNDLED_MODELS
 
     model = tmp_path / "peaked"
     shutil.copytree(BUNDLED_MODELS["tiny-tr"], model)
@@ -176,8 +177,8 @@ def test_serve_fast_applies_the_same_pair_as_generate_fast(tmp_path):
     weights["head.norm.weight"] = weights["head.norm.weight"] * 30
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     knobs = dict(max_tokens=32, steps=32, block_size=32, temperature=0)
-    eng = Engine.from_pretrained(str(model), **FAST.engine)
-    offline = eng.generate([encode_prompt(eng.tokenizer, "Bu işlev", chat=False)],
+    eng = Engine.from_pretrained(str(model), FAST.engine_config())
+    offline = eng.generate([TextPrompt(prompt="Bu işlev", chat_template=False)],
                            SamplingParams(max_new_tokens=32, steps=32, block_size=32, **FAST.request))[0]
     assert offline.forward_passes < 16  # the threshold shows in this model
 

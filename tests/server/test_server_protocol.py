@@ -117,8 +117,12 @@ def test_fast_defaults_apply_and_a_request_can_replace_them():
     from diffutron_engine.cli.main import build_parser
     from diffutron_engine.config import FAST
 
-    params, cache = generate.settings(build_parser().parse_args(["generate", "x", "--fast"]))
-    assert cache == FAST.engine["cache"] and params.threshold == FAST.request["threshold"] == fast.defaults["threshold"]
+    from diffutron_engine.cli.engine_args import engine_config
+
+    params, engine = generate.settings(build_parser().parse_args(["generate", "x", "--fast"]))
+    assert engine.cache == FAST.engine["cache"] and params.threshold == FAST.request["threshold"] == fast.defaults["threshold"]
+    served = engine_config(ap.parse_args(["serve", "--fast", "--model", "tiny-tr"]), max_batch=engine.max_batch)
+    assert served == engine  # the same EngineConfig: cache, graphs, fused head, dtype, device
 
 
 def test_json_bodies():

@@ -9,8 +9,9 @@ import pytest
 
 from diffutron_engine import DiffutronError
 from diffutron_engine import loading
-from diffutron_engine.loading import encode_prompt, load_model, load_tokenizer, render_chat
-from diffutron_engine.random_model import SPECIAL_TOKENS
+from diffutron_engine.inputs import encode_text
+from diffutron_engine.loading import load_model, load_tokenizer, render_chat
+from diffutron_engine.models.random_weights import SPECIAL_TOKENS
 from diffutron_engine.training import tiny_tr
 from diffutron_engine.training.tiny_tr import CHAT_MARKERS, init_checkpoint, tiny_tr_config, train_tokenizer
 
@@ -72,7 +73,7 @@ def test_chat_markers_are_single_non_special_tokens(tokenizer):
         # glued to other text it is still the same single id
         assert ids[0] in tokenizer.encode(f"x{marker}y", add_special_tokens=False)
     # The answer is cut at the *decoded* end-of-turn marker: decoding must keep it.
-    prompt = encode_prompt(tokenizer, "Türkiye'nin başkenti neresidir?")
+    prompt = encode_text(tokenizer, "Türkiye'nin başkenti neresidir?")
     row = prompt + tokenizer.encode("Ankara'dır.\n[/Answer]\n\nfazlası", add_special_tokens=False) + [1, 0]
     assert loading.decode_answer(tokenizer, row, len(prompt))[0] == "Ankara'dır."
 
@@ -117,7 +118,7 @@ def test_init_checkpoint_loads(checkpoint, tokenizer):
     assert lm.model.config.vocab_size == len(lm.tokenizer) == VOCAB
     assert lm.tokenizer.mask_token_id == 4 and lm.max_context == 512
     assert lm.tokenizer.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
-    ids = torch.tensor([encode_prompt(lm.tokenizer, "Merhaba!") + [4, 4]])
+    ids = torch.tensor([encode_text(lm.tokenizer, "Merhaba!") + [4, 4]])
     with torch.no_grad():
         logits = lm.model(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], VOCAB) and torch.isfinite(logits).all()

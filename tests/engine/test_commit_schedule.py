@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffutron_engine.schedule import block_schedule, row_schedule, transfer_prob
+from diffutron_engine.commit_schedule import block_schedule, row_schedule, transfer_prob
 
 
 @pytest.mark.parametrize(
