@@ -336,7 +336,7 @@ def step(name, fn):
         done[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
 
 def other_vocab():  # a base model of another vocabulary (1000 ids)
-    from diffutron_engine.random_model import build_random_checkpoint
+    from diffutron_engine.models.random_weights import build_random_checkpoint
     build_random_checkpoint(os.path.join(fx, "other-vocab"), size="tiny", seed=0)
 
 def no_final_norm():  # tiny-tr without model.final_norm.weight

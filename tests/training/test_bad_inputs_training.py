@@ -274,8 +274,8 @@ CASES = [
          needs=("peft",)),
     Case("merge base of another vocabulary", (*MERGE, "--base", "{tmp}/base", "--out", "{tmp}/merged"),
          "--base '{tmp}/base' has a vocabulary of 664 tokens, the adapter's base", files={
-             "adapter": _adapter, "base": lambda p: __import__("diffutron_engine.random_model").random_model
-             .build_random_checkpoint(p, size="tiny")}, needs=("peft",)),
+             "adapter": _adapter, "base": lambda p: __import__("diffutron_engine.models.random_weights")
+             .models.random_weights.build_random_checkpoint(p, size="tiny")}, needs=("peft",)),
     Case("merge adapter config broken", (*MERGE, "--out", "{tmp}/merged"), "adapter_config.json is not readable JSON",
          files={"adapter": _folder(**{"adapter_config.json": b"[" * 100_000})}, needs=("peft",)),
     # train --resume FOLDER: a trainer state that verifies but is not one
