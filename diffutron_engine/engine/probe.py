@@ -1,4 +1,4 @@
-"""Measurement hooks on a running engine, for benchmarks (`bench --overhead`) and tests: the device
+"""Measurement hooks on a running engine, for benchmarks (`bench overhead`) and tests: the device
 step alone, and the ATen ops a step issues. They reach into the runner, so they live in engine/."""
 
 from __future__ import annotations
