@@ -152,7 +152,7 @@ def _copies(device: str, nbytes: int, cap: int = 8) -> int:
 
 def sampler(device: str, n: int = 64, vocab: int = 256_000, dtype=torch.bfloat16, copy_gbs: float | None = None,
             hidden: int = 768) -> list[dict]:
-    from diffutron_engine.kernels.sampling import SampleParams, sample_head_triton, sample_triton
+    from diffutron_engine.kernels.sampling import SamplingTensors, sample_head_triton, sample_triton
 
     g = _generator(device)
     logits = (torch.randn(n, vocab, device=device, generator=g) * 3).to(dtype)
@@ -164,9 +164,9 @@ def sampler(device: str, n: int = 64, vocab: int = 256_000, dtype=torch.bfloat16
     rows = []
     for mode, kw in (("greedy", {}), ("penalty+suppress", dict(penalty=1.2, suppress=(0, 1, 2, 3))),
                      ("temperature 0.7", dict(temperature=0.7))):
-        p = SampleParams(seeds=torch.arange(n), positions=torch.arange(n), steps=torch.zeros(n, dtype=torch.long),
-                         seen=[seen_ids[i] for i in range(n)] if "penalty" in kw else None,
-                         row_request=torch.arange(n) if "penalty" in kw else None, **kw)
+        p = SamplingTensors(seeds=torch.arange(n), positions=torch.arange(n), steps=torch.zeros(n, dtype=torch.long),
+                            seen=[seen_ids[i] for i in range(n)] if "penalty" in kw else None,
+                            row_request=torch.arange(n) if "penalty" in kw else None, **kw)
         # bitmaps and per-row tensors on the logits' own device (the engine keeps them there), so that
         # no timed call builds or copies them
         p.resolve(n, vocab, logits.device)
@@ -193,7 +193,7 @@ def sampler(device: str, n: int = 64, vocab: int = 256_000, dtype=torch.bfloat16
     h = torch.randn(n, hidden, device=device, generator=g).to(dtype)
     w = (torch.randn(vocab, hidden, device=device, generator=g) * 0.05).to(dtype)
     b = torch.zeros(vocab, device=device, dtype=dtype)
-    p = SampleParams()
+    p = SamplingTensors()
     p.resolve(n, vocab, h.device)
     t_fused = timeit(lambda: sample_head_triton(h, w, b, p), device)
     head_only, _, _ = presolved_sampler([h], w, b, vocab, p)
@@ -211,7 +211,7 @@ def sampler(device: str, n: int = 64, vocab: int = 256_000, dtype=torch.bfloat16
 def attention(device: str, dtype=torch.bfloat16, shapes=None) -> list[dict]:
     """The runner's shapes: full forwards of canvases (Q = T) and the dual cache's block recompute
     (Q = 32 against T keys in the pool), global and sliding (+-64) layers."""
-    from diffutron_engine.kernels.attention import flash_attention
+    from diffutron_engine.kernels.attention import attention_triton
 
     shapes = shapes or [(1, 192, 192), (64, 192, 192), (1, 32, 192), (64, 32, 192), (8, 32, 1024)]
     heads, dim = 12, 64
@@ -233,9 +233,9 @@ def attention(device: str, dtype=torch.bfloat16, shapes=None) -> list[dict]:
             mask = valid[:, None, None, :]
             if window:
                 mask = mask & ((q_pos[:, :, None] - kpos[None, None, :]).abs() <= window)[:, None]
-            t_ours = timeit(lambda: flash_attention(q, k, v, slots, q_pos, valid, window), device)
+            t_ours = timeit(lambda: attention_triton(q, k, v, slots, q_pos, valid, window), device)
             t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), device)
-            out = flash_attention(q, k, v, slots, q_pos, valid, window)
+            out = attention_triton(q, k, v, slots, q_pos, valid, window)
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
             err = (out.float() - ref).abs().max().item() if _real(device) else None
             keys = T if not window else min(T, 2 * window + 1)
@@ -253,7 +253,7 @@ def attention(device: str, dtype=torch.bfloat16, shapes=None) -> list[dict]:
 # ------------------------------------------------------------------------------------------ cross-entropy
 def cross_entropy(device: str, n: int = 8192, vocab: int = 256_000, hidden: int = 768, dtype=torch.bfloat16) -> list[dict]:
     """Loss + gradients (hidden, weight, bias): fused linear cross-entropy vs linear + F.cross_entropy."""
-    from diffutron_engine.kernels.cross_entropy import fused_linear_cross_entropy
+    from diffutron_engine.kernels.cross_entropy import linear_cross_entropy_triton
 
     g = _generator(device)
     h = torch.randn(n, hidden, device=device, generator=g).to(dtype).requires_grad_()
@@ -262,8 +262,8 @@ def cross_entropy(device: str, n: int = 8192, vocab: int = 256_000, hidden: int 
     target = torch.randint(0, vocab, (n,), device=device, generator=g)
 
     def fused():
-        # the Triton kernels wherever this runs (the default is torch off CUDA: the self-test, meta)
-        fused_linear_cross_entropy(h, w, target, bias=b, reduction="mean", backend="triton").backward()
+        # the Triton kernels wherever this runs (the self-test, meta tensors)
+        linear_cross_entropy_triton(h, w, target, bias=b, reduction="mean").backward()
 
     def plain():
         F.cross_entropy(F.linear(h, w, b).float(), target).backward()

@@ -1,8 +1,12 @@
 """Which implementation runs each op: triton (CUDA), the C++ extension (CPU) or torch (anywhere).
 
-Every backend of an op has the same signature. Nothing is probed at import time: availability is
-checked on first use and cached. Tests (and users) force a backend with `force_backend(...)` or the
-environment variable DIFFUTRON_BACKEND=torch|cpp|triton.
+The one place where a backend is chosen and called: `Ops.select(device, dtype)` picks the backend of
+every op (the sampler, the LM head fused into it, the commit, attention, the fused linear
+cross-entropy) once, and its methods (`ops.sample`, `ops.sample_head`, `ops.unmask`, `ops.attention`,
+`ops.cross_entropy`) call the chosen implementation from kernels/. Nothing else names a backend's
+function (tests/kernels/test_backends.py checks it). Every backend of an op has the same signature.
+Nothing is probed at import time: availability is checked on first use and cached. Tests (and users)
+force a backend with `force_backend(...)` or the environment variable DIFFUTRON_BACKEND=torch|cpp|triton.
 """
 
 from __future__ import annotations
@@ -98,19 +102,25 @@ def _triton_usable(device: torch.device) -> bool:
     return triton_installed() and (device.type == "cuda" or (interp and device.type == "cpu"))
 
 
-def sampler_backend(device: torch.device, dtype: torch.dtype) -> str:
+def _choose_sampler(device: torch.device, dtype: torch.dtype) -> str:
     """The fused sampler (kernels/sampling.py): triton on CUDA, C++ for float32 on CPU, torch otherwise."""
     cpu_f32 = device.type == "cpu" and dtype == torch.float32
     return pick(device, {"triton": _triton_usable(device), "cpp": cpu_f32 and cpp_available(), "torch": True})
 
 
-def unmask_backend(device: torch.device) -> str:
+def _choose_head(sampler: str) -> str | None:
+    """The LM head fused into the sampler (kernels/sampling.py, logits never stored): a Triton kernel, so
+    it runs where the Triton sampler does; None elsewhere (the head is then a matmul before the sampler)."""
+    return "triton" if sampler == "triton" else None
+
+
+def _choose_unmask(device: torch.device) -> str:
     """The commit (kernels/unmask.py): triton on CUDA, torch elsewhere (a few hundred numbers per row:
     nothing for C++ to win)."""
     return pick(device, {"triton": _triton_usable(device), "torch": True})
 
 
-def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+def _choose_attention(device: torch.device, dtype: torch.dtype) -> str:
     """'triton' (kernels/attention.py) for half precision on CUDA, else 'torch' (SDPA with an explicit
     mask). float32 on CUDA stays on SDPA: the kernel's exact float32 dot products are slower than
     cuBLAS/TF32 there. A forced triton backend also runs float32 (the interpreter tests do)."""
@@ -119,49 +129,149 @@ def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
     return pick(device, available)
 
 
-def cross_entropy_backend(device: torch.device) -> str:
+def _choose_cross_entropy(device: torch.device) -> str:
     """The fused linear cross-entropy's passes (kernels/cross_entropy.py): triton on CUDA, torch
     elsewhere (no C++ version: a forced cpp runs torch)."""
     return pick(device, {"triton": _triton_usable(device), "torch": True})
 
 
+OPS = ("sample", "sample_head", "unmask", "attention", "cross_entropy")
+
+
 @dataclass(frozen=True)
 class Ops:
-    """The backend of every op of a step, chosen once for a device and dtype (a runner keeps one, so a
-    step makes no choice and reads no environment)."""
+    """The backend of every op, chosen once for a device and dtype (`select`), and the calls that run
+    them. A runner keeps one, so a step makes no choice and reads no environment: each call below only
+    reads a field. An op that was not selected (or cannot run here, for the fused head) has None and
+    raises when called."""
 
-    sampler: str  # "triton", "cpp" or "torch"
-    committer: str  # the unmask op's: "triton" or "torch"
-    attention: str  # "triton" or "torch"
+    sample_backend: str | None = None  # the sampler: "triton", "cpp" or "torch"
+    head_backend: str | None = None  # the LM head fused into the sampler: "triton", or None where it cannot run
+    unmask_backend: str | None = None  # the commit: "triton" or "torch"
+    attention_backend: str | None = None  # "triton" or "torch"
+    cross_entropy_backend: str | None = None  # the fused linear cross-entropy: "triton" or "torch"
 
     @classmethod
-    def select(cls, device: torch.device, dtype: torch.dtype) -> "Ops":
+    def select(cls, device, dtype: torch.dtype, only: tuple[str, ...] = OPS) -> "Ops":
+        """Each op's backend on `device` for a model in `dtype` (see `pick`: the forced backend, else
+        triton on CUDA, C++ on CPU, torch). `only` names the ops the caller runs (of OPS); the others stay
+        None, so a backend forced for them cannot fail a caller that never runs them (training selects
+        only the cross-entropy, a model's forward only the attention)."""
+        unknown = set(only) - set(OPS)
+        if unknown:
+            raise ValueError(f"unknown ops {sorted(unknown)}; choose among {', '.join(OPS)}")
         device = torch.device(device)
-        return cls(sampler_backend(device, dtype), unmask_backend(device), attention_backend(device, dtype))
+        sampler = _choose_sampler(device, dtype) if {"sample", "sample_head"} & set(only) else None
+        return cls(
+            sample_backend=sampler if "sample" in only else None,
+            head_backend=_choose_head(sampler) if "sample_head" in only else None,
+            unmask_backend=_choose_unmask(device) if "unmask" in only else None,
+            attention_backend=_choose_attention(device, dtype) if "attention" in only else None,
+            cross_entropy_backend=_choose_cross_entropy(device) if "cross_entropy" in only else None,
+        )
 
+    @property
+    def fused_head(self) -> bool:
+        """Whether `sample_head` can run (the LM head and the sampler as one kernel)."""
+        return self.head_backend is not None
+
+    @staticmethod
+    def _missing(op: str):
+        why = ("it runs with the Triton sampler only (on CUDA)" if op == "sample_head" else
+               "it was not selected (Ops.select's `only`)")
+        return BackendUnavailable(f"op {op!r} has no backend here: {why}")
+
+    # ------------------------------------------------------------------ sampler
     def sample(self, logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token choice and confidence per row of logits [N, V] (params: kernels.sampling.SampleParams)."""
+        """Token choice and confidence per row of logits [N, V] (params: kernels.sampling.SamplingTensors)."""
         from .kernels import sampling
 
-        if self.sampler == "triton":
+        if self.sample_backend == "triton":
             return sampling.sample_triton(logits if logits.stride(1) == 1 else logits.contiguous(), params)
-        if self.sampler == "cpp":
+        if self.sample_backend == "cpp":
             return sampling.sample_cpp(logits, params)
-        return sampling.sample_torch(logits, params)
+        if self.sample_backend == "torch":
+            return sampling.sample_torch(logits, params)
+        raise self._missing("sample")
 
+    def sample_head(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    params) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `sample` on logits = hidden @ weight.T + bias, which are never stored (hidden [N, H] after
+        the head's transform, weight [V, H], bias [V] or None)."""
+        from .kernels import sampling
+
+        if self.head_backend == "triton":
+            return sampling.sample_head_triton(hidden.contiguous(), weight, bias, params)
+        raise self._missing("sample_head")
+
+    # ------------------------------------------------------------------ commit
     def unmask(self, conf, tokens, k, block_start, canvas, rule="topk", value=None, rows=None, seen=None,
                unseen: tuple[int, ...] = ()) -> torch.Tensor:
         """Commit each row's chosen block positions into its canvas row and set their seen bits; returns
         the chosen mask [B, L]."""
         from .kernels import unmask as um
 
-        fn = um.unmask_triton if self.committer == "triton" else um.unmask_torch
+        if self.unmask_backend == "triton":
+            fn = um.unmask_triton
+        elif self.unmask_backend == "torch":
+            fn = um.unmask_torch
+        else:
+            raise self._missing("unmask")
         return fn(conf, tokens, k, block_start, canvas, rule, value, rows=rows, seen=seen, unseen=unseen)
+
+    # ------------------------------------------------------------------ attention
+    def attention_mask(self, q_pos, key_valid, half_window):
+        """The explicit [B, 1, Q, T] mask the torch attention reads, built once per layer kind and forward
+        and passed to `attention`; None for the Triton kernel (it masks as it goes)."""
+        from .kernels import attention as at
+
+        if self.attention_backend == "torch":
+            return at.attention_mask(q_pos, key_valid, half_window)
+        if self.attention_backend == "triton":
+            return None
+        raise self._missing("attention")
+
+    def attention(self, q, k_store, v_store, slots, q_pos, key_valid, half_window, scale, mask=None):
+        """Queries q [B, H, Q, D] at positions q_pos [B, Q] over keys 0..T-1 (T = key_valid.shape[1]) held
+        per row ([B, H, T, D], slots None) or in a pool's slots [S, H, P, D] (row b reads slots[b]);
+        `mask`: from `attention_mask` for the same positions (torch), or None."""
+        from .kernels import attention as at
+
+        if self.attention_backend == "triton":
+            if slots is None:
+                slots = torch.arange(q.shape[0], device=q.device)
+            return at.attention_triton(q, k_store, v_store, slots, q_pos, key_valid, half_window, scale)
+        if self.attention_backend == "torch":
+            return at.attention_torch(q, k_store, v_store, slots, q_pos, key_valid, half_window, scale, mask)
+        raise self._missing("attention")
+
+    # ------------------------------------------------------------------ training
+    def cross_entropy(self, hidden, weight, target, bias=None, row_weight=None, ignore_index=-100,
+                      reduction="sum", chunk_rows=None) -> torch.Tensor:
+        """The fused linear cross-entropy (kernels/cross_entropy.py): the fp32 loss of logits = hidden @
+        weight.T + bias against target, never storing the [N, V] logits, differentiable for "sum" and
+        "mean"; "none" gives the per-row losses (evaluation)."""
+        from .kernels import cross_entropy as ce
+
+        if self.cross_entropy_backend == "triton":
+            fn = ce.linear_cross_entropy_triton
+        elif self.cross_entropy_backend == "torch":
+            fn = ce.linear_cross_entropy_torch
+        else:
+            raise self._missing("cross_entropy")
+        return fn(hidden, weight, target, bias=bias, row_weight=row_weight, ignore_index=ignore_index,
+                  reduction=reduction, chunk_rows=chunk_rows)
 
 
 def sample(logits: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
     """One call of the sampler on the backend `Ops.select` would choose (for callers outside a runner)."""
-    return Ops.select(logits.device, logits.dtype).sample(logits, params)
+    return Ops.select(logits.device, logits.dtype, only=("sample",)).sample(logits, params)
+
+
+def cross_entropy(hidden, weight, target, **kw) -> torch.Tensor:
+    """One call of the fused linear cross-entropy on the backend `Ops.select` would choose (for one-off
+    callers; a training loop selects once and keeps its Ops)."""
+    return Ops.select(hidden.device, hidden.dtype, only=("cross_entropy",)).cross_entropy(hidden, weight, target, **kw)
 
 
 def _describe_forced() -> str:
@@ -185,9 +295,11 @@ def describe() -> dict[str, str]:
         d = torch.device(dev)
         try:
             ops = Ops.select(d, dtype)
-            out[f"sampler on {dev}"] = ops.sampler
-            out[f"unmask on {dev}"] = ops.committer
-            out[f"attention on {dev} ({str(dtype).split('.')[-1]})"] = ops.attention
+            out[f"sampler on {dev}"] = ops.sample_backend
+            out[f"fused head on {dev}"] = ops.head_backend or "no (runs with the Triton sampler only)"
+            out[f"unmask on {dev}"] = ops.unmask_backend
+            out[f"attention on {dev} ({str(dtype).split('.')[-1]})"] = ops.attention_backend
+            out[f"cross-entropy on {dev}"] = ops.cross_entropy_backend
         except DiffutronError as exc:  # a forced backend this device cannot run (or an invalid name)
             out[f"ops on {dev}"] = str(exc)
     if not cuda:

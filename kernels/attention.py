@@ -161,7 +161,7 @@ def _check_inputs(q, k_cache, v_cache, slots, q_pos, key_valid, half_window):
         raise ValueError(f"all inputs must be on one device; got {sorted(map(str, devices))}")
 
 
-def flash_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=None, scale=None):
+def attention_triton(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=None, scale=None):
     """Masked bidirectional attention with the Triton kernel; see the module docstring.
 
     q [B, H, Q, D], k_cache/v_cache [S, H, P, D] (row b reads slot slots[b]), q_pos [B, Q] int,
@@ -170,7 +170,7 @@ def flash_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=No
     would need a device sync): they must lie in [0, S).
     """
     if triton is None:
-        raise RuntimeError("flash_attention needs triton; use attention_reference instead")
+        raise RuntimeError("attention_triton needs triton; attention_torch runs without it")
     _check_inputs(q, k_cache, v_cache, slots, q_pos, key_valid, half_window)
     B, H, Q, D = q.shape
     T = key_valid.shape[1]
@@ -191,7 +191,7 @@ def flash_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=No
 
 
 def plan_attention(q, k_cache, v_cache, slots, q_pos, key_valid, half_window, scale, out) -> Launch:
-    """The launch for checked inputs (see `flash_attention`): 64-key tiles, query tiles of 16 to 64
+    """The launch for checked inputs (see `attention_triton`): 64-key tiles, query tiles of 16 to 64
     rows (short queries waste no rows), 32 x 32 in float32."""
     B, H, Q, D = q.shape
     T = key_valid.shape[1]
@@ -248,7 +248,7 @@ def compile_plans(sms: int = 132, batch: int = 64, heads: int = 12, head_dim: in
 
 def attention_torch(q, k_store, v_store, slots, q_pos, key_valid, half_window, scale, mask=None):
     """The torch backend: SDPA over the rows' keys with an explicit [B, 1, Q, T] mask (the same contract
-    as `flash_attention`; k_store/v_store are per row [B, H, T, D] when slots is None, else the pool
+    as `attention_triton`; k_store/v_store are per row [B, H, T, D] when slots is None, else the pool
     [S, H, P, D] read through slots). `mask` reuses one built by `attention_mask` for the same
     positions (a forward builds one per layer kind)."""
     T = key_valid.shape[1]
@@ -271,7 +271,7 @@ def attention_mask(q_pos, key_valid, half_window):
 
 def attention_reference(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=None, scale=None,
                         *, compute_dtype=None):
-    """Plain torch attention with an explicit [B, 1, Q, T] mask (same interface as flash_attention).
+    """Plain torch attention with an explicit [B, 1, Q, T] mask (same interface as attention_triton).
 
     Computes in float32 (float64 for float64 inputs) unless ``compute_dtype`` says otherwise; tests
     pass the inputs' low precision to measure the rounding error of a naive implementation.

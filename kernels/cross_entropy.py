@@ -24,9 +24,10 @@ backward through the same loss raises). Under torch.no_grad, or when no input ne
 pass 2 is skipped: that is also the perplexity evaluation path.
 
 Layout: the Triton kernels, their plans and launchers, compile_plans, the torch versions of the two
-passes (the CPU backend, same algorithm, in-place ops on the block), the autograd.Function, the public
-function, and the plain torch reference. triton is optional: without it the torch backend still
-works. See docs/kernels.md.
+passes (the CPU backend, same algorithm, in-place ops on the block), the autograd.Function, the two
+backends' entry points (`linear_cross_entropy_triton`, `linear_cross_entropy_torch`: one signature;
+diffutron_engine.backends chooses between them), and the plain torch reference. triton is optional:
+without it the torch backend still works. See docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _interpreting() -> bool:
 def _check_block(z, target, *vectors):
     """Launcher checks: a [R, W] block with unit stride along W, and [R] int64/fp32 row vectors."""
     if triton is None:
-        raise RuntimeError("the triton backend of fused_linear_cross_entropy needs triton installed")
+        raise RuntimeError("linear_cross_entropy_triton needs triton installed")
     if z.dim() != 2 or z.stride(1) != 1 or z.dtype not in _DTYPES:
         raise ValueError(f"logits block must be a [R, W] {_DTYPES} tensor with unit stride along W; "
                          f"got {tuple(z.shape)} strides {z.stride()} {z.dtype}")
@@ -203,16 +204,14 @@ def _grad_pass_torch(z, col0, target, lse, scale):
         z.copy_(x)
 
 
-_PASSES = {"triton": (_lse_pass_triton, _grad_pass_triton), "torch": (_lse_pass_torch, _grad_pass_torch)}
-
-
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _loss_rows(hidden, weight, bias, target, scale, chunk_rows, backend):
-    """Pass 1 alone: the fp32 per-row losses s_i * (lse_i - z_i[target_i]) and lse, [N] each."""
-    lse_pass = _PASSES[backend][0]
+def _loss_rows(hidden, weight, bias, target, scale, chunk_rows, passes):
+    """Pass 1 alone: the fp32 per-row losses s_i * (lse_i - z_i[target_i]) and lse, [N] each. passes:
+    the backend's (loss pass, gradient pass)."""
+    lse_pass = passes[0]
     n = hidden.shape[0]
     loss_rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -222,12 +221,12 @@ def _loss_rows(hidden, weight, bias, target, scale, chunk_rows, backend):
     return loss_rows, lse
 
 
-def _loss_and_grads(hidden, weight, bias, target, scale, chunk_rows, backend, need_h, need_w, need_b):
+def _loss_and_grads(hidden, weight, bias, target, scale, chunk_rows, passes, need_h, need_w, need_b):
     """Both passes. Returns the fp32 loss and (grad_h, grad_W, grad_b), None where not needed."""
-    grad_pass = _PASSES[backend][1]
+    grad_pass = passes[1]
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
-    loss_rows, lse = _loss_rows(hidden, weight, bias, target, scale, chunk_rows, backend)
+    loss_rows, lse = _loss_rows(hidden, weight, bias, target, scale, chunk_rows, passes)
     loss = loss_rows.sum()
     if not (need_h or need_w or need_b):
         return loss, (None, None, None)
@@ -264,9 +263,9 @@ def _loss_and_grads(hidden, weight, bias, target, scale, chunk_rows, backend, ne
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, scale, chunk_rows, backend):
+    def forward(ctx, hidden, weight, bias, target, scale, chunk_rows, passes):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        loss, grads = _loss_and_grads(hidden, weight, bias, target, scale, chunk_rows, backend,
+        loss, grads = _loss_and_grads(hidden, weight, bias, target, scale, chunk_rows, passes,
                                       need_h, need_w, need_b and bias is not None)
         ctx.grads = grads
         return loss
@@ -274,7 +273,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.grads is None:
-            raise RuntimeError("fused_linear_cross_entropy: its gradients were computed in forward and "
+            raise RuntimeError("the fused linear cross-entropy: its gradients were computed in forward and "
                                "already consumed by a first backward; it cannot be backpropagated twice")
         grads, ctx.grads = ctx.grads, None
         # In place: these are our own tensors, and a copy of grad_W would be [V, H] more memory.
@@ -308,21 +307,25 @@ def _check_inputs(hidden, weight, target, bias, row_weight, reduction):
         raise ValueError(f"all inputs must be on one device; got {sorted({str(t.device) for t in tensors})}")
 
 
-def _check_backend(backend, device) -> str:
-    """The backend argument: "triton", "torch", or None for triton on CUDA (when installed) and torch
-    elsewhere. The project's dispatch rule (forced backends, the interpreter) is
-    diffutron_engine.backends.cross_entropy_backend: callers pick once with it and pass the result."""
-    if backend is None:
-        backend = "triton" if device.type == "cuda" and triton is not None else "torch"
-    if backend not in _PASSES:
-        raise ValueError(f"backend must be 'triton', 'torch' or None; got {backend!r}")
-    if backend == "triton" and triton is None:
-        raise RuntimeError("backend 'triton' was requested but triton is not installed")
-    return backend
+def linear_cross_entropy_triton(hidden, weight, target, bias=None, row_weight=None, ignore_index=-100,
+                                reduction="sum", chunk_rows=None) -> torch.Tensor:
+    """The fused linear cross-entropy (`_fused_linear_cross_entropy`) with the Triton passes: CUDA
+    tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    if triton is None:
+        raise RuntimeError("linear_cross_entropy_triton needs triton installed")
+    return _fused_linear_cross_entropy(hidden, weight, target, bias, row_weight, ignore_index, reduction, chunk_rows,
+                                       (_lse_pass_triton, _grad_pass_triton))
 
 
-def fused_linear_cross_entropy(hidden, weight, target, bias=None, row_weight=None, ignore_index=-100,
-                               reduction="sum", chunk_rows=None, backend=None) -> torch.Tensor:
+def linear_cross_entropy_torch(hidden, weight, target, bias=None, row_weight=None, ignore_index=-100,
+                               reduction="sum", chunk_rows=None) -> torch.Tensor:
+    """The fused linear cross-entropy (`_fused_linear_cross_entropy`) with the torch passes (any device)."""
+    return _fused_linear_cross_entropy(hidden, weight, target, bias, row_weight, ignore_index, reduction, chunk_rows,
+                                       (_lse_pass_torch, _grad_pass_torch))
+
+
+def _fused_linear_cross_entropy(hidden, weight, target, bias, row_weight, ignore_index, reduction, chunk_rows,
+                                passes) -> torch.Tensor:
     """Scalar fp32 loss sum_i s_i * (logsumexp(z_i) - z_i[target_i]), z = hidden @ weight.T + bias.
 
     hidden [N, H], weight [V, H], bias [V] (one float dtype), target [N] int, row_weight [N] float
@@ -330,11 +333,11 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, row_weight=Non
     gradient. reduction "sum", or "mean" = the sum divided by the number of non-ignored rows (row
     weights do not change that count; no such row: 0), or "none": the [N] fp32 per-row losses, for
     evaluation only (no gradient: it raises when one is wanted). chunk_rows bounds each block of logits to
-    chunk_rows x V elements (default: LOGITS_BLOCK_BYTES in the inputs' dtype). backend: "triton",
-    "torch" or None (see _check_backend). Out-of-range targets raise (one device sync per call).
+    chunk_rows x V elements (default: LOGITS_BLOCK_BYTES in the inputs' dtype). passes: the backend's
+    (loss pass, gradient pass); which backend runs is diffutron_engine.backends' choice (Ops.cross_entropy).
+    Out-of-range targets raise (one device sync per call).
     """
     _check_inputs(hidden, weight, target, bias, row_weight, reduction)
-    backend = _check_backend(backend, hidden.device)
     n, v = hidden.shape[0], weight.shape[0]
     target = target.to(torch.int64).contiguous()
     valid = target != ignore_index
@@ -360,10 +363,10 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, row_weight=Non
     # the GEMMs run in the inputs' dtype (meta tensors have no autocast to switch off)
     with torch.autocast(hidden.device.type, enabled=False) if hidden.device.type != "meta" else contextlib.nullcontext():
         if reduction == "none":  # evaluation: the fp32 per-row losses (0 on ignored rows), no sum
-            return _loss_rows(hidden, weight, bias, target, scale, chunk_rows, backend)[0]
+            return _loss_rows(hidden, weight, bias, target, scale, chunk_rows, passes)[0]
         if not grad_wanted:  # evaluation: loss pass only
-            return _loss_and_grads(hidden, weight, bias, target, scale, chunk_rows, backend, *(False,) * 3)[0]
-        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, scale, chunk_rows, backend)
+            return _loss_and_grads(hidden, weight, bias, target, scale, chunk_rows, passes, *(False,) * 3)[0]
+        return _FusedLinearCrossEntropy.apply(hidden, weight, bias, target, scale, chunk_rows, passes)
 
 
 def linear_cross_entropy_reference(hidden, weight, target, bias=None, row_weight=None, ignore_index=-100,

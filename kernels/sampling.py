@@ -260,7 +260,7 @@ class SampleFlags:
 
 
 @dataclass
-class SampleParams:
+class SamplingTensors:
     """What the sampler needs besides the logits, for N rows. Every per-row value is one number for all
     rows or a tensor [N]; the engine passes tensors (rows of many requests) and `flags`.
 
@@ -334,7 +334,7 @@ class SampleParams:
 
 @dataclass
 class _Resolved:
-    """SampleParams as the kernels read them: [N] tensors, bitmaps with their row strides (0: one
+    """SamplingTensors as the kernels read them: [N] tensors, bitmaps with their row strides (0: one
     bitmap for every row), and dummies for the features no row uses."""
 
     flags: SampleFlags
@@ -355,7 +355,7 @@ class _Resolved:
     random: torch.Tensor | None
 
     @classmethod
-    def build(cls, p: SampleParams, n: int, vocab: int, device) -> "_Resolved":
+    def build(cls, p: SamplingTensors, n: int, vocab: int, device) -> "_Resolved":
         f = p.flags
         words = (vocab + 31) // 32
         dummy = torch.zeros(1, words, dtype=torch.int32, device=device)
@@ -506,7 +506,7 @@ def plan_sample(x, weight, bias, vocab: int, r: "_Resolved", ids, conf, sms: int
     return [partial, merge]
 
 
-def _run(x, weight, bias, vocab: int, p: SampleParams, sms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(x, weight, bias, vocab: int, p: SamplingTensors, sms: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if triton is None:
         raise RuntimeError("the triton sampler needs the `triton` package (pip install triton)")
     n, device = x.shape[0], x.device
@@ -529,7 +529,7 @@ def _check_logits(logits: torch.Tensor, contiguous_rows: bool = False) -> None:
         raise ValueError("logits rows must be contiguous (stride 1 along the vocabulary)")
 
 
-def sample_triton(logits: torch.Tensor, p: SampleParams, sms: int | None = None):
+def sample_triton(logits: torch.Tensor, p: SamplingTensors, sms: int | None = None):
     """Token choice and confidence for each row of logits [N, V] (any V): one partial sweep over
     vocabulary splits, then a merge. `sms` overrides the SM count the split is sized for (tests use it
     to exercise several splits on small vocabularies)."""
@@ -551,7 +551,7 @@ def _check_head(hidden, weight, bias):
         raise ValueError("hidden, weight and bias must be contiguous along their last dimension")
 
 
-def sample_head_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: SampleParams,
+def sample_head_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: SamplingTensors,
                        sms: int | None = None):
     """As `sample_triton` on logits = hidden @ weight.T + bias, computed tile by tile and never stored
     (hidden [N, H], weight [V, H] with rows contiguous, bias [V] or None). Products accumulate in
@@ -560,7 +560,7 @@ def sample_head_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return _run(hidden, weight, bias, weight.shape[0], p, sms)
 
 
-def sample_cpp(logits: torch.Tensor, p: SampleParams) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_cpp(logits: torch.Tensor, p: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler contract on float32 CPU logits, through the C++ extension (csrc/sampler.cpp): the
     CPU backend. Raises when the extension was not built."""
     if logits.dim() != 2 or logits.device.type != "cpu" or logits.dtype != torch.float32:
@@ -604,15 +604,15 @@ def compile_plans(sms: int = 132, vocab: int = 256_000, hidden: int = 768) -> li
         for sample in (False, True):
             for n in (1, 64, 64 * 2048):
                 flags = SampleFlags(sample=sample, penalty=True, suppress=True, begin=True, random=False)
-                p = SampleParams(temperature=torch.empty(n, device=meta), penalty=torch.empty(n, device=meta),
-                                 seeds=torch.empty(n, dtype=torch.long, device=meta),
-                                 positions=torch.empty(n, dtype=torch.long, device=meta),
-                                 steps=torch.empty(n, dtype=torch.long, device=meta),
-                                 seen=torch.empty(64, (vocab + 31) // 32, dtype=torch.int32, device=meta),
-                                 row_request=torch.empty(n, dtype=torch.long, device=meta),
-                                 suppress=torch.empty((vocab + 31) // 32, dtype=torch.int32, device=meta),
-                                 begin_suppress=torch.empty((vocab + 31) // 32, dtype=torch.int32, device=meta),
-                                 valid=torch.empty(n, dtype=torch.bool, device=meta), flags=flags)
+                p = SamplingTensors(temperature=torch.empty(n, device=meta), penalty=torch.empty(n, device=meta),
+                                    seeds=torch.empty(n, dtype=torch.long, device=meta),
+                                    positions=torch.empty(n, dtype=torch.long, device=meta),
+                                    steps=torch.empty(n, dtype=torch.long, device=meta),
+                                    seen=torch.empty(64, (vocab + 31) // 32, dtype=torch.int32, device=meta),
+                                    row_request=torch.empty(n, dtype=torch.long, device=meta),
+                                    suppress=torch.empty((vocab + 31) // 32, dtype=torch.int32, device=meta),
+                                    begin_suppress=torch.empty((vocab + 31) // 32, dtype=torch.int32, device=meta),
+                                    valid=torch.empty(n, dtype=torch.bool, device=meta), flags=flags)
                 r = p.resolve(n, vocab, meta)
                 ids, conf = torch.empty(n, dtype=torch.long, device=meta), torch.empty(n, dtype=dtype, device=meta)
                 label = f"{str(dtype)[6:]} {'sample' if sample else 'greedy'} N={n}"
@@ -672,7 +672,7 @@ def random_confidence(seeds, positions, steps, streams) -> torch.Tensor:
     return uniform_from_bits(bits)
 
 
-def sample_torch(logits: torch.Tensor, p: SampleParams, compute_dtype=torch.float32, chunk: int = 4,
+def sample_torch(logits: torch.Tensor, p: SamplingTensors, compute_dtype=torch.float32, chunk: int = 4,
                  conf_dtype=None):
     """The same contract in torch, a few rows at a time so no [N, V] temporary exists beyond the
     logits. Confidences come out in conf_dtype (default: the logits' dtype; float32 when a row uses
@@ -714,7 +714,7 @@ def sample_torch(logits: torch.Tensor, p: SampleParams, compute_dtype=torch.floa
     return ids, r.with_random_confidence(conf)
 
 
-def sample_reference(logits: torch.Tensor, p: SampleParams):
+def sample_reference(logits: torch.Tensor, p: SamplingTensors):
     """float64 reference of the sampler contract (ids, and confidences in float64)."""
     ids, conf = sample_torch(logits, p, compute_dtype=torch.float64, conf_dtype=torch.float64)
     return ids, conf.double()

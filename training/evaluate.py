@@ -87,18 +87,16 @@ def draw_masks(sequences, special: set[int], mlm_probability: float = 0.15, seed
     return masks
 
 
-def _score_batch(model, input_ids, attention_mask, masked, targets, ce_backend: str | None):
-    """(sum of NLL, number of argmax hits) over the masked positions of one padded batch. ce_backend: the
-    fused cross-entropy's backend (ModernBERT), or None for any other masked LM."""
-    if ce_backend is None:  # any other masked LM: full logits (slower, [B, T, V] in memory), then the same sums
+def _score_batch(model, input_ids, attention_mask, masked, targets, ops):
+    """(sum of NLL, number of argmax hits) over the masked positions of one padded batch. ops: the backends
+    (backends.Ops) of the fused cross-entropy (ModernBERT), or None for any other masked LM."""
+    if ops is None:  # any other masked LM: full logits (slower, [B, T, V] in memory), then the same sums
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[masked].float()
         return F.cross_entropy(logits, targets, reduction="sum").item(), (logits.argmax(-1) == targets).sum().item()
-    from diffutron_engine.kernels.cross_entropy import fused_linear_cross_entropy
-
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     h = model.head(hidden[masked])  # the head's transform only where there is something to score
     weight, bias = model.decoder.weight, model.decoder.bias
-    nll = fused_linear_cross_entropy(h, weight, targets, bias=bias, reduction="sum", backend=ce_backend).item()
+    nll = ops.cross_entropy(h, weight, targets, bias=bias, reduction="sum").item()
     correct = 0
     for i in range(0, h.shape[0], ARGMAX_CHUNK_ROWS):
         logits = F.linear(h[i:i + ARGMAX_CHUNK_ROWS], weight, bias)
@@ -126,10 +124,11 @@ def masked_lm_perplexity(model, tokenizer, texts: list[str], mlm_probability=0.1
     sequences = build_sequences(tokenizer, texts, max_length, max_sequences)
     masks = draw_masks(sequences, special_ids(tokenizer), mlm_probability, seed)
     device = next(model.parameters()).device
-    from diffutron_engine.backends import cross_entropy_backend
+    from diffutron_engine.backends import Ops
 
     # the fused cross-entropy's backend, chosen once for the run (ModernBERT only)
-    ce_backend = cross_entropy_backend(device) if model.config.model_type == "modernbert" else None
+    ops = (Ops.select(device, next(model.parameters()).dtype, only=("cross_entropy",))
+           if model.config.model_type == "modernbert" else None)
     pad, mask_id = _first_id(tokenizer, "pad_token_id", "eos_token_id"), int(tokenizer.mask_token_id)
     was_training, total_nll, correct, tokens = model.training, 0.0, 0, 0
     model.eval()
@@ -146,7 +145,7 @@ def masked_lm_perplexity(model, tokenizer, texts: list[str], mlm_probability=0.1
                 targets = ids[masked]
                 ids[masked] = mask_id
                 nll, hits = _score_batch(model, ids.to(device), attention_mask.to(device), masked.to(device),
-                                         targets.to(device), ce_backend)
+                                         targets.to(device), ops)
                 total_nll, correct, tokens = total_nll + nll, correct + hits, tokens + len(targets)
     finally:
         model.train(was_training)

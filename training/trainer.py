@@ -60,25 +60,22 @@ class MaskedLMLoss(torch.nn.Module):
         self.model = model
         # the MaskedLM under a peft wrapper (same modules, kept out of the module tree)
         object.__setattr__(self, "mlm", model.get_base_model() if hasattr(model, "get_base_model") else model)
-        self._ce_backend = None
+        self._ops = None  # the cross-entropy's backend (backends.Ops), selected on the first batch's device
         if getattr(self.mlm.config, "model_type", None) != "modernbert":
             raise DiffutronError(f"training supports ModernBERT masked LMs, got {self.mlm.config.model_type!r}")
 
     def forward(self, ids, attention_mask, masked, targets, weights, denominator):
-        from ..kernels.cross_entropy import fused_linear_cross_entropy
-
         hidden = self.mlm.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
         h = self.mlm.head(hidden[masked])
         w = self.mlm.decoder.weight
         b = self.mlm.decoder.bias
         w = w.to(h.dtype)  # bfloat16 under autocast; the gradient flows back to the float32 master
         b = None if b is None else b.to(h.dtype)
-        if self._ce_backend is None:  # chosen once, on the device the first batch runs on
-            from diffutron_engine.backends import cross_entropy_backend
+        if self._ops is None:  # chosen once, on the device the first batch runs on
+            from ..backends import Ops
 
-            self._ce_backend = cross_entropy_backend(h.device)
-        loss = fused_linear_cross_entropy(h, w, targets, bias=b, row_weight=weights, reduction="sum",
-                                          backend=self._ce_backend)
+            self._ops = Ops.select(h.device, h.dtype, only=("cross_entropy",))
+        loss = self._ops.cross_entropy(h, w, targets, bias=b, row_weight=weights, reduction="sum")
         return loss / denominator
 
 

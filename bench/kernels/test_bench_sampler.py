@@ -10,7 +10,7 @@ import torch
 
 from diffutron_engine.backends import cpp_available
 from diffutron_engine.kernels.sampling import sample_cpp
-from diffutron_engine.kernels.sampling import SampleParams, sample_torch
+from diffutron_engine.kernels.sampling import SamplingTensors, sample_torch
 
 V = 256_000
 MODES = {
@@ -20,7 +20,7 @@ MODES = {
 }
 
 
-def torch_chain(logits, p: SampleParams, gen: torch.Generator):
+def torch_chain(logits, p: SamplingTensors, gen: torch.Generator):
     """What the reference sampler does per step (penalty in place, suppression, float64 Gumbel noise,
     argmax, softmax, gather), on a copy so every round starts from the same logits."""
     x = logits.clone()
@@ -54,7 +54,7 @@ def test_sampler(benchmark, logits, impl, mode):
     if "penalty" in kw:
         kw.update(seen=[torch.randint(0, V, (200,), generator=torch.Generator().manual_seed(1))],
                   row_request=torch.zeros(n, dtype=torch.long))
-    p = SampleParams(seeds=torch.arange(n), positions=torch.arange(n), steps=torch.zeros(n, dtype=torch.long), **kw)
+    p = SamplingTensors(seeds=torch.arange(n), positions=torch.arange(n), steps=torch.zeros(n, dtype=torch.long), **kw)
     gen = torch.Generator().manual_seed(0)
     fn = {"torch-chain": lambda: torch_chain(logits, p, gen), "torch-fused": lambda: sample_torch(logits, p),
           "cpp": lambda: sample_cpp(logits, p)}[impl]

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .. import backends
-from ..kernels.sampling import SampleFlags, SampleParams, sample_head_triton
-from ..model import KVPool, ModernBertRunner
+from ..kernels.sampling import SampleFlags, SamplingTensors
+from ..model import KVPool, ModernBert
 from .batch import BLOCK, FLOAT_COL, INT_COL, DeviceBatch
 from .graphs import StepGraphs
 from .request import Request
@@ -83,11 +83,11 @@ class ModelRunner:
         weight = model.get_input_embeddings().weight
         # every op's backend, chosen once (a forced backend applies to runners made while it is forced)
         self.ops = backends.Ops.select(weight.device, weight.dtype)
-        self.model = ModernBertRunner(model, attention=self.ops.attention)
-        # LM head and sampler as one Triton kernel (kernels/sampling.py, sample_head_triton): the [N, V]
-        # logits are never stored. Only with the Triton sampler, and not for CFG rows (guidance mixes
-        # two rows' logits).
-        self.fused_head = fused_head and self.ops.sampler == "triton"
+        self.model = ModernBert(model, ops=self.ops)
+        # LM head and sampler as one kernel (ops.sample_head): the [N, V] logits are never stored. Only
+        # where the ops have it (with the Triton sampler), and not for CFG rows (guidance mixes two rows'
+        # logits).
+        self.fused_head = fused_head and self.ops.fused_head
         self.mask_id, self.eos_id = tokenizer.mask_token_id, tokenizer.eos_token_id
         self.device = self.model.device
         self.cache = cache
@@ -279,7 +279,7 @@ class ModelRunner:
 
         rs = slots[row]  # the slot of each candidate
         f = sh.flags
-        params = SampleParams(
+        params = SamplingTensors(
             temperature=db.floats[rs, FLOAT_COL["temperature"]] if f.sample else 0.0,
             penalty=db.floats[rs, FLOAT_COL["penalty"]] if f.penalty else 1.0,
             seeds=db.ints[rs, INT_COL["seed"]], positions=pos.reshape(-1)[cidx], steps=db.ints[rs, INT_COL["step"]],
@@ -289,7 +289,7 @@ class ModelRunner:
             valid=cok, flags=f)
         if fused:
             dec = self.model.decoder
-            ids_c, conf_c = sample_head_triton(self.model.head_transform(h).contiguous(), dec.weight, dec.bias, params)
+            ids_c, conf_c = self.ops.sample_head(self.model.head_transform(h), dec.weight, dec.bias, params)
         else:
             ids_c, conf_c = self.ops.sample(logits, params)
         # back to [B, L]; padding candidates land on a trash entry

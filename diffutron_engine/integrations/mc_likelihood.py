@@ -143,20 +143,20 @@ def pack(lengths: list[int], token_budget: int) -> list[tuple[int, int]]:
 
 
 def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int, mc_num: int, batch_size: int,
-                          token_budget: int = TOKEN_BUDGET["cpu"], ce_backend: str | None = None, progress: bool = False
+                          token_budget: int = TOKEN_BUDGET["cpu"], ops=None, progress: bool = False
                           ) -> list[float]:
-    """The estimate for every pair (module docstring), batched; runner: a ModernBertRunner. progress: a
+    """The estimate for every pair (module docstring), batched; runner: a ModernBert. ops: the backends
+    (backends.Ops) of the fused cross-entropy (None: selected for the runner's device). progress: a
     tqdm bar over the scored copies (lm-eval runs can be long)."""
     check_mc(mc_num, batch_size)
     if not pairs:
         return []
     device = runner.device
     rows = draw_all(pairs, mc_num, batch_size, device)
-    if ce_backend is None:
-        from ..backends import cross_entropy_backend
+    if ops is None:
+        from ..backends import Ops
 
-        ce_backend = cross_entropy_backend(device)
-    from ..kernels.cross_entropy import fused_linear_cross_entropy
+        ops = Ops.select(device, runner.dtype, only=("cross_entropy",))
 
     order = sorted(range(len(rows.request)), key=lambda i: -pairs[rows.request[i]].length)  # longest first
     totals = torch.zeros(len(pairs), dtype=torch.float64)
@@ -186,8 +186,8 @@ def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int
         hidden = runner.forward(ids.to(device), valid.to(device))
         h = runner.head_transform(hidden[masked.to(device)])
         with torch.no_grad():
-            loss = fused_linear_cross_entropy(h, weight, targets.to(device), bias=bias, row_weight=scale.to(device),
-                                              reduction="none", backend=ce_backend)
+            loss = ops.cross_entropy(h, weight, targets.to(device), bias=bias, row_weight=scale.to(device),
+                                     reduction="none")
         totals.index_add_(0, owner, loss.double().cpu())
         if bar is not None:
             bar.update(n)

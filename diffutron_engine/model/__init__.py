@@ -1,5 +1,5 @@
-"""Model runners: our own forward passes over the weights of loaded checkpoints."""
+"""Our own forward passes over the weights of loaded checkpoints."""
 
-from .modernbert import KVPool, ModernBertRunner
+from .modernbert import KVPool, ModernBert
 
-__all__ = ["KVPool", "ModernBertRunner"]
+__all__ = ["KVPool", "ModernBert"]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..backends import Ops
+
 
 @dataclass
 class _Layer:
@@ -61,15 +63,16 @@ class KVPool:
         self.positions = positions
 
 
-class ModernBertRunner:
-    """Runs a loaded HF ModernBertForMaskedLM's weights with row selection and K/V reuse."""
+class ModernBert:
+    """The forward of a loaded HF ModernBertForMaskedLM's weights, with row selection and K/V reuse."""
 
-    def __init__(self, hf_model, attention: str | None = None):
-        """attention: "triton" or "torch" (kernels/attention.py), chosen once by the caller (the engine's
-        runner picks its backends together); None picks the default for the model's device and dtype."""
+    def __init__(self, hf_model, ops: Ops | None = None):
+        """ops: the backends (diffutron_engine.backends.Ops) the forward's attention runs on, chosen once
+        by the caller (the engine's runner selects all of its ops together); None selects the attention's
+        for the model's device and dtype."""
         cfg = hf_model.config
         if getattr(cfg, "model_type", None) != "modernbert":
-            raise ValueError(f"ModernBertRunner needs a ModernBERT model, got {getattr(cfg, 'model_type', None)!r}")
+            raise ValueError(f"ModernBert needs a ModernBERT model, got {getattr(cfg, 'model_type', None)!r}")
         base = hf_model.model
         self.config = cfg
         self.hidden = cfg.hidden_size
@@ -91,13 +94,11 @@ class ModernBertRunner:
         self.device = self.embed.weight.device
         self.dtype = self.embed.weight.dtype
         self.vocab_size = self.decoder.weight.shape[0]
-        if attention is None:
-            from ..backends import attention_backend
-
-            attention = attention_backend(self.device, self.dtype)
-        if attention not in ("triton", "torch"):
-            raise ValueError(f"attention backend must be 'triton' or 'torch', got {attention!r}")
-        self.attention = attention
+        if ops is None:
+            ops = Ops.select(self.device, self.dtype, only=("attention",))
+        if ops.attention_backend is None:
+            raise ValueError("ModernBert needs Ops with an attention backend (Ops.select with 'attention')")
+        self.ops = ops
         # cos/sin tables per layer type, computed like transformers (float32 freqs, then cast)
         self._rope = {}
         for t in ("full_attention", "sliding_attention"):
@@ -148,19 +149,13 @@ class ModernBertRunner:
     def _attend(self, layer: _Layer, q, k_store, v_store, slots, q_pos, key_valid, masks: dict):
         """Attention of queries q [B, H, Q, D] at positions q_pos [B, Q] over keys 0..T-1 (T =
         key_valid.shape[1]) held in k_store/v_store: per row ([B, H, T, D], slots None) or in the pool's
-        slots [S, H, P, D]. The Triton kernel reads the pool in place; the torch path gathers the rows
-        and needs an explicit mask (built once per layer kind and forward, in `masks`)."""
-        from ..kernels.attention import attention_mask, attention_torch, flash_attention  # triton: on first use
-
+        slots [S, H, P, D] (ops.attention: the Triton kernel reads the pool in place; the torch path
+        gathers the rows and needs an explicit mask, built once per layer kind and forward, in `masks`)."""
         window = None if layer.is_global else self.half_window
-        scale = self.head_dim**-0.5
-        if self.attention == "triton":
-            if slots is None:
-                slots = torch.arange(q.shape[0], device=q.device)
-            return flash_attention(q, k_store, v_store, slots, q_pos, key_valid, window, scale)
         if layer.is_global not in masks:
-            masks[layer.is_global] = attention_mask(q_pos, key_valid, window)
-        return attention_torch(q, k_store, v_store, slots, q_pos, key_valid, window, scale, masks[layer.is_global])
+            masks[layer.is_global] = self.ops.attention_mask(q_pos, key_valid, window)
+        return self.ops.attention(q, k_store, v_store, slots, q_pos, key_valid, window, self.head_dim**-0.5,
+                                  masks[layer.is_global])
 
     def _finish_layer(self, layer: _Layer, h, attn):
         B, Q, _ = h.shape
@@ -249,4 +244,4 @@ def _activation(name: str):
         return F.silu
     if name == "relu":
         return F.relu
-    raise NotImplementedError(f"activation {name!r} is not supported by the runner")
+    raise NotImplementedError(f"activation {name!r} is not supported by ModernBert")

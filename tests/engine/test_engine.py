@@ -71,7 +71,7 @@ def test_exact_mode_on_every_backend(request, golden, backend):
     lm = request.getfixturevalue("golden_triton") if backend == "triton" else golden
     with force_backend(backend):  # the engine picks its backends when it is made
         eng = Engine(lm.model, lm.tokenizer, max_batch=2)
-        assert eng.runner.ops.sampler == backend
+        assert eng.runner.ops.sample_backend == backend
         for case in BACKEND_CASES:
             cfg = SamplingParams(early_stop=False, **case["config"])
             run = eng.infill if case.get("kind") == "infill" else eng.generate
@@ -108,7 +108,7 @@ def test_triton_backend_matches_torch_with_caches_and_sampling(golden_triton):
 
 def test_fused_head_only_where_the_triton_sampler_runs(golden):
     eng = Engine(golden.model, golden.tokenizer, max_batch=1, fused_head=True)
-    assert eng.runner.ops.sampler in ("cpp", "torch") and not eng.runner.fused_head
+    assert eng.runner.ops.sample_backend in ("cpp", "torch") and not eng.runner.fused_head
 
 
 def test_early_stop_saves_forwards_and_keeps_the_text(golden):

@@ -1,11 +1,12 @@
-"""Our ModernBERT runner against transformers' ModernBertForMaskedLM: the real mmBERT configuration
-(fewer layers, smaller vocabulary for speed) and tiny configs, unequal lengths, cache paths."""
+"""Our ModernBERT forward (model/modernbert.py) against transformers' ModernBertForMaskedLM: the real
+mmBERT configuration (fewer layers, smaller vocabulary for speed) and tiny configs, unequal lengths,
+cache paths."""
 
 import pytest
 import torch
 
-from diffutron_engine.model import ModernBertRunner
-from diffutron_engine.random_model import random_mmbert
+from diffutron_engine.model import ModernBert
+from diffutron_engine.models.random_weights import random_mmbert
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_logits_match_transformers(model_name, mmbert, golden):
     ids, am = _batch(vocab, [200, 137, 64], 200)  # longer than the +-64 window of local layers
     with torch.no_grad():
         ref = model(ids, attention_mask=am).logits
-    runner = ModernBertRunner(model)
+    runner = ModernBert(model)
     hidden = runner.forward(ids, am)
     valid = am.bool()
     rows = hidden[valid]
@@ -43,7 +44,7 @@ def test_logits_match_transformers(model_name, mmbert, golden):
 
 
 def test_partial_forward_reuses_cached_keys_and_values(mmbert):
-    runner = ModernBertRunner(mmbert)
+    runner = ModernBert(mmbert)
     ids, am = _batch(4096, [150, 96], 150, seed=3)
     pool = runner.new_pool(slots=4, positions=160)
     slots = torch.tensor([2, 0])
@@ -65,7 +66,7 @@ def test_partial_forward_reuses_cached_keys_and_values(mmbert):
 
 
 def test_real_configuration_parameter_count():
-    from diffutron_engine.random_model import MMBERT_BASE, modernbert_config
+    from diffutron_engine.models.random_weights import MMBERT_BASE, modernbert_config
     from transformers import ModernBertForMaskedLM
 
     with torch.device("meta"):

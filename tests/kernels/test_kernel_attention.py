@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diffutron_engine.kernels.attention import attention_reference, flash_attention  # noqa: E402
+from diffutron_engine.kernels.attention import attention_reference, attention_triton  # noqa: E402
 
 # the GPU tier: bench/gpu_suite runs this file on the GPU machine
 pytestmark = pytest.mark.gpu_suite
@@ -36,7 +36,7 @@ def _inputs(B, H, Q, D, S, P, dtype, seed=0):
 def _check(q, k, v, slots, q_pos, key_valid, half_window=None):
     """Run the kernel and assert the flash-attention style error bound; returns the output."""
     args = (slots.to(DEVICE), q_pos.to(DEVICE), key_valid.to(DEVICE), half_window)
-    out = flash_attention(q, k, v, *args)
+    out = attention_triton(q, k, v, *args)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     exact = attention_reference(q.double(), k.double(), v.double(), *args)
@@ -130,7 +130,7 @@ def test_invalid_keys_are_never_read():
     dirty_k[:, :, 20:] = float("nan")
     dirty_v[:, :, 20:] = float("nan")
     q_pos = torch.arange(8)[None] * 4
-    out = flash_attention(q, dirty_k, dirty_v, torch.zeros(1, dtype=torch.long).to(DEVICE),
+    out = attention_triton(q, dirty_k, dirty_v, torch.zeros(1, dtype=torch.long).to(DEVICE),
                           q_pos.to(DEVICE), key_valid.to(DEVICE))
     clean = _check(q, k, v, torch.zeros(1, dtype=torch.long), q_pos, key_valid)
     assert torch.equal(out, clean)
@@ -148,7 +148,7 @@ def test_sliding_skips_far_key_tiles(positions, far):
     dirty_k, dirty_v = k.clone(), v.clone()
     dirty_k[:, :, far] = float("nan")
     dirty_v[:, :, far] = float("nan")
-    out = flash_attention(q, dirty_k, dirty_v, torch.zeros(1, dtype=torch.long).to(DEVICE),
+    out = attention_triton(q, dirty_k, dirty_v, torch.zeros(1, dtype=torch.long).to(DEVICE),
                           q_pos.to(DEVICE), key_valid.to(DEVICE), 4)
     clean = _check(q, k, v, torch.zeros(1, dtype=torch.long), q_pos, key_valid, 4)
     assert torch.equal(out, clean)
@@ -160,15 +160,15 @@ def test_launcher_rejects_bad_inputs():
     slots, q_pos = torch.arange(2, device=DEVICE), torch.zeros(2, 5, dtype=torch.long, device=DEVICE)
     key_valid = torch.ones(2, 8, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="head dim"):
-        flash_attention(q, k[..., :8], v[..., :8], slots, q_pos, key_valid)
+        attention_triton(q, k[..., :8], v[..., :8], slots, q_pos, key_valid)
     with pytest.raises(ValueError, match="q_pos"):
-        flash_attention(q, k, v, slots, q_pos[:, :4], key_valid)
+        attention_triton(q, k, v, slots, q_pos[:, :4], key_valid)
     with pytest.raises(ValueError, match="key_valid"):
-        flash_attention(q, k, v, slots, q_pos, torch.ones(2, 9, dtype=torch.bool, device=DEVICE))
+        attention_triton(q, k, v, slots, q_pos, torch.ones(2, 9, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="half_window"):
-        flash_attention(q, k, v, slots, q_pos, key_valid, half_window=-1)
+        attention_triton(q, k, v, slots, q_pos, key_valid, half_window=-1)
     with pytest.raises(ValueError, match="share"):
-        flash_attention(q.half(), k, v, slots, q_pos, key_valid)
+        attention_triton(q.half(), k, v, slots, q_pos, key_valid)
 
 
 def test_reference_matches_sdpa():

@@ -20,11 +20,12 @@ import textwrap  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diffutron_engine.backends import force_backend  # noqa: E402
+from diffutron_engine.backends import Ops, force_backend  # noqa: E402
 from diffutron_engine.kernels import cross_entropy as ce  # noqa: E402
 from diffutron_engine.kernels.cross_entropy import (  # noqa: E402
-    fused_linear_cross_entropy,
     linear_cross_entropy_reference,
+    linear_cross_entropy_torch,
+    linear_cross_entropy_triton,
 )
 
 # the GPU tier: bench/gpu_suite runs this file on the GPU machine
@@ -34,6 +35,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 NAMES = ("loss", "grad hidden", "grad weight", "grad bias")
+IMPLS = {"torch": linear_cross_entropy_torch, "triton": linear_cross_entropy_triton}
+
+
+def _fused(*args, backend="torch", **kw):
+    """The fused linear cross-entropy on one backend's implementation."""
+    return IMPLS[backend](*args, **kw)
 
 
 def _case(N=13, H=16, V=777, bias=True, weighted=True, ignored=(3, 8), seed=0, ignore_index=-100):
@@ -93,7 +100,7 @@ def small_tiles(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_matches_reference(backend, bias, reduction):
     case = _case(bias=bias)  # N = 13 rows in chunks of 4, V = 777 (no multiple of any tile)
-    got = _run(fused_linear_cross_entropy, case, torch.float32, reduction=reduction, chunk_rows=4, backend=backend)
+    got = _run(_fused, case, torch.float32, reduction=reduction, chunk_rows=4, backend=backend)
     naive = _run(linear_cross_entropy_reference, case, torch.float32, reduction=reduction)
     _assert_within_rule(got, naive, _exact(case, torch.float32, reduction=reduction), f"{backend} fp32")
 
@@ -104,7 +111,7 @@ def test_half_precision_matches_reference(backend, dtype):
     if backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("the Triton interpreter truncates fp32 -> bf16 stores (GPUs round to nearest even)")
     case = _case(H=32, V=1000, seed=1)
-    got = _run(fused_linear_cross_entropy, case, dtype, chunk_rows=4, backend=backend)
+    got = _run(_fused, case, dtype, chunk_rows=4, backend=backend)
     naive = _run(linear_cross_entropy_reference, case, dtype, compute_dtype=dtype)
     _assert_within_rule(got, naive, _exact(case, dtype), f"{backend} {dtype}", dtype)
 
@@ -112,7 +119,7 @@ def test_half_precision_matches_reference(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_chunking_and_unweighted_rows(backend):
     case = _case(N=9, H=32, V=1000, weighted=False, ignored=(), seed=2)
-    got = _run(fused_linear_cross_entropy, case, torch.float32, reduction="mean", backend=backend)
+    got = _run(_fused, case, torch.float32, reduction="mean", backend=backend)
     naive = _run(linear_cross_entropy_reference, case, torch.float32, reduction="mean")
     _assert_within_rule(got, naive, _exact(case, torch.float32, reduction="mean"), backend)
 
@@ -122,7 +129,7 @@ def test_default_chunking_and_unweighted_rows(backend):
 def test_all_rows_ignored_gives_zero_loss_and_grads(backend, reduction):
     hidden, weight, bias, target, row_weight = _case(N=5, V=300, ignored=range(5))
     row_weight[1] = float("inf")  # e.g. 1/t at t = 0 on a row that carries no loss: must not leak
-    got = _run(fused_linear_cross_entropy, (hidden, weight, bias, target, row_weight), torch.float32,
+    got = _run(_fused, (hidden, weight, bias, target, row_weight), torch.float32,
                reduction=reduction, chunk_rows=2, backend=backend)
     for name, t in zip(NAMES, got):
         assert torch.equal(t, torch.zeros_like(t)), f"{name} is not exactly zero"
@@ -131,7 +138,7 @@ def test_all_rows_ignored_gives_zero_loss_and_grads(backend, reduction):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ignore_index_inside_the_vocabulary(backend):
     case = _case(N=7, V=300, ignored=(0, 4), ignore_index=5, seed=3)
-    got = _run(fused_linear_cross_entropy, case, torch.float32, ignore_index=5, chunk_rows=3, backend=backend)
+    got = _run(_fused, case, torch.float32, ignore_index=5, chunk_rows=3, backend=backend)
     naive = _run(linear_cross_entropy_reference, case, torch.float32, ignore_index=5)
     _assert_within_rule(got, naive, _exact(case, torch.float32, ignore_index=5), backend)
 
@@ -152,7 +159,7 @@ def test_tied_weight_accumulates_both_gradients(backend):
         loss.backward()
         return [loss.detach().double(), proj.grad.double(), weight.grad.double()]
 
-    got = grads(fused_linear_cross_entropy, torch.float32, chunk_rows=4, backend=backend)
+    got = grads(_fused, torch.float32, chunk_rows=4, backend=backend)
     naive = grads(linear_cross_entropy_reference, torch.float32)
     exact = grads(linear_cross_entropy_reference, torch.float64)
     _assert_within_rule(got, naive, exact, f"{backend} tied")
@@ -163,15 +170,15 @@ def test_no_grad_computes_the_loss_only(backend, monkeypatch):
     def no_gradient_pass(*args):
         raise AssertionError("the gradient pass ran without any gradient wanted")
 
-    monkeypatch.setitem(ce._PASSES, backend, (ce._PASSES[backend][0], no_gradient_pass))
+    monkeypatch.setattr(ce, f"_grad_pass_{backend}", no_gradient_pass)
     case = _case(seed=6)
     hidden, weight, bias = (_leaf(t) for t in case[:3])
     target, row_weight = case[3].to(DEVICE), case[4].to(DEVICE)
     with torch.no_grad():
-        loss = fused_linear_cross_entropy(hidden, weight, target, bias, row_weight, chunk_rows=4, backend=backend)
+        loss = _fused(hidden, weight, target, bias, row_weight, chunk_rows=4, backend=backend)
     assert not loss.requires_grad and loss.dtype == torch.float32
     # Inputs that want no gradient take the same path with grad mode on.
-    plain = fused_linear_cross_entropy(hidden.detach(), weight.detach(), target, bias.detach(), row_weight,
+    plain = _fused(hidden.detach(), weight.detach(), target, bias.detach(), row_weight,
                                        backend=backend)
     naive = linear_cross_entropy_reference(hidden.detach(), weight.detach(), target, bias.detach(), row_weight)
     exact = _exact(case, torch.float32)[0]
@@ -188,14 +195,14 @@ def test_per_row_losses_for_evaluation(backend):
     args = [t.to(DEVICE) for t in (hidden, weight, target)]
     kw = dict(bias=bias.to(DEVICE), row_weight=row_weight.to(DEVICE), reduction="none")
     with torch.no_grad():
-        got = fused_linear_cross_entropy(*args, chunk_rows=4, backend=backend, **kw).double()
+        got = _fused(*args, chunk_rows=4, backend=backend, **kw).double()
     naive = linear_cross_entropy_reference(*args, **kw).double()
     exact = linear_cross_entropy_reference(*(t.double() if t.is_floating_point() else t for t in args),
                                            bias=bias.double(), row_weight=row_weight.double(), reduction="none")
     assert got.shape == (9,) and got[3] == 0 and got[8] == 0
     assert ((got - exact).abs() <= 2 * (naive - exact).abs() + EPS * exact.abs().max()).all()
     with pytest.raises(ValueError, match="no gradient"):
-        fused_linear_cross_entropy(_leaf(hidden), *args[1:], backend=backend, **kw)
+        _fused(_leaf(hidden), *args[1:], backend=backend, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -203,7 +210,7 @@ def test_only_inputs_that_need_it_get_a_gradient(backend):
     hidden0, weight0, bias0, target, row_weight = _case(N=6, V=200, seed=7)
     hidden = _leaf(hidden0)
     weight, bias = weight0.to(DEVICE), bias0.to(DEVICE)  # a frozen decoder
-    fused_linear_cross_entropy(hidden, weight, target.to(DEVICE), bias, chunk_rows=4, backend=backend).backward()
+    _fused(hidden, weight, target.to(DEVICE), bias, chunk_rows=4, backend=backend).backward()
     ref_hidden = _leaf(hidden0)
     linear_cross_entropy_reference(ref_hidden, weight, target.to(DEVICE), bias).backward()
     assert weight.grad is None and bias.grad is None
@@ -216,7 +223,7 @@ def test_upstream_gradient_scales_and_second_backward_raises(backend):
     runs = []
     for factor in (1.0, 3.0):
         hidden, weight = _leaf(hidden0), _leaf(weight0)
-        loss = fused_linear_cross_entropy(hidden, weight, target.to(DEVICE), backend=backend)
+        loss = _fused(hidden, weight, target.to(DEVICE), backend=backend)
         (factor * loss).backward(retain_graph=True)
         runs.append((hidden.grad, weight.grad))
     for one, three in zip(*runs):
@@ -228,34 +235,32 @@ def test_upstream_gradient_scales_and_second_backward_raises(backend):
 def test_empty_batch():
     hidden = torch.zeros(0, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)
-    loss = fused_linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long), reduction="mean")
+    loss = _fused(hidden, weight, torch.zeros(0, dtype=torch.long), reduction="mean")
     loss.backward()
     assert loss.item() == 0 and hidden.grad.shape == (0, 8) and not weight.grad.any()
 
 
-@pytest.mark.parametrize("forced, explicit, expected", [
-    (None, None, "torch"),  # CPU tensors: torch by default
-    ("torch", None, "torch"),
-    ("cpp", None, "torch"),  # there is no C++ cross-entropy
-    pytest.param("triton", None, "triton", marks=pytest.mark.triton),
-    pytest.param("triton", "torch", "torch", marks=pytest.mark.triton),  # an explicit argument wins
+@pytest.mark.parametrize("forced, expected", [
+    (None, "torch"),  # CPU tensors: torch by default
+    ("torch", "torch"),
+    ("cpp", "torch"),  # there is no C++ cross-entropy
+    pytest.param("triton", "triton", marks=pytest.mark.triton),
 ])
-def test_backend_choice(monkeypatch, forced, explicit, expected):
-    """The project's rule (backends.cross_entropy_backend: forced backend, else triton on CUDA) picks
-    the backend once; the kernel runs what it is given."""
-    from diffutron_engine.backends import cross_entropy_backend
-
+def test_backend_choice(monkeypatch, forced, expected):
+    """The project's rule (backends.Ops: forced backend, else triton on CUDA) picks the backend once;
+    ops.cross_entropy runs that backend's passes."""
     monkeypatch.delenv("DIFFUTRON_BACKEND", raising=False)
     used = []
-    for name, (lse_pass, grad_pass) in list(ce._PASSES.items()):
-        def recording(*args, _name=name, _pass=lse_pass):
+    for name in ("torch", "triton"):
+        def recording(*args, _name=name, _pass=getattr(ce, f"_lse_pass_{name}")):
             used.append(_name)
             return _pass(*args)
-        monkeypatch.setitem(ce._PASSES, name, (recording, grad_pass))
+        monkeypatch.setattr(ce, f"_lse_pass_{name}", recording)
     hidden, weight, _, target, _ = _case(N=3, V=100)
     with force_backend(forced):
-        backend = explicit or cross_entropy_backend(hidden.device)
-    fused_linear_cross_entropy(hidden, weight, target, backend=backend)
+        ops = Ops.select(hidden.device, hidden.dtype, only=("cross_entropy",))
+    assert ops.cross_entropy_backend == expected
+    ops.cross_entropy(hidden, weight, target)
     assert set(used) == {expected}
 
 
@@ -279,12 +284,11 @@ def _bad(**changes):
     _bad(row_weight=torch.ones(3)),
     _bad(reduction="avg"),
     _bad(chunk_rows=0),
-    _bad(backend="cuda"),
 ], ids=["hidden-1d", "hidden-size", "dtype-mismatch", "float64", "bias-shape", "target-shape", "target-float",
-        "target-too-big", "target-negative", "row-weight-shape", "reduction", "chunk-rows", "backend-name"])
+        "target-too-big", "target-negative", "row-weight-shape", "reduction", "chunk-rows"])
 def test_bad_inputs_raise_value_error(kwargs):
     with pytest.raises(ValueError):
-        fused_linear_cross_entropy(**kwargs)
+        _fused(**kwargs)
 
 
 @pytest.mark.triton
@@ -293,12 +297,12 @@ def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch)
         pytest.skip("needs CPU tensors")
     monkeypatch.setattr(ce, "_interpreting", lambda: False)
     with pytest.raises(ValueError, match="CUDA"):
-        fused_linear_cross_entropy(**_bad(backend="triton"))
+        _fused(**_bad(), backend="triton")
 
 
 _PEAK_SCRIPT = textwrap.dedent("""
     import torch
-    from diffutron_engine.kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+    from diffutron_engine.kernels.cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_torch
 
     def kib(field):
         with open("/proc/self/status") as f:
@@ -315,7 +319,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
         fn(hidden, weight, target).backward()
         return kib("VmHWM") - before
 
-    fused = lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_rows=64, backend="torch")
+    fused = lambda h, w, t: linear_cross_entropy_torch(h, w, t, chunk_rows=64)
     for fn in (fused, linear_cross_entropy_reference):
         peak_extra(fn, 16, 256)  # load what the first call loads
     print(peak_extra(fused, 1024, 32000), peak_extra(linear_cross_entropy_reference, 1024, 32000))
@@ -357,6 +361,6 @@ def test_cuda_peak_memory_is_a_tenth_of_the_plain_path():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
 
-    fused = peak(lambda: fused_linear_cross_entropy(hidden, weight, target, chunk_rows=256))
+    fused = peak(lambda: _fused(hidden, weight, target, chunk_rows=256, backend="triton"))
     plain = peak(lambda: linear_cross_entropy_reference(hidden, weight, target, compute_dtype=torch.bfloat16))
     assert 10 * fused <= plain, f"fused peak {fused / 2**20:.0f} MiB vs plain {plain / 2**20:.0f} MiB"

@@ -50,7 +50,7 @@ def problem(n=5, v=1000, h=16, seed=0, dtype=torch.float32):
 def params(n, logits, **kw):
     base = dict(seeds=torch.arange(n) * 7919 + 2**33, positions=torch.arange(n) + 3, steps=torch.full((n,), 2))
     base.update(kw)
-    return S.SampleParams(**base)
+    return S.SamplingTensors(**base)
 
 
 def _penalty_setup(logits):
@@ -116,18 +116,18 @@ def test_rows_with_different_settings_share_one_call(backend):
     sup_map = torch.stack([S.id_bitmap(ids, v) for ids in sup])
     beg_map = torch.stack([S.id_bitmap(ids, v) for ids in beg])
     base = params(n, logits)
-    p = S.SampleParams(temperature=temps, penalty=pens, seeds=base.seeds, positions=base.positions,
-                       steps=base.steps, seen=seen, row_request=torch.arange(n), suppress=sup_map,
-                       begin_suppress=beg_map, random_confidence=rand, valid=valid)
+    p = S.SamplingTensors(temperature=temps, penalty=pens, seeds=base.seeds, positions=base.positions,
+                          steps=base.steps, seen=seen, row_request=torch.arange(n), suppress=sup_map,
+                          begin_suppress=beg_map, random_confidence=rand, valid=valid)
     ids, conf = run(backend, logits, p, head)
     torch_logits = logits if backend != "triton-head" else torch.addmm(head[2], head[0], head[1].T)
     for i in range(n):
         if not valid[i]:
             continue
-        alone = S.SampleParams(temperature=float(temps[i]), penalty=float(pens[i]), seeds=base.seeds[i:i + 1],
-                               positions=base.positions[i:i + 1], steps=base.steps[i:i + 1], seen=[seen[i]],
-                               row_request=torch.zeros(1, dtype=torch.long), suppress=sup[i],
-                               begin_suppress=beg[i], random_confidence=bool(rand[i]))
+        alone = S.SamplingTensors(temperature=float(temps[i]), penalty=float(pens[i]), seeds=base.seeds[i:i + 1],
+                                  positions=base.positions[i:i + 1], steps=base.steps[i:i + 1], seen=[seen[i]],
+                                  row_request=torch.zeros(1, dtype=torch.long), suppress=sup[i],
+                                  begin_suppress=beg[i], random_confidence=bool(rand[i]))
         ref_ids, ref_conf = S.sample_reference(logits[i:i + 1], alone)
         assert ids[i].item() == ref_ids.item(), i
         assert ids[i].item() not in sup[i]
@@ -199,8 +199,8 @@ def test_draws_do_not_depend_on_the_batch(backend):
     p = params(6, logits, temperature=1.0)
     ids, _ = run(backend, logits, p, (h, w, b))
     for r in (0, 4):
-        alone = S.SampleParams(temperature=1.0, seeds=p.seeds[r:r + 1], positions=p.positions[r:r + 1],
-                               steps=p.steps[r:r + 1])
+        alone = S.SamplingTensors(temperature=1.0, seeds=p.seeds[r:r + 1], positions=p.positions[r:r + 1],
+                                  steps=p.steps[r:r + 1])
         one, _ = run(backend, logits[r:r + 1], alone, (h[r:r + 1], w, b))
         assert one.item() == ids[r].item()
 
@@ -219,9 +219,9 @@ def test_draw_statistics(backend):
     row = torch.randn(v, generator=g) * 2
     row[3], row[4] = 2.5, -1.5  # seen ids, positive and negative
     logits = row.expand(n, v).contiguous()
-    p = S.SampleParams(temperature=tau, penalty=1.5, seeds=torch.full((n,), 99), positions=torch.arange(n),
-                       steps=torch.zeros(n, dtype=torch.long), seen=[torch.tensor([3, 4])],
-                       row_request=torch.zeros(n, dtype=torch.long), suppress=(0, 17))
+    p = S.SamplingTensors(temperature=tau, penalty=1.5, seeds=torch.full((n,), 99), positions=torch.arange(n),
+                          steps=torch.zeros(n, dtype=torch.long), seen=[torch.tensor([3, 4])],
+                          row_request=torch.zeros(n, dtype=torch.long), suppress=(0, 17))
     ids, _ = run(backend, logits, p, chunk=4096)
     x = row.double().clone()
     x[3], x[4] = row[3] / 1.5, row[4] * 1.5
@@ -281,14 +281,14 @@ def test_random_confidences_are_uniform():
 def test_bad_inputs():
     x = torch.randn(2, 10)
     with pytest.raises(ValueError, match=r"\[N, V\]"):
-        S.sample_torch(torch.randn(2, 3, 4), S.SampleParams())
+        S.sample_torch(torch.randn(2, 3, 4), S.SamplingTensors())
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        S.sample_torch(x.long(), S.SampleParams())
+        S.sample_torch(x.long(), S.SamplingTensors())
     with pytest.raises(ValueError, match="per-row seeds"):
-        S.SampleParams(temperature=0.5)
+        S.SamplingTensors(temperature=0.5)
     with pytest.raises(ValueError, match="needs `seen`"):
-        S.SampleParams(penalty=1.2)
+        S.SamplingTensors(penalty=1.2)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 10\)"):
         S.id_bitmap([10], 10)
     with pytest.raises(ValueError, match="shape"):
-        S.sample_torch(x, S.SampleParams(temperature=1.0, seeds=torch.zeros(3, dtype=torch.long)))
+        S.sample_torch(x, S.SamplingTensors(temperature=1.0, seeds=torch.zeros(3, dtype=torch.long)))
