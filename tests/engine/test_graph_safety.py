@@ -5,10 +5,12 @@ boundaries, rows joining and leaving):
   nonzero, boolean-mask indexing) nor builds a tensor from Python data (torch.tensor / as_tensor);
 - every step of one StepShape issues the same ops on the same shapes (what a graph replays);
 - the shapes come from buckets, so the number of distinct StepShapes stays within the bucket count;
-- a step issues the same number of (non-view) ops whatever its batch and block size.
+- a step issues the same number of (non-view) ops whatever its batch and block size;
+- a step makes no backend choice and reads no environment (the runner's Ops were chosen when it was made).
 """
 
 import contextlib
+import os
 import random
 from collections import defaultdict
 
@@ -68,6 +70,40 @@ def no_host_calls():
             setattr(owner, name, fn)
 
 
+class _RefusedEnviron(dict):
+    def __getitem__(self, key):
+        raise AssertionError(f"os.environ[{key!r}] read inside the captured step")
+
+    def get(self, key, default=None):
+        raise AssertionError(f"os.environ.get({key!r}) inside the captured step")
+
+    __contains__ = get
+
+
+@contextlib.contextmanager
+def no_backend_choice():
+    """The backend chooser (backends.Ops.select, pick, the forced backend) and the environment, refused
+    while active: a step runs the Ops its runner keeps."""
+    from diffutron_engine import backends
+
+    patched = [(backends, name, getattr(backends, name)) for name in ("pick", "forced_backend")]
+    patched += [(backends.Ops, "select", backends.Ops.__dict__["select"]), (os, "environ", os.environ)]
+
+    def refuse(what):
+        def fail(*a, **k):
+            raise AssertionError(f"{what} inside the captured step")
+        return fail
+
+    for owner, name, _ in patched[:3]:
+        setattr(owner, name, refuse(f"backends.{name}"))
+    os.environ = _RefusedEnviron()
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(patched):
+            setattr(owner, name, value)
+
+
 def audited(engine):
     """Run every device step of `engine` under the audit; returns {(StepShape, capacities): traces}."""
     runner = engine.runner
@@ -76,7 +112,7 @@ def audited(engine):
 
     def wrapped(sh):
         audit = StepAudit()
-        with audit, no_host_calls():
+        with audit, no_host_calls(), no_backend_choice():
             step(sh)
         traces[(sh, runner.batch.version, id(runner.pool))].add(tuple(audit.trace))
 
