@@ -24,11 +24,14 @@ DEFAULT_BENCH_MODES = (REFERENCE, "exact", "prefix", "dual", "fast")
 
 
 def check_modes(modes) -> tuple[str, ...]:
-    """`modes` (names, or one comma-separated string of them) as a tuple; ValueError naming the unknown
-    ones and the known, or when none is given."""
+    """`modes` (names, or one comma-separated string of them) as a tuple, each once, the oracle first
+    (every other mode's agreement is measured against its tokens); ValueError naming the unknown ones
+    and the known, or when none is given."""
     if isinstance(modes, str):
         modes = modes.split(",")
-    names = tuple(m.strip() for m in modes if m.strip())
+    names = tuple(dict.fromkeys(m.strip() for m in modes if m.strip()))
+    if REFERENCE in names:
+        names = (REFERENCE, *(m for m in names if m != REFERENCE))
     unknown = [m for m in names if m not in BENCH_MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(BENCH_MODES)}")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..config import SamplingParams
+from ..config import EngineConfig, SamplingParams
 from .measure import PeakMemory, machine_info, sync
 from .modes import BENCH_MODES, DEFAULT_BENCH_MODES, REFERENCE, check_modes
 
@@ -106,8 +106,9 @@ def run(cfg: BenchConfig, log=print) -> dict:
             batch_steps = out.forward_passes
         else:
             preset = BENCH_MODES[mode]
-            engine = Engine(model, tok, max_batch=cfg.batch_size, cuda_graphs=cfg.cuda_graphs,
-                            fused_head=cfg.fused_head, **preset.engine)
+            base = EngineConfig(max_batch=cfg.batch_size, cuda_graphs=cfg.cuda_graphs, fused_head=cfg.fused_head,
+                                dtype=cfg.dtype, device=cfg.device)
+            engine = Engine(model, tok, preset.engine_config(base))
             scfg = SamplingParams(early_stop=False, seed=cfg.seed, **knobs, **preset.request)
             graphs = engine.runner.graphs  # None unless CUDA graphs are in use (CUDA device)
             # warm-up on the timed batch: the same steps, shapes and graph keys as the timed run (the

@@ -194,6 +194,8 @@ def test_bench_modes_are_presets_without_torch():
     assert BENCH_MODES["exact"].engine == {"cache": "none"} and BENCH_MODES["threshold"].request == {"threshold": 0.9}
     assert set(DEFAULT_BENCH_MODES) <= set(BENCH_MODES)
     assert check_modes(" exact,,dual ") == ("exact", "dual")
+    # each once, the oracle first: the other modes' agreement is measured against its tokens
+    assert check_modes("exact,fast,reference,exact") == ("reference", "exact", "fast")
     for bad in ("exact,nope", ""):
         with pytest.raises(ValueError):
             check_modes(bad)
