@@ -25,8 +25,8 @@ def one(impl: str, n: int, v: int, h: int, dtype: str, device: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from diffutron_engine.benchmark import _PeakMemory
-    from diffutron_engine.kernels.cross_entropy import fused_linear_cross_entropy
+    from diffutron_engine.bench.measure import PeakMemory
+    from diffutron_engine.backends import cross_entropy as fused_linear_cross_entropy
 
     dt = getattr(torch, dtype)
     g = torch.Generator(device=device).manual_seed(0)
@@ -46,7 +46,7 @@ def one(impl: str, n: int, v: int, h: int, dtype: str, device: str) -> dict:
         loss.backward()
         return float(loss)
 
-    with _PeakMemory(device) as mem:
+    with PeakMemory(device) as mem:
         t = time.perf_counter()
         loss = run()
         if device.startswith("cuda"):

@@ -130,9 +130,9 @@ class DiffutronLM(LM):
         self.max_length = lm.max_context or None
         budget = a["token_budget"]
         self.token_budget = default_token_budget(self._device) if budget is None else _int("token_budget", budget)
-        from ..model.modernbert import ModernBertRunner
+        from ..model.modernbert import ModernBert
 
-        self.runner = ModernBertRunner(self.model)
+        self.runner = ModernBert(self.model)
         self._engine = None
 
     # ------------------------------------------------------------------ construction as lm-eval does it

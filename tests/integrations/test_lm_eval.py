@@ -17,7 +17,7 @@ import torch
 
 from diffutron_engine.errors import DiffutronError  # noqa: E402
 from diffutron_engine.integrations import mc_likelihood as mc  # noqa: E402
-from diffutron_engine.model.modernbert import ModernBertRunner  # noqa: E402
+from diffutron_engine.model.modernbert import ModernBert  # noqa: E402
 from where import DATA
 
 TASKS = os.path.join(DATA, "lm_eval")
@@ -109,17 +109,17 @@ def test_batched_estimate_equals_the_plain_implementation(tiny, budget):
     torch.manual_seed(11)
     plain = mc.loglikelihood_plain(tiny.model, pairs, mask, mc_num=8, batch_size=4)
     torch.manual_seed(11)
-    fast = mc.loglikelihood_batched(ModernBertRunner(tiny.model), pairs, mask, pad, 8, 4, token_budget=budget)
+    fast = mc.loglikelihood_batched(ModernBert(tiny.model), pairs, mask, pad, 8, 4, token_budget=budget)
     assert _rel(plain, fast) <= 1e-4
     assert all(v < 0 for v in fast)
     torch.manual_seed(12)  # another seed: other masks, other numbers (the draw is really used)
-    assert mc.loglikelihood_batched(ModernBertRunner(tiny.model), pairs, mask, pad, 8, 4) != fast
+    assert mc.loglikelihood_batched(ModernBert(tiny.model), pairs, mask, pad, 8, 4) != fast
 
 
 def test_the_estimate_converges_with_more_copies(tiny):
     """The estimator's spread shrinks as mc_num grows (a Monte-Carlo estimate, not a constant)."""
     pair = [mc.encode_pair(tiny.tokenizer, "Bir dil modeli", " kelimelerin olasılıklarını öğrenir ve yeni cümleler")]
-    runner, mask, pad = ModernBertRunner(tiny.model), tiny.tokenizer.mask_token_id, tiny.tokenizer.pad_token_id
+    runner, mask, pad = ModernBert(tiny.model), tiny.tokenizer.mask_token_id, tiny.tokenizer.pad_token_id
 
     def spread(mc_num):
         vals = []
@@ -355,7 +355,7 @@ def test_end_to_end_through_the_cli(tiny_checkpoint, tmp_path):
 
 
 def test_bench_eval_small_run_reports_identical_numbers():
-    from diffutron_engine.bench_eval import format_table, run
+    from diffutron_engine.bench.likelihood import format_table, run
 
     report = run(layers=1, requests=4, mc_num=8, batch_size=4, vocab=1024, seed=1, log=lambda m: None)
     assert report["max_rel_diff"] <= 1e-4
