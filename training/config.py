@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from ..bounded import show
 from ..errors import DiffutronError
 
-_show = show  # trainer.py's name for it, until it imports show from ..bounded itself
 
 TASKS = ("cpt", "sft")
 OBJECTIVES = ("mlm", "mdlm")

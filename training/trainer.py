@@ -24,10 +24,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..bounded import show as _show
 from ..errors import DiffutronError, RunFailed
 from ..outputs import check_file_output, write_file
 from . import checkpoints as ck
-from .config import MAX_STEPS, TrainConfig, _show, first_line
+from .config import MAX_STEPS, TrainConfig, first_line
 from .dataset import collate, cpt_examples, epoch_order, read_records, read_texts, sft_examples
 from .objectives import mask_batch
 from .resume_checks import expected_step, optimizer_problem, scheduler_problem, state_problem
