@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                 server.stop()
                 os.unlink(server.log.name)
     summary = []
-    print(f"\n| concurrency | A tok/s | B tok/s | B/A | A p50 s | B p50 s | B/A | spread A, B (tok/s, max/min) | errors |")
+    print("\n| concurrency | A tok/s | B tok/s | B/A | A p50 s | B p50 s | B/A | spread A, B (tok/s, max/min) | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for c in args.concurrency:
         a, b = rows[("A", c)], rows[("B", c)]

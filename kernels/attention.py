@@ -173,7 +173,6 @@ def attention_triton(q, k_cache, v_cache, slots, q_pos, key_valid, half_window=N
         raise RuntimeError("attention_triton needs triton; attention_torch runs without it")
     _check_inputs(q, k_cache, v_cache, slots, q_pos, key_valid, half_window)
     B, H, Q, D = q.shape
-    T = key_valid.shape[1]
     if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"q, k_cache and v_cache must share one of {_DTYPES}; got "
                          f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
