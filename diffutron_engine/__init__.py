@@ -31,10 +31,10 @@ def _map_source_subpackages() -> None:
 _map_source_subpackages()
 
 from .config import FAST, PRESETS, EngineConfig, Preset, ReferenceParams, SamplingParams  # noqa: E402
-from .errors import DiffutronError  # noqa: E402
+from .errors import DiffutronError, PromptError  # noqa: E402
 from .inputs import ChatPrompt, TextPrompt, TokensPrompt  # noqa: E402
 
-__all__ = ["ChatPrompt", "DiffutronError", "Engine", "EngineConfig", "FAST", "PRESETS", "Preset", "ReferenceParams",
+__all__ = ["ChatPrompt", "DiffutronError", "Engine", "EngineConfig", "FAST", "PRESETS", "Preset", "PromptError", "ReferenceParams",
            "ReferenceSampler", "RequestOutput", "SamplingParams", "StepFailed", "TextPrompt", "TokensPrompt",
            "load_model", "__version__"]
 

@@ -117,7 +117,7 @@ def _override(obj, kwargs: dict, what: str):
     return dataclasses.replace(obj, **kwargs)
 
 
-@dataclass
+@dataclass(kw_only=True)  # by name only: a positional value would land on another knob
 class SamplingKnobs:
     """The knobs of dllm's MDLM sampler (same names, defaults and meaning), declared and validated once:
     the oracle's ReferenceParams and a request's SamplingParams both extend it (docs/sampling.md).
@@ -196,7 +196,7 @@ class SamplingKnobs:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingKnobs)}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReferenceParams(SamplingKnobs):
     """The oracle's parameters (diffutron_engine.reference): dllm's MDLM sampler config, its defaults.
 
@@ -225,7 +225,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingParams(SamplingKnobs):
     """One request's sampling parameters (the engine's): the shared knobs plus the engine's own.
 
@@ -280,7 +280,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EngineConfig:
     """The engine's settings, fixed when it is built (every request's own are its SamplingParams).
 
@@ -312,7 +312,7 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise DiffutronError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
         device = self.device
-        if not isinstance(device, str) or not (device in DEVICES or _is_cuda_index(device)):
+        if not isinstance(device, str) or not (device in DEVICES or _is_indexed(device)):
             raise DiffutronError(f"unknown device {device!r:.80}; choose one of: {', '.join(DEVICES)} (or cuda:N)")
 
     def override(self, **kwargs) -> "EngineConfig":
@@ -320,9 +320,10 @@ class EngineConfig:
         return _override(self, kwargs, "engine setting")
 
 
-def _is_cuda_index(device: str) -> bool:
+def _is_indexed(device: str) -> bool:
+    """cuda:N or cpu:N (torch's spellings of one device)."""
     prefix, _, index = device.partition(":")
-    return prefix == "cuda" and index.isascii() and index.isdigit() and len(index) <= 4
+    return prefix in ("cuda", "cpu") and index.isascii() and index.isdigit() and len(index) <= 4
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,18 @@ def check_utf8(text: str, what: str, from_os: bool = False) -> str:
     return text
 
 
+class ContextTooLong(DiffutronError):
+    """A prompt plus its new tokens beyond the model's context (max_position_embeddings)."""
+
+
 class PromptError(DiffutronError):
     """A bad prompt in a call of several: `index` is its position and `reason` the problem, so that a
-    caller can name the prompt its own way (a file's line, a request's choice)."""
+    caller can name the prompt its own way (a file's line, a request's choice); `too_long` when the
+    problem is the model's context (the caller may name its own flag for the new tokens)."""
 
-    def __init__(self, index: int, reason: str):
+    def __init__(self, index: int, reason: str, too_long: bool = False):
         super().__init__(f"prompt {index + 1}: {reason}")
-        self.index, self.reason = index, reason
+        self.index, self.reason, self.too_long = index, reason, too_long
 
 
 class DiffutronWarning(UserWarning):

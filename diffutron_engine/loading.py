@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from .config import DEVICES, DTYPES
-from .errors import DiffutronError, DiffutronWarning, check_utf8
+from .errors import ContextTooLong, DiffutronError, DiffutronWarning, check_utf8
 
 DEFAULT_MODEL = "diffutron/DiffutronLM-0.3B-Instruct"
 
@@ -287,7 +287,7 @@ def check_context(model_config, total: int) -> None:
     """Raise if a canvas of `total` tokens exceeds the model's context (max_position_embeddings)."""
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit and total > limit:
-        raise DiffutronError(
+        raise ContextTooLong(
             f"prompt plus new tokens is {total} tokens, beyond the model's context of {limit}; "
             "shorten the prompt or lower max_new_tokens"
         )

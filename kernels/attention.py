@@ -1,4 +1,4 @@
-"""Bidirectional flash attention (forward only) for the ModernBERT runner.
+"""Bidirectional flash attention (forward only) for the ModernBERT forward (model/modernbert.py).
 
 Why a kernel: a masked diffusion LM re-runs the encoder every denoising step, and the torch path
 materialises a [B, H, Q, T] score matrix plus a [B, 1, Q, T] boolean mask per layer. This kernel

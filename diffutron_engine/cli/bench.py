@@ -238,6 +238,7 @@ def run_serve(args) -> int:
     tag = f"{args.tag}-c{args.concurrency}"
     _check_save(args, tag)
     report = asyncio.run(run(args))
-    shown = {k: v for k, v in vars(args).items() if k not in ("api_key", "func")}  # a report never carries the key
+    # a report never carries the key, nor the parser's own bookkeeping
+    shown = {k: v for k, v in vars(args).items() if k not in ("api_key", "func", "command", "bench_command")}
     _print_report(args, tag, report, format_table(report), saved={"args": shown, **report})
     return 0 if report["errors"] == 0 else 1

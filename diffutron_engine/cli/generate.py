@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from ..bounded import read_lines
 from ..config import (DIFFUTRON_STOP_STRINGS, PRESETS, REMASKING, EngineConfig, ReferenceParams, SamplingParams,
                       check_backend_env, with_defaults)
-from ..errors import DiffutronError, PromptError, check_utf8
+from ..errors import ContextTooLong, DiffutronError, PromptError, check_utf8
 from ..inputs import ChatPrompt, TextPrompt
 from ..jsonio import parse_json
 from ..loading import DEFAULT_MODEL, render_chat, resolve_model_path
@@ -238,15 +238,18 @@ def run(args) -> int:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     params = params.override(seed=seed)
     use_reference = args.reference or lm.model.config.model_type != "modernbert"
-    if use_reference and (engine_cfg.cache != "none" or params.rule != "schedule"):
-        raise DiffutronError("--cache/--threshold/--factor/--fast need the engine (a ModernBERT model, no --reference)")
+    if use_reference and (engine_cfg != EngineConfig(max_batch=engine_cfg.max_batch, dtype=engine_cfg.dtype,
+                                                     device=engine_cfg.device) or params.rule != "schedule"):
+        raise DiffutronError("--cache/--cuda-graphs/--fused-head/--threshold/--factor/--fast need the engine "
+                             "(a ModernBERT model, no --reference)")
     if use_reference and args.stream:
         raise DiffutronError("--stream needs the engine (a ModernBERT model, no --reference)")
     try:
         results = (_run_reference(lm, prompts, params, args) if use_reference
                    else _run_engine(lm, prompts, params, engine_cfg, args))
     except PromptError as exc:  # the engine names the prompt by its index; the user knows it by where it was
-        raise DiffutronError(f"{prompts[exc.index].where}: {exc.reason}") from None
+        reason = exc.reason.replace("max_new_tokens", "--max-new-tokens") if exc.too_long else exc.reason
+        raise DiffutronError(f"{prompts[exc.index].where}: {reason}") from None
 
     if args.stream and args.output is None:
         return 0  # the answers went out as they were generated
@@ -265,16 +268,16 @@ def _run_reference(lm, prompts, params: SamplingParams, args) -> list[dict]:
     """The oracle, batch by batch; the seed goes to torch's global generator as dllm expects."""
     import torch
 
-    from ..loading import decode_answer
+    from ..inputs import prompt_ids
+    from ..loading import check_context, decode_answer
     from ..reference import ReferenceSampler
 
-    from ..inputs import prompt_ids
-
-    for i, p in enumerate(prompts):  # the engine's reading of each prompt: the same ids
+    for i, p in enumerate(prompts):  # the engine's reading of each prompt (the same ids), all before any runs
         try:
             p.ids = prompt_ids(lm.tokenizer, p.given, lm.model.config.vocab_size)
+            check_context(lm.model.config, len(p.ids) + params.max_new_tokens)
         except DiffutronError as exc:
-            raise PromptError(i, str(exc)) from None
+            raise PromptError(i, str(exc), too_long=isinstance(exc, ContextTooLong)) from None
     torch.manual_seed(params.seed)
     oracle_cfg = ReferenceParams(return_dict=True, **params.knobs())
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]

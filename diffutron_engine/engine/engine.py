@@ -30,7 +30,7 @@ import numpy as np
 
 from ..commit_schedule import row_schedule
 from ..config import EngineConfig, SamplingParams, seed_for
-from ..errors import DiffutronError, PromptError, StepFailed
+from ..errors import ContextTooLong, DiffutronError, PromptError, StepFailed
 from ..inputs import prompt_ids
 from ..loading import DEFAULT_MODEL, check_context, check_tokenizer_fits, decode_answer, load_model, prepare_tokenizer
 from ..stopping import StopRule
@@ -69,6 +69,10 @@ def _check_request_id(request_id) -> None:
     # str(5) would store "5", and abort(5) would then never match it
     if not isinstance(request_id, str) or not request_id:
         raise DiffutronError(f"a request id must be a non-empty string, got {request_id!r:.60}")
+
+
+class _BadPrompt(DiffutronError):
+    """What is wrong with a prompt itself (not with its parameters); a call of several names it by index."""
 
 
 def _engine_config(config, settings: dict) -> EngineConfig:
@@ -323,10 +327,8 @@ class Engine:
         for i, (p, prm, seed) in enumerate(zip(prompts, each, seeds)):
             try:
                 reqs.append(self._make(p, prm, seed, None, i, infill))
-            except PromptError:
-                raise
-            except DiffutronError as exc:
-                raise PromptError(i, str(exc)) from None
+            except (_BadPrompt, ContextTooLong) as exc:  # the prompt's fault: named by its index
+                raise PromptError(i, str(exc), too_long=isinstance(exc, ContextTooLong)) from None
         return reqs
 
     def _enqueue(self, reqs: list[Request]) -> list[str]:
@@ -344,9 +346,12 @@ class Engine:
         """A request: its canvas, blocks and commit schedules, all validated (no side effects)."""
         if request_id is not None:
             _check_request_id(request_id)
-        ids = self.encode(prompt)
+        try:
+            ids = self.encode(prompt)
+        except DiffutronError as exc:
+            raise _BadPrompt(str(exc)) from None
         if not ids and not infill and not params.right_shift_logits:
-            raise DiffutronError("an empty prompt (no token ids): give at least one (with right_shift_logits an "
+            raise _BadPrompt("an empty prompt (no token ids): give at least one (with right_shift_logits an "
                                  "empty prompt starts from BOS, as dllm's sampler does)")
         vocab = self.runner.model.vocab_size
         for name in ("suppress_tokens", "begin_suppress_tokens", "cfg_keep_tokens"):
@@ -358,7 +363,7 @@ class Engine:
         L = len(ids)
         if infill:
             if L == 0:
-                raise DiffutronError("infill needs a non-empty sequence")
+                raise _BadPrompt("infill needs a non-empty sequence")
             check_context(self.model.config, L)
             bs = params.block_size or L
             windows = [(lo, min(lo + bs, L)) for lo in range(0, L, bs)]
@@ -367,7 +372,7 @@ class Engine:
             if params.block_size is None:
                 raise DiffutronError("block_size must be >= 1 for generation (None is allowed only for infill)")
             if self.mask_id in ids:
-                raise DiffutronError(
+                raise _BadPrompt(
                     f"the prompt holds the mask token at position {ids.index(self.mask_id)}; the engine fills "
                     "only the generated positions (to fill masks inside a sequence, use infill)")
             n, bs = params.max_new_tokens, params.block_size

@@ -41,7 +41,7 @@ _SamplerBase, _ConfigBase = _dllm_bases()
 _CONFIG_BASES = (ReferenceParams,) if _ConfigBase is object else (ReferenceParams, _ConfigBase)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DiffutronSamplerConfig(*_CONFIG_BASES):
     """dllm's MDLM fields (same names and defaults: the oracle's ReferenceParams) plus the engine's own:
     the cache mode the engine runs with (EngineConfig's) and the request's threshold, factor, early_stop

@@ -229,8 +229,8 @@ class DiffutronLM(LM):
         try:
             outs = self.engine.generate(prompts, params) if prompts else []
         except PromptError as exc:  # the engine checks each prompt (its text, its context) once
-            raise DiffutronError(f"generation request {exc.index}: {exc.reason} (here: max_gen_toks, or fewer "
-                                 "few-shot examples)") from None
+            hint = " (here: lower max_gen_toks, or use fewer few-shot examples)" if exc.too_long else ""
+            raise DiffutronError(f"generation request {exc.index}: {exc.reason}{hint}") from None
         texts = []
         for r, p, o in zip(requests, params, outs):
             text = o.text

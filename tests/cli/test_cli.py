@@ -191,7 +191,11 @@ def _no_mask_tokenizer(tmp_path, tiny_checkpoint):
 BAD = {
     "empty prompt": (lambda tmp, ck: ["generate", "  ", "--model", ck], "empty prompt"),
     "beyond context": (lambda tmp, ck: ["generate", "Merhaba", "--model", ck, "--max-new-tokens", "600"],
-                       "beyond the model's context of 512"),
+                       "beyond the model's context of 512; shorten the prompt or lower --max-new-tokens"),
+    # the oracle's path checks every prompt before it runs any, and names the one that does not fit
+    "beyond context, reference": (lambda tmp, ck: ["generate", "a", "kelime " * 600, "--model", ck, "--reference",
+                                                   "--max-new-tokens", "4", "--steps", "4", "--block-size", "4"],
+                                  "error: prompt 2: prompt plus new tokens is "),
     "max-new-tokens 0": (lambda tmp, ck: ["generate", "x", "--model", ck, "--max-new-tokens", "0"],
                          "--max-new-tokens must be >= 1"),
     "steps 0": (lambda tmp, ck: ["generate", "x", "--model", ck, "--steps", "0"], "steps must be >= 1"),
@@ -339,6 +343,8 @@ def test_stream_with_output_streams_and_writes_the_file(capsys, tmp_path, tiny_c
 def test_fast_knobs_need_the_engine(capsys, tiny_checkpoint):
     code, _, err = run_cli(capsys, "generate", "x", "--model", tiny_checkpoint, "--reference", "--fast")
     assert code == 2 and "need the engine" in err
+    code, _, err = run_cli(capsys, "generate", "x", "--model", tiny_checkpoint, "--reference", "--cuda-graphs")
+    assert code == 2 and "need the engine" in err  # never silently ignored
     code, _, err = run_cli(capsys, "generate", "x", "--model", tiny_checkpoint, "--threshold", "1.5")
     assert code == 2 and "threshold must be in (0, 1]" in err
 

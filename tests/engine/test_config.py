@@ -128,3 +128,12 @@ def test_engine_config_override_and_presets():
         Preset(engine={"threshold": 0.9})
     with pytest.raises(DiffutronError, match="threshold must be in"):
         Preset(request={"threshold": 2})
+
+
+def test_parameters_are_given_by_name():
+    """By name only: SamplingParams(64, 32) would otherwise set a knob the caller did not mean."""
+    from diffutron_engine import EngineConfig
+
+    for cls in (SamplingParams, ReferenceParams, EngineConfig):
+        with pytest.raises(TypeError, match="positional"):
+            cls(64)

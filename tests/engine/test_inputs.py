@@ -59,3 +59,19 @@ def test_the_engine_reads_every_form_and_names_a_bad_prompt_by_index(golden):
         engine.generate([ids, long], SamplingParams(max_new_tokens=4, steps=4, block_size=4))
     assert info.value.index == 1 and "beyond" in info.value.reason
     assert not engine.has_unfinished()  # all or none: the good prompt was not queued either
+
+
+def test_a_parameter_problem_is_not_blamed_on_a_prompt(golden):
+    """Only what is wrong with a prompt itself (its text, ids, the context) names the prompt; a bad
+    parameter is the call's, one DiffutronError as it is."""
+    engine = Engine(golden.model, golden.tokenizer, max_batch=2)
+    bad = SamplingParams(max_new_tokens=4, steps=4, block_size=4, suppress_tokens=[10**6])
+    with pytest.raises(DiffutronError, match=r"^suppress_tokens has ids outside") as info:
+        engine.generate([[5, 6], [7, 8]], bad)
+    assert not isinstance(info.value, PromptError)
+    with pytest.raises(PromptError, match=r"^prompt 2: empty prompt") as info:
+        engine.generate(["merhaba", " "], SamplingParams(max_new_tokens=4, steps=4, block_size=4))
+    assert info.value.index == 1 and not info.value.too_long
+    with pytest.raises(DiffutronError, match=r"^empty prompt") as info:  # one prompt, added alone: no index
+        engine.add_request(" ")
+    assert not isinstance(info.value, PromptError)
