@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     except DiffutronError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for repo in (args.repo_a, args.repo_b):
+        if not os.path.isdir(repo):
+            print(f"error: {repo} is not a folder (a checkout of this project)", file=sys.stderr)
+            return 2
     for repo in (args.repo_a, args.repo_b):  # an editable install would otherwise serve another checkout
         if os.path.realpath(package_origin(os.path.abspath(repo), args.python)) != os.path.realpath(repo):
             print(f"error: {repo} does not hold the diffutron_engine that {args.python} would run there",

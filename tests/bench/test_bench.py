@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 
+from where import ROOT
 from diffutron_engine.cli.main import main
 
 
@@ -215,3 +216,15 @@ def test_bench_serve_counts_failed_requests_and_saves_without_the_key(capsys, tm
     assert report["requests"] == 2 and report["errors"] == 2
     saved = next(tmp_path.glob("*-t-c1.json")).read_text()
     assert "secret-key" not in saved and json.loads(saved)["args"]["num_requests"] == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--repo-a", ".", "--rounds", "0"], "error: --rounds and --threads must be >= 1"),
+    (["--repo-a", ".", "--save", "/nonexistent-folder/x.json"], "error: "),
+    (["--repo-a", "/nonexistent-checkout"], "error: /nonexistent-checkout is not a folder"),
+    (["--repo-a", "/tmp"], "does not import diffutron_engine from /tmp"),
+])
+def test_overhead_ab_refuses_bad_arguments_before_measuring(argv, message):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "overhead_ab.py"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
