@@ -80,6 +80,9 @@ def add_parser(sub) -> None:
     eng.add_argument("--no-early-stop", action="store_true", help="keep stepping rows whose answer has ended")
     eng.add_argument("--stream", action="store_true", help="print text as blocks complete")
     eng.add_argument("--reference", action="store_true", help="run the slow exact oracle instead of the engine")
+    eng.add_argument("--visual", action="store_true",
+                     help="draw the denoising in the terminal, step by step, then print the answers as usual "
+                     "(plain output when standard output is not a terminal or --output is given)")
     p.set_defaults(func=run)
 
 
@@ -214,6 +217,8 @@ class _Progress:
 
 
 def run(args) -> int:
+    if args.visual and args.stream:
+        raise DiffutronError("--visual and --stream both show the answers as they are made: give one of them")
     if args.batch_size < 1:
         raise DiffutronError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.batch_size > MAX_BATCH_SIZE:
@@ -244,6 +249,8 @@ def run(args) -> int:
                              "(a ModernBERT model, no --reference)")
     if use_reference and args.stream:
         raise DiffutronError("--stream needs the engine (a ModernBERT model, no --reference)")
+    if use_reference and args.visual:
+        raise DiffutronError("--visual needs the engine (a ModernBERT model, no --reference)")
     try:
         results = (_run_reference(lm, prompts, params, args) if use_reference
                    else _run_engine(lm, prompts, params, engine_cfg, args))
@@ -307,7 +314,9 @@ def _run_engine(lm, prompts, params: SamplingParams, engine_cfg: EngineConfig, a
 
     # no more rows than prompts: the rows beyond them would be allocated and never used
     engine = Engine(lm.model, lm.tokenizer, engine_cfg.override(max_batch=min(args.batch_size, len(prompts))))
+    visual = _visual(engine, prompts, params, args) if args.visual else None
     progress = _Progress(1, unit="tokens")
+    progress.enabled = progress.enabled and visual is None  # the frames' status line says it
     total = len(prompts) * params.max_new_tokens
     done = 0
 
@@ -318,6 +327,8 @@ def _run_engine(lm, prompts, params: SamplingParams, engine_cfg: EngineConfig, a
         if args.stream:
             for out in outputs:
                 _print_event(out, args.json, len(prompts))
+        elif visual is not None:
+            visual.screen.draw(visual.frames.frame(outputs, engine.canvas))
         else:
             progress(done, total, committed)
 
@@ -325,8 +336,43 @@ def _run_engine(lm, prompts, params: SamplingParams, engine_cfg: EngineConfig, a
         finals = engine.generate([p.given for p in prompts], params, on_step=on_step)  # prompt i: seed_for(seed, i)
     finally:
         progress.close()
+        if visual is not None:
+            visual.screen.close()  # cursor shown, attributes reset: also after Ctrl-C or an error
     return [dict(prompt=p.source, text=r.text, new_tokens=r.new_tokens, forward_passes=r.forward_passes,
                  seconds=round(r.seconds, 4), seed=r.seed) for p, r in zip(prompts, finals)]
+
+
+@dataclass
+class _Visual:
+    frames: object  # visual.FrameBuilder
+    screen: object  # visual.Screen
+
+
+class _StdoutStream:
+    """Standard output for the frames, through write_stdout (UTF-8 bytes, write errors one line)."""
+
+    def write(self, text: str) -> None:
+        write_stdout(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _visual(engine, prompts, params: SamplingParams, args) -> _Visual | None:
+    """--visual's frames on standard output; None (the plain answers only, with a note on stderr) when
+    it is not a terminal, is TERM=dumb, or the answers go to --output."""
+    from . import visual
+
+    why = "--output is given" if args.output is not None else visual.cannot_draw(sys.stdout)
+    if why is not None:
+        print(f"diffutron-engine: note: --visual draws nothing ({why}); the answers are printed as usual",
+              file=sys.stderr)
+        return None
+    titles = [p.source if isinstance(p.source, str) else
+              next((m["content"] for m in reversed(p.source) if m["role"] == "user"), "") for p in prompts]
+    display = visual.TokenDisplay(engine.tokenizer, engine.mask_id)
+    frames = visual.FrameBuilder(titles, params.max_new_tokens, params.block_size, engine.mask_id)
+    return _Visual(frames, visual.Screen(_StdoutStream(), display, engine.mask_id, display.special))
 
 
 def _print_event(out, as_json: bool, n_prompts: int) -> None:
