@@ -4,17 +4,21 @@
 
 Sends streaming completions (prompts from a JSONL file, {"prompt": ...} per line, or generated), at a
 fixed concurrency or a Poisson request rate, and reports requests/s, output tokens/s, time to first chunk
-and end-to-end latency (p50, p90, p99) and errors; a table, then one JSON line.
+and end-to-end latency (p50, p90, p99) and errors; a table, then one JSON line. The report also names the
+served model (its /v1/models entry; None where that cannot be read) and the machine the benchmark ran on
+(the server's too when the URL is a loopback address).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import platform
 import random
 import time
 
 from ..errors import DiffutronError
+from .measure import cpu_name
 
 
 def _percentiles(xs: list[float]) -> dict:
@@ -50,6 +54,20 @@ async def _one(client, url: str, body: dict, headers: dict) -> dict:
             "latency": time.perf_counter() - t0, "tokens": tokens}
 
 
+async def _model_name(client, url: str, headers: dict) -> str | None:
+    """The served model's id from /v1/models, or None (an old server, an error: the load still runs)."""
+    try:
+        r = await client.get(url + "/v1/models", headers=headers, timeout=10)
+        return str(r.json()["data"][0]["id"]) if r.status_code == 200 else None
+    except Exception:  # noqa: BLE001 - a name for the report, never a reason to fail the run
+        return None
+
+
+def client_machine() -> dict:
+    """The machine the benchmark runs on (torch-free: the client never loads it)."""
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_name()}
+
+
 async def run(args) -> dict:
     import httpx
 
@@ -60,6 +78,8 @@ async def run(args) -> dict:
     rng = random.Random(0)
 
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=args.concurrency + 4)) as client:
+        model = await _model_name(client, args.url, headers)
+
         async def job(i):
             body = {"prompt": prompts[i % len(prompts)], "max_tokens": args.max_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}, **extra}
@@ -80,7 +100,8 @@ async def run(args) -> dict:
             "errors": len(results) - len(ok), "seconds": wall, "requests_per_s": len(ok) / wall,
             "output_tokens_per_s": tokens / wall, "ttfc_s": _percentiles([r["ttfc"] for r in ok]),
             "latency_s": _percentiles([r["latency"] for r in ok]),
-            "error_samples": [r["error"] for r in results if not r["ok"]][:3]}
+            "error_samples": [r["error"] for r in results if not r["ok"]][:3],
+            "model": model, "machine": client_machine()}
 
 
 def _prompts(args) -> list[str]:

@@ -4,9 +4,11 @@
     bench overhead     the engine's own cost beside transformers' bare forward (a 1-layer model)
     bench eval         the Monte-Carlo likelihood, the plain implementation vs the batched one
     bench serve        load on a running server
+    bench plot         a PNG of saved reports (throughput, eval, or serve reports: one per concurrency)
 
 Each prints a readable table, then one JSON line last; `--save FOLDER` also writes the report there
-(the folder is checked before the measuring, bad flags before anything is built). `bench [FLAGS]`
+and `--plot FILE` (throughput, eval, serve; needs matplotlib) a PNG of it (the folder, the file and
+matplotlib are checked before the measuring, bad flags before anything is built). `bench [FLAGS]`
 runs `bench throughput [FLAGS]`, and `bench --overhead` runs `bench overhead`.
 """
 
@@ -21,7 +23,7 @@ from ..errors import DiffutronError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: throughput (default), overhead, eval, serve",
+    p = sub.add_parser("bench", help="benchmarks: throughput (default), overhead, eval, serve; plot",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        default_subcommand="throughput")
     kinds = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=type(p))
@@ -34,7 +36,9 @@ def add_parser(sub) -> None:
             ("eval", "Monte-Carlo likelihood of masked diffusion LMs: the plain implementation vs the batched one "
              "of the lm-eval model, same requests and seed", add_eval_arguments, run_eval),
             ("serve", "load benchmark of a running server: requests/s, output tokens/s, time to first chunk, "
-             "latency percentiles", add_serve_arguments, run_serve)):
+             "latency percentiles", add_serve_arguments, run_serve),
+            ("plot", "a PNG of saved JSON reports, without measuring: one throughput or eval report, or serve "
+             "reports (one per concurrency, drawn side by side)", add_plot_arguments, run_plot)):
         q = kinds.add_parser(name, help=what, description=what)
         add_arguments(q)
         q.set_defaults(func=run)
@@ -77,13 +81,42 @@ def _check_save(args, tag: str) -> None:
         check_report_folder(args.save, tag)
 
 
-def _print_report(args, tag: str, report: dict, table: str, saved: dict | None = None) -> None:
-    """The table, then (with --save) the report's file named on stderr, then the report as the last line."""
+def _add_plot_argument(p) -> None:
+    p.add_argument("--plot", metavar="FILE", help="also draw the report as a PNG into FILE (needs matplotlib: "
+                   "pip install -e '.[plot]')")
+
+
+def _check_plot(args, tag: str, inputs: tuple = ()):
+    """Before the measuring: matplotlib importable, --plot a file that can be written (and not the report
+    --save writes); its checked target, or None without --plot."""
+    if getattr(args, "plot", None) is None:
+        return None
+    from ..bench.plot import require_matplotlib
+    from ..outputs import check_file_output, report_path
+
+    require_matplotlib("--plot")
+    target = check_file_output(args.plot, "--plot", inputs)
+    if args.save is not None and os.path.realpath(report_path(args.save, tag)) == target.path:
+        raise DiffutronError(f"--plot {args.plot!r} is the report --save writes; give the PNG another name")
+    return target
+
+
+def _print_report(args, tag: str, report: dict, table: str, saved: dict | None = None, plot=None,
+                  draw=None) -> None:
+    """The table, then (with --save) the report's file named on stderr, (with --plot) the PNG drawn by
+    draw(report) and named on stderr, then the report as the last line."""
     print(table)
+    full = report if saved is None else saved
     if args.save is not None:
         from ..outputs import save_report
 
-        print(f"saved {save_report(report if saved is None else saved, args.save, tag)}", file=sys.stderr)
+        print(f"saved {save_report(full, args.save, tag)}", file=sys.stderr)
+    if plot is not None:
+        from ..bench.plot import render
+        from ..outputs import write_file
+
+        write_file(plot, render(draw(full)), "--plot")
+        print(f"plotted {plot.given}", file=sys.stderr)
     print(json.dumps(report))
 
 
@@ -123,6 +156,7 @@ def add_throughput_arguments(p) -> None:
                    help="smaller vocabulary for quick checks (default: mmBERT's 256,000)")
     p.add_argument("--cuda-graphs", action="store_true", help="engine modes replay forwards from CUDA graphs")
     _add_report_arguments(p, "default: derived from the config")
+    _add_plot_argument(p)
     # the spelling from before the subcommands: `bench --overhead` runs `bench overhead` (which reads only
     # --threads, --save and --tag)
     p.add_argument("--overhead", action="store_const", dest="func", const=run_overhead, help=argparse.SUPPRESS)
@@ -146,8 +180,11 @@ def run_throughput(args) -> int:
             raise DiffutronError("--device cuda was asked for but no CUDA GPU is available")
     tag = args.tag or f"bench-{cfg.device}-b{cfg.batch_size}-t{cfg.temperature:g}-L{cfg.layers}-{cfg.dtype}"
     _check_save(args, tag)
+    plot = _check_plot(args, tag)
     report = run(cfg, log=_log)
-    _print_report(args, tag, report, format_table(report))
+    from ..bench.plot import plot_throughput
+
+    _print_report(args, tag, report, format_table(report), plot=plot, draw=plot_throughput)
     return 0
 
 
@@ -187,10 +224,12 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads")
     _add_report_arguments(p, "default: eval-<device>-l<layers>")
+    _add_plot_argument(p)
 
 
 def run_eval(args) -> int:
     from ..bench.likelihood import format_table, run
+    from ..bench.plot import plot_eval
     from ..loading import resolve_device
 
     if args.threads:
@@ -199,9 +238,10 @@ def run_eval(args) -> int:
         torch.set_num_threads(args.threads)
     tag = args.tag or f"eval-{resolve_device(args.device).split(':')[0]}-l{args.layers}"
     _check_save(args, tag)
+    plot = _check_plot(args, tag)
     report = run(args.layers, args.requests, args.mc_num, args.batch_size, args.vocab, args.device, args.dtype,
                  args.seed, args.token_budget, log=_log)
-    _print_report(args, tag, report, format_table(report))
+    _print_report(args, tag, report, format_table(report), plot=plot, draw=plot_eval)
     return 0
 
 
@@ -228,17 +268,58 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--api-key", default=os.environ.get("DIFFUTRON_API_KEY"),
                    help="the server's key (default: DIFFUTRON_API_KEY, which keeps it out of `ps`)")
     _add_report_arguments(p, "default: serve; the file's is TAG-c<concurrency>", tag_default="serve")
+    p.add_argument("--plot", metavar="FILE", help="also draw this run's latency and time-to-first-chunk "
+                   "percentiles as a PNG into FILE (needs matplotlib); `bench plot` draws several saved runs, "
+                   "one per concurrency, side by side")
 
 
 def run_serve(args) -> int:
     import asyncio
 
+    from ..bench.plot import plot_serve
     from ..bench.serve import format_table, run
 
     tag = f"{args.tag}-c{args.concurrency}"
     _check_save(args, tag)
+    plot = _check_plot(args, tag, inputs=(args.prompts,))
     report = asyncio.run(run(args))
     # a report never carries the key, nor the parser's own bookkeeping
     shown = {k: v for k, v in vars(args).items() if k not in ("api_key", "func", "command", "bench_command")}
-    _print_report(args, tag, report, format_table(report), saved={"args": shown, **report})
+    _print_report(args, tag, report, format_table(report), saved={"args": shown, **report}, plot=plot,
+                  draw=plot_serve)
     return 0 if report["errors"] == 0 else 1
+
+
+# ------------------------------------------------------------------------------------------ plot
+MAX_REPORT_BYTES = 64 * 2**20
+
+
+def add_plot_arguments(p) -> None:
+    p.add_argument("reports", nargs="+", metavar="REPORT.json",
+                   help="saved reports (--save): one throughput or eval report, or serve reports")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="the PNG to write")
+
+
+def _read_report(name: str):
+    from ..jsonio import parse_json
+
+    try:
+        with open(name, "rb") as f:
+            raw = f.read(MAX_REPORT_BYTES + 1)
+    except OSError as exc:
+        raise DiffutronError(f"cannot read report {name!r}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_REPORT_BYTES:
+        raise DiffutronError(f"report {name!r} is larger than {MAX_REPORT_BYTES // 2**20} MiB; not a benchmark report")
+    return parse_json(raw, f"report {name!r}")
+
+
+def run_plot(args) -> int:
+    from ..bench.plot import plot_reports, render, require_matplotlib
+    from ..outputs import check_file_output, write_file
+
+    require_matplotlib("bench plot")
+    target = check_file_output(args.out, "--out", inputs=tuple(args.reports))
+    reports = [_read_report(name) for name in args.reports]
+    write_file(target, render(plot_reports(reports, args.reports)), "--out")
+    print(f"plotted {args.out}", file=sys.stderr)
+    return 0
