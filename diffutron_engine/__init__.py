@@ -35,7 +35,7 @@ from .errors import DiffutronError, PromptError  # noqa: E402
 from .inputs import ChatPrompt, TextPrompt, TokensPrompt  # noqa: E402
 
 __all__ = ["ChatPrompt", "DiffutronError", "Engine", "EngineConfig", "FAST", "PRESETS", "Preset", "PromptError", "ReferenceParams",
-           "ReferenceSampler", "RequestOutput", "SamplingParams", "StepFailed", "TextPrompt", "TokensPrompt",
+           "ReferenceSampler", "RequestOutput", "SamplingParams", "StepFailed", "StepTrace", "TextPrompt", "TokensPrompt",
            "load_model", "__version__"]
 
 
@@ -45,7 +45,7 @@ def __getattr__(name):
         from .reference import ReferenceSampler
 
         return ReferenceSampler
-    if name in ("Engine", "RequestOutput", "StepFailed"):
+    if name in ("Engine", "RequestOutput", "StepFailed", "StepTrace"):
         from . import engine
 
         return getattr(engine, name)

@@ -243,6 +243,10 @@ class SamplingParams(SamplingKnobs):
     - factor: commit the n most confident positions for the largest n with (n + 1) * (1 - c_n) < factor,
       c_n the n-th highest confidence (at least one).
     - early_stop: a request whose answer has ended takes no more forward passes (its text is unchanged).
+    - trace: every output of the request carries the step's StepTrace (positions committed, their tokens
+      and the confidence the commit rule ranked, the block worked; the canvas before the first step and
+      after any rewrite), enough to redraw its canvas at every step. Off: nothing is computed for it;
+      on: one more plane in the step's single device-to-host copy. The tokens are the same either way.
 
     Exact mode (the oracle's tokens when greedy, its distribution when sampling) is no threshold, no
     factor, on an engine built with cache="none".
@@ -252,6 +256,7 @@ class SamplingParams(SamplingKnobs):
     threshold: float | None = None
     factor: float | None = None
     early_stop: bool = True
+    trace: bool = False
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -268,6 +273,7 @@ class SamplingParams(SamplingKnobs):
         if self.seed is not None and self.seed >= 2**63:
             raise DiffutronError(f"seed must be < 2**63, got {self.seed}")
         self.early_stop = _check_bool("early_stop", self.early_stop)
+        self.trace = _check_bool("trace", self.trace)
 
     @property
     def rule(self) -> str:

@@ -5,7 +5,8 @@ On a 1-layer ModernBERT (hidden 64, a 1,000-id vocabulary) a forward pass costs 
 own work shows: per batch size, the engine's step (Engine.step(): admission, the device step, the one
 copy back, the host's bookkeeping and outputs) beside transformers' bare forward of the same canvas
 (ModernBertForMaskedLM(canvas).logits) and beside the engine's device step alone (forward + LM head on
-the candidates + sample + commit + counters, no bookkeeping), in one run. Also the ATen ops each step
+the candidates + sample + commit + counters, no bookkeeping), and beside the same engine step with every
+request tracing (SamplingParams(trace=True)), in one run. Also the ATen ops each step
 issues, in total and outside the model, at several batch and block sizes: a step is a fixed sequence of
 device ops, so these counts must not change with the batch or the block. Ops that only make views
 (reshape, transpose, unsqueeze: no kernel) are counted apart, since the dispatcher picks among them by
@@ -56,7 +57,7 @@ def _timed(fn, min_seconds: float, max_calls: int | None = None) -> float:
     return total / n
 
 
-def _setup(model, tok, batch: int, cfg: OverheadConfig, block_size: int):
+def _setup(model, tok, batch: int, cfg: OverheadConfig, block_size: int, trace: bool = False):
     from ..config import SamplingParams
     from ..engine import Engine
 
@@ -64,7 +65,7 @@ def _setup(model, tok, batch: int, cfg: OverheadConfig, block_size: int):
     g = torch.Generator().manual_seed(cfg.seed)
     prompts = [torch.randint(5, len(tok), (cfg.prompt_len,), generator=g).tolist() for _ in range(batch)]
     params = SamplingParams(max_new_tokens=cfg.new_tokens, block_size=block_size, steps=cfg.new_tokens,
-                            early_stop=False, seed=cfg.seed)
+                            early_stop=False, seed=cfg.seed, trace=trace)
     ids = engine.add_requests(prompts, params)
     for _ in range(3):  # admission and warm-up
         engine.step()
@@ -92,6 +93,9 @@ def run(cfg: OverheadConfig, log=print) -> dict:
         # requests must still be running after it (a fast machine would otherwise step them to their end)
         step_s = _timed(engine.step, cfg.min_seconds, max_calls=max(1, steps_budget - 3 - 2))
         ops = count_step_ops(engine)
+        # the same step with every request tracing (SamplingParams(trace=True)): what the trace costs
+        traced, _ = _setup(model, tok, batch, cfg, cfg.block_size, trace=True)
+        traced_s = _timed(traced.step, cfg.min_seconds, max_calls=max(1, steps_budget - 3 - 2))
         canvas = torch.tensor([engine.canvas(rid) for rid in ids])
         mask = torch.ones_like(canvas)
         with torch.no_grad():
@@ -100,11 +104,12 @@ def run(cfg: OverheadConfig, log=print) -> dict:
         engine2, _ = _setup(model, tok, batch, cfg, cfg.block_size)
         device_s = device_step_seconds(engine2, max(5, min(steps_budget - 8, 200)))
         row = dict(batch=batch, length=canvas.shape[1], hf_ms=1e3 * hf_s, device_step_ms=1e3 * device_s,
-                   engine_step_ms=1e3 * step_s, engine_over_hf=step_s / hf_s, ops_per_step=ops.total,
+                   engine_step_ms=1e3 * step_s, engine_over_hf=step_s / hf_s, traced_step_ms=1e3 * traced_s,
+                   trace_cost=traced_s / step_s, ops_per_step=ops.total,
                    ops_outside_model=ops.total - ops.inside_model, view_ops=ops.views)
         rows.append(row)
         log(f"  batch {batch:3d}: engine {row['engine_step_ms']:.2f} ms/step, transformers "
-            f"{row['hf_ms']:.2f} ms, ratio {row['engine_over_hf']:.2f}")
+            f"{row['hf_ms']:.2f} ms, ratio {row['engine_over_hf']:.2f}, traced {row['traced_step_ms']:.2f} ms")
     blocks = []
     for block in cfg.blocks:
         engine, _ = _setup(model, tok, 8, cfg, block)
@@ -123,6 +128,10 @@ def targets(rows: list[dict], blocks: list[dict]) -> list[dict]:
             ratio = by_batch[b]["engine_over_hf"]
             out.append({"target": f"engine step / transformers forward, batch {b}", "measured": round(ratio, 3),
                         "goal": "<= 1.10", "met": ratio <= 1.10})
+    if 1 in by_batch and "trace_cost" in by_batch[1]:
+        cost = by_batch[1]["trace_cost"]
+        out.append({"target": "traced step / untraced step, batch 1", "measured": round(cost, 3), "goal": "<= 1.10",
+                    "met": cost <= 1.10})
     counts = {r["ops_per_step"] for r in rows} | {b["ops_per_step"] for b in blocks}
     out.append({"target": "ops per step independent of batch and block size", "measured": sorted(counts),
                 "goal": "one value", "met": len(counts) == 1})
@@ -131,10 +140,12 @@ def targets(rows: list[dict], blocks: list[dict]) -> list[dict]:
 
 def format_table(report: dict) -> str:
     lines = [f"{'batch':>5} {'len':>5} {'transformers ms':>16} {'device step ms':>15} {'engine step ms':>15} "
-             f"{'engine/tf':>9} {'ops/step':>9} {'outside model':>14} {'view ops':>9}"]
+             f"{'engine/tf':>9} {'traced ms':>10} {'traced/step':>11} {'ops/step':>9} {'outside model':>14} "
+             f"{'view ops':>9}"]
     for r in report["rows"]:
         lines.append(f"{r['batch']:5d} {r['length']:5d} {r['hf_ms']:16.3f} {r['device_step_ms']:15.3f} "
-                     f"{r['engine_step_ms']:15.3f} {r['engine_over_hf']:9.3f} {r['ops_per_step']:9d} "
+                     f"{r['engine_step_ms']:15.3f} {r['engine_over_hf']:9.3f} {r.get('traced_step_ms', 0):10.3f} "
+                     f"{r.get('trace_cost', 0):11.3f} {r['ops_per_step']:9d} "
                      f"{r['ops_outside_model']:14d} {r['view_ops']:9d}")
     lines.append("")
     lines.append(f"{'batch':>5} {'block':>5} {'ops/step':>9} {'outside model':>14} {'view ops':>9}")

@@ -1,6 +1,6 @@
 """The engine: scheduler (plain Python) + model runner (tensors) + the step loop."""
 
-from .engine import Engine, RequestOutput, StepFailed
+from .engine import Engine, RequestOutput, StepFailed, StepTrace
 from .request import Request
 
-__all__ = ["Engine", "Request", "RequestOutput", "StepFailed"]
+__all__ = ["Engine", "Request", "RequestOutput", "StepFailed", "StepTrace"]

@@ -59,6 +59,22 @@ class RequestOutput:
     seed: int = 0
     seconds: float = 0.0  # from admission to the running batch until finished
     error: BaseException | None = None  # finish_reason "error": what the step that ran the request raised
+    trace: StepTrace | None = None  # with SamplingParams(trace=True): what this step did to the canvas
+
+
+@dataclass
+class StepTrace:
+    """One step of a traced request: enough, step after step, to redraw its canvas. Start from `start`
+    (the canvas before the first step, on the first trace only), write `tokens` at `positions`, then, if
+    `canvas` is set (the host rewrote the row: a stop string), take that canvas whole."""
+
+    step: int  # the request's forward pass, from 1
+    block: tuple[int, int]  # canvas positions [lo, hi) of the block this step worked
+    positions: list[int]  # committed this step, ascending
+    tokens: list[int]
+    confidences: list[float]  # the value the commit rule ranked (the probability; remasking="random": the draw)
+    start: list[int] | None = None
+    canvas: list[int] | None = None
 
 
 # called after every step of generate/infill/stream with that step's outputs of the call's requests
@@ -471,14 +487,23 @@ class Engine:
 
     def _advance(self, batch: list[Request], rec: np.ndarray) -> list[RequestOutput]:
         """Mirror the step's commits on the host; retire finished requests; report."""
-        rows, cols = np.nonzero(rec >= 0)
-        toks = rec[rows, cols].tolist()
+        toks_plane = rec[:, 0]
+        rows, cols = np.nonzero(toks_plane >= 0)
+        toks = toks_plane[rows, cols].tolist()
+        rows, cols = rows.tolist(), cols.tolist()
         commits: list[list[tuple[int, int]]] = [[] for _ in batch]
-        for r, c, t in zip(rows.tolist(), cols.tolist(), toks):
+        for r, c, t in zip(rows, cols, toks):
             commits[r].append((batch[r].window[0] + c, t))
+        confs: list[list[float]] = [[] for _ in batch]
+        if rec.shape[1] > 1:  # a traced step: the second plane holds the confidences' float32 bits
+            for r, v in zip(rows, rec[:, 1].view(np.float32)[rows, cols].tolist()):
+                confs[r].append(v)
         out, finished = [], []
-        for req, done in zip(batch, commits):
+        for req, done, conf in zip(batch, commits, confs):
+            trace = self._trace_start(req, done, conf) if req.params.trace else None
             rewritten = req.apply(done)
+            if trace is not None and rewritten:
+                trace.canvas = list(req.tokens)
             reason = None
             if req.done:
                 reason = "complete"
@@ -487,26 +512,34 @@ class Engine:
             if reason is not None:
                 req.finish(reason)
                 finished.append(req)
-                out.append(self._finish_output(req, len(done)))
+                out.append(self._finish_output(req, len(done), trace))
             else:
                 if rewritten:
                     self.runner.sync(req)
-                out.append(self._running_output(req, len(done)))
+                out.append(self._running_output(req, len(done), trace))
         if finished:
             self.scheduler.retire(finished)
             for req in finished:
                 self.runner.release(req)
         return out
 
-    def _running_output(self, req: Request, committed: int) -> RequestOutput:
+    @staticmethod
+    def _trace_start(req: Request, done: list[tuple[int, int]], conf: list[float]) -> StepTrace:
+        """The step's trace before the host applies it: the block it worked, what it committed and how
+        confidently, and on the first step the canvas it started from."""
+        return StepTrace(step=req.forward_passes + 1, block=tuple(req.window), positions=[p for p, _ in done],
+                         tokens=[t for _, t in done], confidences=conf,
+                         start=list(req.tokens) if req.forward_passes == 0 else None)
+
+    def _running_output(self, req: Request, committed: int, trace: StepTrace | None = None) -> RequestOutput:
         delta = req.answer.take_delta()
         return RequestOutput(request_id=req.request_id, index=req.index, prompt_token_ids=req.prompt_ids,
                              text=req.answer.sent, delta=delta,
                              token_ids=req.tokens[req.answer_start: req.answer.frontier], finished=False,
                              finish_reason=None, forward_passes=req.forward_passes, committed=committed,
-                             seed=req.seed)
+                             seed=req.seed, trace=trace)
 
-    def _finish_output(self, req: Request, committed: int) -> RequestOutput:
+    def _finish_output(self, req: Request, committed: int, trace: StepTrace | None = None) -> RequestOutput:
         with self._lock:
             self._live.pop(req.request_id, None)
         text, n = decode_answer(self.tokenizer, req.tokens, req.answer_start)
@@ -515,4 +548,4 @@ class Engine:
                              text=text, delta=delta, token_ids=req.tokens[req.answer_start:], finished=True,
                              finish_reason=req.finish_reason, forward_passes=req.forward_passes,
                              committed=committed, new_tokens=n, tokens=list(req.tokens), seed=req.seed,
-                             seconds=req.seconds)
+                             seconds=req.seconds, trace=trace)

@@ -65,6 +65,7 @@ class StepShape:
     flags: SampleFlags
     shift: bool  # some row uses right-shifted logits
     rule: str | None  # the commit rule when every row uses the same one ("topk", "threshold", "factor")
+    trace: bool = False  # some row traces: the commit record carries the committed positions' confidences
 
 
 def _select(flag: torch.Tensor, size: int, arange: torch.Tensor):
@@ -100,7 +101,7 @@ class ModelRunner:
         self._pools_made = 0  # a new pool invalidates captured graphs
         self._uncond_pool = False  # the pool holds a second half of slots for CFG's unconditional rows
         self._arange = torch.arange(0)
-        self._rec = torch.zeros(0, 0, dtype=torch.int32)
+        self._rec = torch.zeros(0, 2, 0, dtype=torch.int32)
         self._rec_host = None
         self._ensure_buffers(self.batch.positions, 32)
         names = ("block", "step") + BLOCK
@@ -148,8 +149,10 @@ class ModelRunner:
         if self._arange.numel() < n:
             self._arange = torch.arange(n, device=self.device)
             self._zeros = torch.zeros(n, dtype=torch.long, device=self.device)
-        if self._rec.shape[1] < block:
-            self._rec = torch.full((self.max_rows, block), -1, dtype=torch.int32, device=self.device)
+        if self._rec.shape[2] < block:
+            # plane 0: the token committed (or -1); plane 1, written when a row traces: the bits of the
+            # float32 confidence that ranked it, so that a traced step still makes one copy to the host
+            self._rec = torch.full((self.max_rows, 2, block), -1, dtype=torch.int32, device=self.device)
             if self.device.type == "cuda":
                 self._rec_host = torch.empty(self._rec.shape, dtype=torch.int32, pin_memory=True)
 
@@ -181,7 +184,7 @@ class ModelRunner:
                         rule=kinds.pop() if len(kinds) == 1 else None,
                         block=block_bucket(max(max(hi - lo for lo, hi in r.blocks) for r in running)),
                         length=length_bucket(max(r.length for r in running)), flags=flags,
-                        shift=any(p.right_shift_logits for p in params))
+                        shift=any(p.right_shift_logits for p in params), trace=any(p.trace for p in params))
             self._shape_cache = (key, base)
         base = self._shape_cache[1]
         if self.graphs is None:
@@ -209,7 +212,8 @@ class ModelRunner:
 
     def execute(self, running: list[Request]) -> np.ndarray:
         """Run one step of the running requests (in batch-row order); returns the commit record
-        [len(running), block] (token committed at block position j of row i, or -1)."""
+        [len(running), planes, block]: plane 0 the token committed at block position j of row i (or -1);
+        when a row traces, plane 1 the float32 bits of the confidence that ranked each commit."""
         sh = self.shape(running)
         key = tuple(r.slot for r in running)
         if key != self._rows_key:
@@ -229,10 +233,10 @@ class ModelRunner:
             self.graphs.run(sh, lambda: self._device_step(sh))
         else:
             self._device_step(sh)
-        n = len(running)
-        rec = self._rec[:n, : sh.block]
+        n, planes = len(running), 2 if sh.trace else 1
+        rec = self._rec[:n, :planes, : sh.block]
         if self.device.type == "cuda":
-            host = self._rec_host[:n, : sh.block]
+            host = self._rec_host[:n, :planes, : sh.block]
             host.copy_(rec, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             return host.numpy()
@@ -304,7 +308,9 @@ class ModelRunner:
         # the seen bits are read only by rows with a penalty, so they are kept while one runs
         chosen = self.ops.unmask(conf, ids, k, lo, db.canvas, rule, value, rows=slots,
                                  seen=db.seen if f.penalty else None, unseen=(self.mask_id, self.eos_id))
-        self._rec[:B, :L].copy_(torch.where(chosen, ids, -1))
+        self._rec[:B, 0, :L].copy_(torch.where(chosen, ids, -1))
+        if sh.trace:
+            self._rec[:B, 1, :L].copy_(torch.where(chosen, conf, torch.nan).view(torch.int32))
 
         # counters, as the host does them (engine/request.py): a block ends when it has no mask left
         # or its steps are spent; the next block's row of the table becomes current

@@ -165,12 +165,13 @@ def test_mixed_parameters_are_capturable(golden):
     traces = audited(engine)
     kinds = [dict(cfg_scale=0.7), dict(repetition_penalty=1.3, temperature=0.6), dict(suppress_tokens=[30],
              begin_suppress_tokens=[33]), dict(right_shift_logits=True), dict(remasking="random"),
-             dict(threshold=0.4), dict(factor=1.0), dict(stop_strings=["w5"])]
+             dict(threshold=0.4), dict(factor=1.0), dict(stop_strings=["w5"]), dict(trace=True)]
     prompts, base = _workload(2, n=16)
     params = [b.override(**kinds[i % len(kinds)]) for i, b in enumerate(base)]
     engine.generate(prompts, params)
     assert all(len(seen) == 1 for seen in traces.values())
     assert any(sh.cfg_rows for sh in engine.runner.signatures)
+    assert any(sh.trace for sh in engine.runner.signatures)  # a traced step is audited too
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
