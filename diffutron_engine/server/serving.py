@@ -23,6 +23,7 @@ from .config import ServerConfig
 from .loop import EngineLoop, ShuttingDown
 from .metrics import Metrics
 from .protocol import ApiError, CompletionRequest
+from .trace import TraceEncoder
 
 log = logging.getLogger("diffutron_engine.server")
 
@@ -33,6 +34,7 @@ Job = tuple[int, str, asyncio.Queue]
 class OpenAIServing:
     def __init__(self, loop: EngineLoop, config: ServerConfig, metrics: Metrics, workers: int = 4):
         self.loop, self.config, self.metrics = loop, config, metrics
+        self.traces = TraceEncoder(loop.engine.tokenizer)
         # bounded: a burst of large prompts waits here, not in the event loop nor in unbounded threads
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffutron-serving")
         self._reserved = 0  # places taken by requests being tokenized (read and written on the event loop)
@@ -105,7 +107,9 @@ class OpenAIServing:
     # ------------------------------------------------------------------ answers
     async def _complete(self, req: CompletionRequest, jobs: list[Job], created: int, rid0: str) -> dict:
         try:
-            finals = await asyncio.gather(*(_final(q) for _, _, q in jobs))
+            traces = [[] for _ in jobs] if req.params.trace else None
+            finals = await asyncio.gather(*(_final(q, traces[i] if traces is not None else None)
+                                            for i, (_, _, q) in enumerate(jobs)))
         except BaseException:  # one failed (or the handler was cancelled): the others stop at the next step
             self._abort(jobs)
             raise
@@ -113,6 +117,9 @@ class OpenAIServing:
             raise ApiError(499, "the client closed the connection")
         choices = [protocol.choice(idx, out.text, protocol.finish_reason(out), req.chat)
                    for (idx, _, _), out in zip(jobs, finals)]
+        if traces is not None:  # every step of each choice
+            for c, out, steps in zip(choices, finals, traces):
+                c["trace"] = [self.traces.step(s, len(out.prompt_token_ids)) for s in steps]
         prompt_tokens = sum(len(out.prompt_token_ids) for out in finals[::req.n])
         completion = sum(out.new_tokens for out in finals)
         self.metrics.outcome("ok")
@@ -138,10 +145,12 @@ class OpenAIServing:
                         self.metrics.outcome("disconnected")
                         return
                     idx = index[rid][0]
-                    if out.delta or out.finished:
+                    if out.delta or out.finished or out.trace is not None:  # a traced request: every step
                         reason = protocol.finish_reason(out) if out.finished else None
-                        yield protocol.sse(protocol.chunk(rid0, created, model,
-                                                          [protocol.delta_choice(idx, out.delta, reason, chat)], chat))
+                        choice = protocol.delta_choice(idx, out.delta, reason, chat)
+                        if out.trace is not None:
+                            choice["trace"] = self.traces.step(out.trace, len(out.prompt_token_ids))
+                        yield protocol.sse(protocol.chunk(rid0, created, model, [choice], chat))
                     if out.finished:
                         finals[rid] = out
                     else:
@@ -168,11 +177,14 @@ class OpenAIServing:
             self._abort([job for job in jobs if job[1] not in finals])
 
 
-async def _final(queue: asyncio.Queue):
+async def _final(queue: asyncio.Queue, traces: list | None = None):
+    """The request's final output; every step's trace appended to `traces` on the way when given."""
     while True:
         out = await queue.get()
         if isinstance(out, BaseException):
             raise _as_api_error(out)
+        if traces is not None and out.trace is not None:
+            traces.append(out.trace)
         if out.finished:
             return out
 
