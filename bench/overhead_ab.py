@@ -91,6 +91,12 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"| {b} | {ea:.3f} | {eb:.3f} | {eb / ea:.3f} | {ta:.3f} | {tb:.3f} | {ea / ta:.3f} | {eb / tb:.3f} "
               f"| {sa:.2f}, {sb:.2f} |")
+    for side in ("A", "B"):  # checkouts with the per-step trace also time a traced step
+        if all("trace_cost" in row for rep in reports[side] for row in rep["rows"]):
+            costs = {b: _median(reports[side], b, "trace_cost")[0] for b in batches}
+            print(f"{side}: traced step / untraced step: " + ", ".join(f"batch {b} {c:.3f}" for b, c in costs.items()))
+            for row in rows:
+                row[f"{side.lower()}_trace_cost"] = round(costs[row["batch"]], 3)
     ops = {side: sorted({row["ops_per_step"] for rep in reps for row in rep["rows"]}) for side, reps in reports.items()}
     print(f"\nops per step: A {ops['A']}, B {ops['B']}")
     result = {"repo_a": os.path.abspath(args.repo_a), "repo_b": os.path.abspath(args.repo_b), "rounds": args.rounds,
