@@ -25,12 +25,27 @@ from functools import lru_cache
 _MARKERS = (("\u2581", " "), ("\u0120", " "), ("\u010a", "\n"))
 
 
+def byte_decoder(tokenizer) -> dict[str, int] | None:
+    """For a byte-level BPE tokenizer (GPT-2's scheme: every byte written as one printable character), the
+    character -> byte table that undoes it; None for other tokenizers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
+        return None
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table = {chr(b): b for b in printable}
+    shifted = (b for b in range(256) if b not in table.values())
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
 class TraceEncoder:
     """Turns an engine StepTrace into the wire's dict, with each token's display text (cached by id)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.mask_id = tokenizer.mask_token_id
+        self._bytes = byte_decoder(tokenizer)
         self._text = lru_cache(maxsize=65536)(self._piece)
 
     def _piece(self, token: int) -> str:
@@ -41,6 +56,10 @@ class TraceEncoder:
             return ""
         if piece.startswith("<0x") and piece.endswith(">"):  # a byte fallback piece: show what it decodes to
             return self.tokenizer.decode([int(token)])
+        if self._bytes is not None and all(c in self._bytes for c in piece):
+            # byte-level BPE: the piece's bytes as UTF-8 ("iÅŁlev" is "işlev"); a character split across
+            # tokens shows as U+FFFD in each
+            return bytes(self._bytes[c] for c in piece).decode("utf-8", "replace")
         for marker, shown in _MARKERS:
             piece = piece.replace(marker, shown)
         return piece
