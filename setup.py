@@ -75,6 +75,7 @@ setup(
         "diffutron_engine.engine",
         "diffutron_engine.integrations",
         "diffutron_engine.server",
+        "diffutron_engine.server.static",  # the playground's page (data only)
         "diffutron_engine.bench",
         "diffutron_engine.models",  # the bundled demo model (data) and the random-weight model builder
         "diffutron_engine.kernels",
@@ -86,8 +87,9 @@ setup(
         "diffutron_engine.kernels": "kernels",
         "diffutron_engine.training": "training",
     },
-    # the bundled demo model (trained by `make tiny-tr`, committed: ~16 MB)
-    package_data={"diffutron_engine.models": ["tiny-tr/*"]},
+    # the bundled demo model (trained by `make tiny-tr`, committed: ~16 MB) and the server's playground page
+    package_data={"diffutron_engine.models": ["tiny-tr/*"],
+                  "diffutron_engine.server.static": ["*.html", "*.js", "*.css"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
 )

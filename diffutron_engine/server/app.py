@@ -2,7 +2,11 @@
 disconnect watch. Request and response shapes live in protocol.py, the work in serving.py.
 
     GET  /health                  200 {"status": "ok"}, without the key (load balancers' probe)
+    GET  /, /static/{file}        the playground (static/: a page that runs requests with "trace": true and
+                                  draws the canvas step by step), without the key; what it fetches needs it
     GET  /v1/models, /v1/models/{id}
+    GET  /v1/engine               the model, the engine's settings, the request defaults, every SamplingParams
+                                  field's default and the bounds (the playground's controls)
     POST /v1/completions, /v1/chat/completions   (JSON, or server-sent events with "stream": true)
     GET  /metrics                 Prometheus text
     GET  /docs, /openapi.json     only with `--docs`
@@ -16,16 +20,19 @@ Imports FastAPI at module level (the `serve` extra).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import MAX_STEPS, MAX_TEMPERATURE, REMASKING, SamplingParams
 from .config import ServerConfig
 from .loop import EngineLoop
 from .metrics import Metrics
@@ -36,6 +43,41 @@ log = logging.getLogger("diffutron_engine.server")
 
 # statuses after which the connection is closed: the client may still be sending a body nobody reads
 _CLOSE = {408, 413}
+
+# the playground's files (package data), served without the key; only these names, read once
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8"}
+
+
+def static_files() -> dict[str, tuple[bytes, str]]:
+    """name -> (content, media type) of the playground's files; empty when the folder is missing."""
+    files = {}
+    if os.path.isdir(STATIC_DIR):
+        for name in sorted(os.listdir(STATIC_DIR)):
+            kind = _TYPES.get(os.path.splitext(name)[1])
+            if kind is not None:
+                with open(os.path.join(STATIC_DIR, name), "rb") as f:
+                    files[name] = (f.read(), kind)
+    return files
+
+
+def engine_info(engine, config: ServerConfig) -> dict:
+    """What GET /v1/engine answers: the served model, the engine's settings (and the dtype and device the
+    model really runs in), the server's request defaults (`--fast` sets the threshold), every
+    SamplingParams field's default and the bounds a request is checked against."""
+    param = next(iter(engine.model.parameters()), None)
+    settings = dataclasses.asdict(engine.config)
+    if param is not None:
+        settings["model_dtype"], settings["model_device"] = str(param.dtype).removeprefix("torch."), str(param.device)
+    defaults = {f.name: getattr(SamplingParams(), f.name) for f in dataclasses.fields(SamplingParams)}
+    context = int(getattr(engine.model.config, "max_position_embeddings", 0) or 0)
+    return {"object": "engine", "model": config.model_name, "engine": settings,
+            "request_defaults": dict(config.defaults), "sampling_params": defaults,
+            # the API's names of the fields it takes under OpenAI's names
+            "api_names": {"max_new_tokens": "max_tokens", "stop_strings": "stop"},
+            "bounds": {"max_steps": MAX_STEPS, "max_temperature": MAX_TEMPERATURE, "context": context,
+                       "remasking": list(REMASKING), "max_n": config.max_n}}
 
 
 def create_app(loop: EngineLoop, config: ServerConfig) -> "Guard":
@@ -67,6 +109,28 @@ def create_app(loop: EngineLoop, config: ServerConfig) -> "Guard":
     @api.get("/health")
     async def health():
         return {"status": "ok"}
+
+    files = static_files()
+
+    def static(name: str) -> Response:
+        if name not in files:
+            raise ApiError(404, f"no file {name!r:.100} in the playground")
+        content, kind = files[name]
+        return Response(content, media_type=kind, headers={"cache-control": "no-cache"})
+
+    @api.get("/")
+    async def playground():
+        return static("index.html")
+
+    @api.get("/static/{name}")
+    async def static_file(name: str):
+        return static(name)
+
+    info = engine_info(loop.engine, config)
+
+    @api.get("/v1/engine")
+    async def engine():
+        return info
 
     @api.get("/metrics")
     async def prometheus():
@@ -107,7 +171,7 @@ def create_app(loop: EngineLoop, config: ServerConfig) -> "Guard":
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 
-    return Guard(api, config, metrics, serving)
+    return Guard(api, config, metrics, serving, open_paths={"/health", "/", *(f"/static/{n}" for n in files)})
 
 
 def _outcome(status: int, code: str | None) -> str:
@@ -176,11 +240,14 @@ async def _watched(events: AsyncIterator[bytes], watcher: DisconnectWatcher) -> 
 
 
 class Guard:
-    """Plain ASGI in front of the routes: the bearer key on every route but /health (compared in
-    constant time), and a declared body over the limit refused before a byte of it is read."""
+    """Plain ASGI in front of the routes: the bearer key on every route but the open ones (/health, the
+    playground's page and files; compared in constant time), and a declared body over the limit refused
+    before a byte of it is read."""
 
-    def __init__(self, app, config: ServerConfig, metrics: Metrics, serving: OpenAIServing):
+    def __init__(self, app, config: ServerConfig, metrics: Metrics, serving: OpenAIServing,
+                 open_paths: set[str] = frozenset({"/health"})):
         self.app, self.metrics, self.serving = app, metrics, serving
+        self.open_paths = frozenset(open_paths)
         self.max_body = config.max_body_bytes
         self._key = None if config.api_key is None else _digest(b"Bearer " + config.api_key.encode())
 
@@ -188,7 +255,7 @@ class Guard:
         if scope["type"] != "http":  # lifespan
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])  # lower-case names; a repeated header keeps its last value
-        if self._key is not None and scope["path"] != "/health":
+        if self._key is not None and scope["path"] not in self.open_paths:
             if not hmac.compare_digest(_digest(headers.get(b"authorization", b"")), self._key):
                 self.metrics.outcome("unauthorized")
                 return await _send_json(send, 401, error_body(
