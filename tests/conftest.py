@@ -2,6 +2,7 @@
 markers turned into skips in one place (no device probing at import time)."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -28,7 +29,21 @@ OPTIONAL_PACKAGES = {
     "matplotlib": "pip install -e '.[train]'",
     "yaml": "pip install -e '.[train]'",
     "datasets": "pip install datasets",
+    "playwright": "pip install -e '.[test]', with a browser: apt-get install chromium",
 }
+
+
+def chromium_binary() -> str | None:
+    """The Chromium the browser tests drive through playwright (Debian's package: playwright's own browser
+    download is never used): DIFFUTRON_CHROMIUM when set, else the first one installed."""
+    given = os.environ.get("DIFFUTRON_CHROMIUM")
+    candidates = [given] if given else ["/usr/lib/chromium/chromium", shutil.which("chromium"),
+                                        shutil.which("chromium-browser")]
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+CHROMIUM_REASON = ("needs a Chromium browser (apt-get install chromium, or DIFFUTRON_CHROMIUM=/path/to/chromium) "
+                   "and playwright (pip install -e '.[test]')")
 
 
 def _missing_packages(names) -> list[str]:
@@ -50,6 +65,7 @@ def pytest_collection_modifyitems(config, items):
         "triton": (importlib.util.find_spec("triton") is not None, "needs triton"),
         "cext": (cpp_available(), "needs the compiled C++ extension (diffutron_engine._C: pip install -e . "
                                   "with a C++ compiler, or python setup.py build_ext --inplace)"),
+        "chromium": (chromium_binary() is not None, CHROMIUM_REASON),
     }
     for item in items:
         for marker, (ok, why) in needs.items():
@@ -61,6 +77,15 @@ def pytest_collection_modifyitems(config, items):
             installs = dict.fromkeys(OPTIONAL_PACKAGES[n] for n in missing)
             item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)} (not installed: "
                                                     f"{'; '.join(installs)})"))
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """The Chromium binary for tests marked `chromium` (they are skipped without one)."""
+    path = chromium_binary()
+    if path is None:
+        pytest.skip(CHROMIUM_REASON)
+    return path
 
 
 @pytest.fixture(scope="session")
