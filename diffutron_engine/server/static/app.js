@@ -138,7 +138,9 @@ function renderCanvas(pane, k) {
 }
 
 function renderFigures(pane) {
-  const figures = [["steps asked", pane.body.steps], ["forward passes", pane.trace.length]];
+  // forward passes: one per traced step; while the run is drawn, those drawn so far
+  const passes = pane.seconds === null ? pane.drawn : pane.trace.length;
+  const figures = [["steps asked", pane.body.steps], ["forward passes", passes]];
   if (pane.seconds !== null) {  // once the run is drawn to its end
     const tokens = pane.usage ? pane.usage.completion_tokens : null;
     if (tokens !== null) figures.push(["tokens", tokens], ["tokens/s", (tokens / pane.seconds).toFixed(1)]);
@@ -159,7 +161,7 @@ function makePane(title) {
   const el = $("pane-template").content.firstElementChild.cloneNode(true);
   el.querySelector(".pane-title").textContent = title;
   const pane = {el, trace: [], text: "", usage: null, finish: null, seconds: null, body: null, ended: false,
-                wake: () => {}};
+                drawn: 0, wake: () => {}};
   const slider = el.querySelector(".slider");
   const go = (k) => {
     slider.value = Math.max(0, Math.min(pane.trace.length, k));
@@ -181,11 +183,10 @@ function paneError(pane, error) {
 
 // Draws the steps as they arrive, one per `delay` ms, until the stream has ended and all are drawn.
 async function play(pane, delay) {
-  let drawn = 0;
   for (;;) {
-    if (drawn < pane.trace.length) {
-      drawn += 1;
-      renderCanvas(pane, drawn);
+    if (pane.drawn < pane.trace.length) {
+      pane.drawn += 1;
+      renderCanvas(pane, pane.drawn);
       renderFigures(pane);
       await new Promise((r) => setTimeout(r, delay));
     } else if (pane.ended) {
