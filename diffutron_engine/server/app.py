@@ -70,7 +70,8 @@ def engine_info(engine, config: ServerConfig) -> dict:
     settings = dataclasses.asdict(engine.config)
     if param is not None:
         settings["model_dtype"], settings["model_device"] = str(param.dtype).removeprefix("torch."), str(param.device)
-    defaults = {f.name: getattr(SamplingParams(), f.name) for f in dataclasses.fields(SamplingParams)}
+    plain = SamplingParams()
+    defaults = {f.name: getattr(plain, f.name) for f in dataclasses.fields(SamplingParams)}
     context = int(getattr(engine.model.config, "max_position_embeddings", 0) or 0)
     return {"object": "engine", "model": config.model_name, "engine": settings,
             "request_defaults": dict(config.defaults), "sampling_params": defaults,
