@@ -243,10 +243,11 @@ class SamplingParams(SamplingKnobs):
     - factor: commit the n most confident positions for the largest n with (n + 1) * (1 - c_n) < factor,
       c_n the n-th highest confidence (at least one).
     - early_stop: a request whose answer has ended takes no more forward passes (its text is unchanged).
-    - trace: every output of the request carries the step's StepTrace (positions committed, their tokens
-      and the confidence the commit rule ranked, the block worked; the canvas before the first step and
-      after any rewrite), enough to redraw its canvas at every step. Off: nothing is computed for it;
-      on: one more plane in the step's single device-to-host copy. The tokens are the same either way.
+    - trace: every output of a step that ran the request carries that step's StepTrace (positions
+      committed, their tokens and the confidence the commit rule ranked, the block worked; the canvas
+      before the first step and after any rewrite), enough to redraw its canvas at every step; an abort
+      or error reported without a step has none. Off: nothing is computed for it; on: one more plane in
+      the step's single device-to-host copy. The tokens are the same either way.
 
     Exact mode (the oracle's tokens when greedy, its distribution when sampling) is no threshold, no
     factor, on an engine built with cache="none".

@@ -252,6 +252,10 @@ def plot_reports(reports: list[dict], names: list[str] | None = None):
     if kind != "serve" and len(reports) > 1:
         raise DiffutronError(f"give one {kind} report (several reports are drawn together only for serve: "
                              "one per concurrency)")
-    if kind == "serve":
-        return plot_serve(reports)
-    return plot_throughput(reports[0]) if kind == "throughput" else plot_eval(reports[0])
+    try:
+        if kind == "serve":
+            return plot_serve(reports)
+        return plot_throughput(reports[0]) if kind == "throughput" else plot_eval(reports[0])
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an edited or cut report
+        raise DiffutronError(f"{', '.join(names)}: a {kind} report this version cannot read "
+                             f"({type(exc).__name__}: {str(exc)[:120]})") from None

@@ -201,6 +201,8 @@ def run_overhead(args) -> int:
         cfg = OverheadConfig(threads=args.threads)
     except ValueError as exc:
         raise DiffutronError(str(exc)) from None
+    if getattr(args, "plot", None):  # `bench --overhead` parses the throughput flags
+        raise DiffutronError("--plot draws throughput, eval and serve reports; bench overhead has no plot")
     tag = args.tag or "overhead-cpu"
     _check_save(args, tag)
     report = run(cfg, log=_log)

@@ -101,7 +101,7 @@ class ModelRunner:
         self._pools_made = 0  # a new pool invalidates captured graphs
         self._uncond_pool = False  # the pool holds a second half of slots for CFG's unconditional rows
         self._arange = torch.arange(0)
-        self._rec = torch.zeros(0, 2, 0, dtype=torch.int32)
+        self._rec = torch.zeros(0, dtype=torch.int32)
         self._rec_host = None
         self._ensure_buffers(self.batch.positions, 32)
         names = ("block", "step") + BLOCK
@@ -149,10 +149,11 @@ class ModelRunner:
         if self._arange.numel() < n:
             self._arange = torch.arange(n, device=self.device)
             self._zeros = torch.zeros(n, dtype=torch.long, device=self.device)
-        if self._rec.shape[2] < block:
-            # plane 0: the token committed (or -1); plane 1, written when a row traces: the bits of the
-            # float32 confidence that ranked it, so that a traced step still makes one copy to the host
-            self._rec = torch.full((self.max_rows, 2, block), -1, dtype=torch.int32, device=self.device)
+        if self._rec.numel() < self.max_rows * 2 * block:
+            # flat, viewed by each step as [rows, planes, block] (_record): its first n rows are then one
+            # contiguous run, copied to the host as it is. Plane 0: the token committed (or -1); plane 1,
+            # when a row traces: the bits of the float32 confidence that ranked it
+            self._rec = torch.full((self.max_rows * 2 * block,), -1, dtype=torch.int32, device=self.device)
             if self.device.type == "cuda":
                 self._rec_host = torch.empty(self._rec.shape, dtype=torch.int32, pin_memory=True)
 
@@ -233,14 +234,19 @@ class ModelRunner:
             self.graphs.run(sh, lambda: self._device_step(sh))
         else:
             self._device_step(sh)
-        n, planes = len(running), 2 if sh.trace else 1
-        rec = self._rec[:n, :planes, : sh.block]
+        n = len(running)
+        rec = self._record(sh)[:n]
         if self.device.type == "cuda":
-            host = self._rec_host[:n, :planes, : sh.block]
+            host = self._rec_host[: rec.numel()].view(rec.shape)
             host.copy_(rec, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             return host.numpy()
         return rec.numpy()
+
+    def _record(self, sh: StepShape) -> torch.Tensor:
+        """The step's commit record, [rows, planes, block]: a view of the front of the flat buffer."""
+        planes = 2 if sh.trace else 1
+        return self._rec[: sh.rows * planes * sh.block].view(sh.rows, planes, sh.block)
 
     @torch.no_grad()
     def _device_step(self, sh: StepShape) -> None:
@@ -308,9 +314,10 @@ class ModelRunner:
         # the seen bits are read only by rows with a penalty, so they are kept while one runs
         chosen = self.ops.unmask(conf, ids, k, lo, db.canvas, rule, value, rows=slots,
                                  seen=db.seen if f.penalty else None, unseen=(self.mask_id, self.eos_id))
-        self._rec[:B, 0, :L].copy_(torch.where(chosen, ids, -1))
+        rec = self._record(sh)
+        rec[:, 0].copy_(torch.where(chosen, ids, -1))
         if sh.trace:
-            self._rec[:B, 1, :L].copy_(torch.where(chosen, conf, torch.nan).view(torch.int32))
+            rec[:, 1].copy_(torch.where(chosen, conf, torch.nan).view(torch.int32))
 
         # counters, as the host does them (engine/request.py): a block ends when it has no mask left
         # or its steps are spent; the next block's row of the table becomes current

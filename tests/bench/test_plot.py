@@ -107,6 +107,15 @@ def test_bench_plot_refuses_what_it_cannot_draw_in_one_line(tmp_path, capsys):
     assert json.loads(copy.read_text())["modes"]  # untouched
     _one_error_line(capsys, main(["bench", "plot", th, "--out", str(tmp_path / "no" / "x.png")]),
                     "is not an existing folder")
+    # a report of the right kind, edited by hand: one line, not a traceback
+    edited = json.loads(open(th).read())
+    edited["modes"] = {name: "fast" for name in edited["modes"]}
+    cut = tmp_path / "edited.json"
+    cut.write_text(json.dumps(edited))
+    _one_error_line(capsys, main(["bench", "plot", str(cut), "--out", out]), "edited.json: a throughput report")
+    assert not os.path.exists(out)
+    # the old spelling `bench --overhead` parses the throughput flags: --plot is refused, not ignored
+    _one_error_line(capsys, main(["bench", "--overhead", "--plot", out]), "bench overhead has no plot")
 
 
 # ------------------------------------------------------------------------------------------ refusals

@@ -329,8 +329,11 @@ function requestBody(rule) {
 }
 
 function describeRule(body) {
-  return body.threshold !== null ? `threshold ${body.threshold}` : body.factor !== null ? `factor ${body.factor}` :
-    "exact (the schedule)";
+  if (body.threshold !== null) return `threshold ${body.threshold}`;
+  if (body.factor !== null) return `factor ${body.factor}`;
+  // the schedule is the oracle's tokens only on an engine without a cache (a --fast server uses one)
+  const cache = info && info.engine ? info.engine.cache : "none";
+  return cache === "none" ? "exact (the schedule)" : `the schedule (cache ${cache}: not exact)`;
 }
 
 async function runAll(event) {
@@ -339,6 +342,10 @@ async function runAll(event) {
   const delay = Math.max(0, Number($("delay").value) || 0);
   const runs = [requestBody()];
   if ($("compare").checked) runs.push(requestBody([$("compare-rule").value, Number($("compare-value").value)]));
+  if (runs.length > 1 && runs[0][1].seed === undefined) {  // one seed for both, so only the rule differs
+    const seed = Math.floor(Math.random() * 2 ** 31);
+    for (const [, body] of runs) body.seed = seed;
+  }
   const panes = runs.map(([, body], i) => makePane(`${runs.length > 1 ? "AB"[i] + ": " : ""}${describeRule(body)}`));
   $("panes").replaceChildren(...panes.map((p) => p.el));
   $("panes").classList.toggle("two", panes.length > 1);
