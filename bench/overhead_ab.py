@@ -22,10 +22,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
+from ab_util import add_checkout_arguments, checkout_problem  # noqa: E402
 from diffutron_engine.bench.measure import cpu_name  # noqa: E402
-from diffutron_engine.errors import DiffutronError  # noqa: E402
-from diffutron_engine.outputs import check_file_output, write_text_file  # noqa: E402
-from serve_probe import package_origin  # noqa: E402  (which checkout an interpreter imports)
+from diffutron_engine.outputs import write_text_file  # noqa: E402
 
 
 def _run(repo: str, python: str, threads: int, out: str) -> dict:
@@ -47,29 +46,13 @@ def _median(reports: list[dict], batch: int, key: str) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repo-a", required=True, help="checkout A (e.g. a worktree of the base commit)")
-    ap.add_argument("--repo-b", default=ROOT, help="checkout B (default: this one)")
-    ap.add_argument("--python", default=sys.executable)
-    ap.add_argument("--rounds", type=int, default=3)
+    add_checkout_arguments(ap)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of every run (default: 1)")
-    ap.add_argument("--save", metavar="FILE", help="also write the JSON report here")
     args = ap.parse_args(argv)
-    if args.rounds < 1 or args.threads < 1:
-        print("error: --rounds and --threads must be >= 1", file=sys.stderr)
+    problem = checkout_problem(args) or ("--threads must be >= 1" if args.threads < 1 else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    try:
-        check_file_output(args.save, "--save")  # before minutes of measuring
-    except DiffutronError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for repo in (args.repo_a, args.repo_b):
-        if not os.path.isdir(repo):
-            print(f"error: {repo} is not a folder (a checkout of this project)", file=sys.stderr)
-            return 2
-    for repo in (args.repo_a, args.repo_b):  # an editable install would otherwise run another checkout
-        if os.path.realpath(package_origin(os.path.abspath(repo), args.python)) != os.path.realpath(repo):
-            print(f"error: {args.python} does not import diffutron_engine from {repo}", file=sys.stderr)
-            return 2
     reports = {"A": [], "B": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):

@@ -22,11 +22,11 @@ sys.path.insert(0, ROOT)
 
 from diffutron_engine.bench import serve as bench_serve  # noqa: E402
 from diffutron_engine.bench.measure import cpu_name  # noqa: E402
-from diffutron_engine.errors import DiffutronError  # noqa: E402
-from diffutron_engine.outputs import check_file_output, write_text_file  # noqa: E402
+from diffutron_engine.outputs import write_text_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_probe import Server, package_origin  # noqa: E402  (one way to start a checkout's server)
+from ab_util import add_checkout_arguments, checkout_problem  # noqa: E402
+from serve_probe import Server  # noqa: E402  (one way to start a checkout's server)
 
 KEY = "serve-ab-key"
 
@@ -39,32 +39,15 @@ def _load(url: str, concurrency: int, requests: int, max_tokens: int, extra: dic
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repo-a", required=True, help="checkout A (e.g. a worktree of the base commit)")
-    ap.add_argument("--repo-b", default=ROOT, help="checkout B (default: this one)")
-    ap.add_argument("--python", default=sys.executable)
+    add_checkout_arguments(ap)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests-per-client", type=int, default=4, help="requests = concurrency x this (min 16)")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--save", metavar="FILE", help="also write the JSON report here")
     args = ap.parse_args(argv)
-    if args.rounds < 1 or min(args.concurrency) < 1:
-        print("error: --rounds and --concurrency must be >= 1", file=sys.stderr)
+    problem = checkout_problem(args) or ("--concurrency must be >= 1" if min(args.concurrency) < 1 else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    try:
-        check_file_output(args.save, "--save")  # before minutes of measuring
-    except DiffutronError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for repo in (args.repo_a, args.repo_b):
-        if not os.path.isdir(repo):
-            print(f"error: {repo} is not a folder (a checkout of this project)", file=sys.stderr)
-            return 2
-    for repo in (args.repo_a, args.repo_b):  # an editable install would otherwise serve another checkout
-        if os.path.realpath(package_origin(os.path.abspath(repo), args.python)) != os.path.realpath(repo):
-            print(f"error: {repo} does not hold the diffutron_engine that {args.python} would run there",
-                  file=sys.stderr)
-            return 2
     extra = {"steps": args.max_tokens, "block_size": args.max_tokens}
     rows: dict[tuple[str, int], list[dict]] = {}
     max_batch = max(args.concurrency)

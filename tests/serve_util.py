@@ -137,3 +137,15 @@ def _complete(data: bytes) -> bool:
     head, _, body = data.partition(b"\r\n\r\n")
     found = re.search(rb"content-length: *(\d+)", head, re.I)
     return bool(found) and len(body) >= int(found.group(1))
+
+
+def redraw(trace: list, k: int | None = None) -> list[int]:
+    """The canvas after step k of a trace over HTTP (all steps when None; 0: before the first): start
+    from `start`, write each step's tokens at its positions, take `canvas` whole where given."""
+    tokens = list(trace[0]["start"]["tokens"])
+    for step in trace[: len(trace) if k is None else k]:
+        for pos, tok in zip(step["positions"], step["tokens"]):
+            tokens[pos] = tok
+        if "canvas" in step:
+            tokens = list(step["canvas"]["tokens"])
+    return tokens

@@ -219,7 +219,8 @@ def test_bench_serve_counts_failed_requests_and_saves_without_the_key(capsys, tm
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--repo-a", ".", "--rounds", "0"], "error: --rounds and --threads must be >= 1"),
+    (["--repo-a", ".", "--rounds", "0"], "error: --rounds must be >= 1"),
+    (["--repo-a", ".", "--threads", "0"], "error: --threads must be >= 1"),
     (["--repo-a", ".", "--save", "/nonexistent-folder/x.json"], "error: "),
     (["--repo-a", "/nonexistent-checkout"], "error: /nonexistent-checkout is not a folder"),
     (["--repo-a", "/tmp"], "does not import diffutron_engine from /tmp"),

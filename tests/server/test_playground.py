@@ -11,7 +11,7 @@ import os
 import urllib.request
 
 import pytest
-from serve_util import AUTH, KEY, Server
+from serve_util import AUTH, KEY, Server, redraw
 
 # every test here runs against a server process (model load included): the slow tier; the browser's tests
 # are skipped, naming the installs, without playwright or a Chromium binary
@@ -27,22 +27,9 @@ PROMPT = "Bu işlev"
 SHOTS = "2026-12-02-playground-{}.png"
 
 
-def canvas_at(trace: list, k: int) -> list[int]:
-    """The canvas after step k (0: before the first), as the trace format says to redraw it."""
-    tokens = list(trace[0]["start"]["tokens"])
-    for step in trace[:k]:
-        for pos, tok in zip(step["positions"], step["tokens"]):
-            tokens[pos] = tok
-        if "canvas" in step:
-            tokens = list(step["canvas"]["tokens"])
-    return tokens
-
-
 @pytest.fixture(scope="module")
-def server():
-    s = Server(key=None)
-    yield s
-    s.stop()
+def server(open_server):
+    return open_server
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +82,14 @@ def set_controls(page, prompt=PROMPT, mode="plain", rule=None, delay=0, **settin
     page.fill("#delay", str(delay))
 
 
+def run_once(page, server, **settings):
+    """The page opened, SETTINGS (or `settings`) set, one run to its end."""
+    open_page(page, server)
+    set_controls(page, **(settings or SETTINGS))
+    page.click("#run")
+    wait_finished(page)
+
+
 def wait_finished(page, panes=1):
     page.wait_for_function(f"""() => {{
         const panes = document.querySelectorAll('#panes .pane');
@@ -135,10 +130,7 @@ def test_the_page_loads_without_console_errors_and_shows_the_engine(page, server
 
 @browser_test
 def test_a_run_fills_every_mask_and_ends_with_the_apis_text(page, server):
-    open_page(page, server)
-    set_controls(page, **SETTINGS)
-    page.click("#run")
-    wait_finished(page)
+    run_once(page, server)
     pane = page.locator("#panes .pane").first
     assert pane.get_attribute("data-state") == "done", pane.text_content()
     tokens = cells(page)
@@ -155,10 +147,7 @@ def test_a_run_fills_every_mask_and_ends_with_the_apis_text(page, server):
 
 @browser_test
 def test_the_slider_replays_the_trace_step_by_step(page, server):
-    open_page(page, server)
-    set_controls(page, **SETTINGS)
-    page.click("#run")
-    wait_finished(page)
+    run_once(page, server)
     status, answer = server.post("/v1/completions", {**sent_body(page), "trace": True})
     assert status == 200, answer
     trace = answer["choices"][0]["trace"]
@@ -168,13 +157,13 @@ def test_the_slider_replays_the_trace_step_by_step(page, server):
     for k in (0, 1, len(trace) // 2, len(trace) - 1, len(trace)):
         slider.fill(str(k))
         assert page.get_attribute("#panes .pane", "data-step") == str(k)
-        assert cells(page) == canvas_at(trace, k)[prompt_tokens:], k
+        assert cells(page) == redraw(trace, k)[prompt_tokens:], k
         now = page.eval_on_selector_all("#panes .pane .cell.now", "cells => cells.map(c => Number(c.dataset.pos))")
         assert sorted(now) == (sorted(trace[k - 1]["positions"]) if k else [])
     page.click("#panes .pane .prev")  # ◀ from the last step
-    assert cells(page) == canvas_at(trace, len(trace) - 1)[prompt_tokens:]
+    assert cells(page) == redraw(trace, len(trace) - 1)[prompt_tokens:]
     page.click("#panes .pane .next")
-    assert cells(page) == canvas_at(trace, len(trace))[prompt_tokens:]
+    assert cells(page) == redraw(trace, len(trace))[prompt_tokens:]
     assert not page.problems, page.problems
 
 
@@ -235,10 +224,7 @@ def test_an_error_event_mid_stream_shows_on_the_page(page, server):
     sse = "".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events)
     page.route("**/v1/completions", lambda route: route.fulfill(status=200, body=sse,
                                                                  headers={"content-type": "text/event-stream"}))
-    open_page(page, server)
-    set_controls(page, **SETTINGS)
-    page.click("#run")
-    wait_finished(page)
+    run_once(page, server)
     assert page.get_attribute("#panes .pane", "data-state") == "error"
     assert "The server stopped the run: the request failed: boom" in page.text_content("#panes .pane .error")
     assert cells(page) == [16, 4]  # the step that came is drawn

@@ -6,25 +6,13 @@ import json
 import urllib.request
 
 import pytest
-from serve_util import Server
+from serve_util import redraw
 
 # a server process per module (model load included): the slow tier, like test_server.py
 pytestmark = [pytest.mark.slow, pytest.mark.needs("openai", "fastapi", "uvicorn")]
 
 BODY = {"prompt": "Bu işlev", "max_tokens": 24, "steps": 24, "block_size": 8, "temperature": 0.7, "seed": 7,
         "early_stop": False}
-
-
-def redraw(trace: list, k: int | None = None) -> list[int]:
-    """The canvas after step k (all of them by default): start from `start`, write each step's tokens at
-    its positions, take `canvas` whole where given."""
-    tokens = list(trace[0]["start"]["tokens"])
-    for step in trace[: len(trace) if k is None else k]:
-        for pos, tok in zip(step["positions"], step["tokens"]):
-            tokens[pos] = tok
-        if "canvas" in step:
-            tokens = list(step["canvas"]["tokens"])
-    return tokens
 
 
 def stream(server, path: str, body: dict) -> list[dict]:
@@ -43,10 +31,8 @@ def stream(server, path: str, body: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = Server(key=None)
-    yield s
-    s.stop()
+def server(open_server):
+    return open_server
 
 
 @pytest.fixture(scope="module")
