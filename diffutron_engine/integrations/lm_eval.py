@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 DEFAULTS = dict(
     pretrained=DEFAULT_MODEL, mc_num=128, batch_size=32, device="auto", dtype="auto", is_check_greedy=False,
     max_new_tokens=128, steps=128, block_size=32, temperature=0.0, remasking="low_confidence", seed=0,
-    token_budget=None, max_batch=16, max_batch_size=None, trust_remote_code=False,
+    token_budget=None, max_batch=16, max_batch_size=None, trust_remote_code=False, seed_per_request=True,
 )
 # accepted and unused: lm-eval passes them to every model (max_batch_size: the engine sizes its own
 # forwards; trust_remote_code: Diffutron checkpoints are plain ModernBERT, loaded without remote code)
@@ -104,6 +104,7 @@ class DiffutronLM(LM):
         self.steps = _int("steps", a["steps"])
         self.block_size = _int("block_size", a["block_size"])
         self.seed = _int("seed", a["seed"], minimum=0)
+        self.seed_per_request = _bool("seed_per_request", a["seed_per_request"])
         self.max_batch = _int("max_batch", a["max_batch"])
         try:
             self.temperature = float(a["temperature"])
@@ -122,7 +123,9 @@ class DiffutronLM(LM):
         SamplingParams(max_new_tokens=self.max_new_tokens, steps=self.steps, block_size=self.block_size,
                        temperature=self.temperature, remasking=self.remasking)  # the sampling args, checked early
         self.pretrained = str(a["pretrained"])
-        lm = load_model(self.pretrained, dtype=dtype, device=str(a["device"]))
+        self._rank, self._world_size, local_rank = _launch()
+        device = _device_for(str(a["device"]), self._world_size, local_rank)
+        lm = load_model(self.pretrained, dtype=dtype, device=device)
         if lm.model.config.model_type != "modernbert":
             raise DiffutronError(f"{self.pretrained!r} is a {lm.model.config.model_type!r} model; the diffutron "
                                  "evaluator runs ModernBERT checkpoints (the Diffutron family)")
@@ -134,6 +137,8 @@ class DiffutronLM(LM):
 
         self.runner = ModernBert(self.model)
         self._engine = None
+        if self._world_size > 1:
+            _init_process_group(self._device, self._rank, self._world_size)
 
     # ------------------------------------------------------------------ construction as lm-eval does it
     @classmethod
@@ -153,6 +158,43 @@ class DiffutronLM(LM):
         return cls(**args)
 
     # ------------------------------------------------------------------ lm-eval's interface
+    # data parallel: lm-eval's evaluator gives each rank every world_size-th document of each task
+    # (rank, world_size), pads the ranks to equal request counts (all_gather), waits between request
+    # types (barrier) and collects the logged samples and per-sample metrics on rank 0 (gather_object)
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    def all_gather(self, tensor):
+        if self._world_size <= 1:
+            return tensor
+        import torch
+        import torch.distributed as dist
+
+        t = tensor.reshape(-1)
+        parts = [torch.empty_like(t) for _ in range(self._world_size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def gather_object(self, obj, dst=0):
+        if self._world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     @property
     def tokenizer_name(self) -> str:
         return self.pretrained.replace("/", "__")
@@ -172,8 +214,9 @@ class DiffutronLM(LM):
         pairs = [encode_pair(self.tokenizer, c, x) for c, x in texts]
         check_requests(pairs, self.max_length, texts)
         lls = loglikelihood_batched(self.runner, pairs, self.tokenizer.mask_token_id, self.tokenizer.pad_token_id,
-                                    self.mc_num, self.batch_size, self.token_budget, progress=not disable_tqdm)
-        greedy = self._greedy(pairs) if self.is_check_greedy else [False] * len(pairs)
+                                    self.mc_num, self.batch_size, self.token_budget,
+                                    progress=self._progress(disable_tqdm), seed=self._noise_seed)
+        greedy = self._greedy(pairs, disable_tqdm) if self.is_check_greedy else [False] * len(pairs)
         out = list(zip(lls, greedy))
         for r, o in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", tuple(r.args), o)
@@ -191,7 +234,8 @@ class DiffutronLM(LM):
                 pairs.append(Scored(ids[max(0, lo - half):lo], ids[lo:lo + half]))
                 owner.append(i)
         lls = loglikelihood_batched(self.runner, pairs, self.tokenizer.mask_token_id, self.tokenizer.pad_token_id,
-                                    self.mc_num, self.batch_size, self.token_budget, progress=not disable_tqdm)
+                                    self.mc_num, self.batch_size, self.token_budget,
+                                    progress=self._progress(disable_tqdm), seed=self._noise_seed)
         totals = [0.0] * len(requests)  # an empty text has nothing to score: 0
         for i, ll in zip(owner, lls):
             totals[i] += ll
@@ -200,11 +244,11 @@ class DiffutronLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from ..config import SamplingParams, seed_for
+        from ..config import SamplingParams
         from ..errors import PromptError
         from ..inputs import TextPrompt
 
-        prompts, params, ignored = [], [], set()
+        prompts, params, ignored, seen = [], [], set(), {}
         for i, r in enumerate(requests):
             context, kwargs = r.args[0], dict(r.args[1] or {})
             until = kwargs.pop("until", None) or []
@@ -222,12 +266,13 @@ class DiffutronLM(LM):
             prompts.append(TextPrompt(prompt=context, chat_template=False))  # lm-eval renders its own chat
             params.append(SamplingParams(max_new_tokens=n, steps=steps, block_size=min(self.block_size, n),
                                          temperature=temp, remasking=self.remasking, stop_strings=until or None,
-                                         seed=seed_for(self.seed, i)))
+                                         seed=self._generation_seed(r, i, seen)))
         if ignored:
             log.warning("diffutron: generation arguments without a counterpart here were ignored: %s",
                         ", ".join(sorted(ignored)))
         try:
-            outs = self.engine.generate(prompts, params) if prompts else []
+            with _Progress(len(prompts), "diffutron generation (requests)", self._progress(disable_tqdm)) as bar:
+                outs = self.engine.generate(prompts, params, on_step=bar.on_step) if prompts else []
         except PromptError as exc:  # the engine checks each prompt (its text, its context) once
             hint = " (here: lower max_gen_toks, or use fewer few-shot examples)" if exc.too_long else ""
             raise DiffutronError(f"generation request {exc.index}: {exc.reason}{hint}") from None
@@ -251,7 +296,40 @@ class DiffutronLM(LM):
             self._engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=self.max_batch, cache="none"))
         return self._engine
 
-    def _greedy(self, pairs: list[Scored]) -> list[bool]:
+    @property
+    def _noise_seed(self) -> int | None:
+        """The likelihood noise: per request from (seed, its tokens), or None: torch's stream (dllm's)."""
+        return self.seed if self.seed_per_request else None
+
+    def _generation_seed(self, request, index: int, seen: dict) -> int:
+        """A generation request's seed. seed_per_request: a hash of (seed, its context, its arguments,
+        which repeat of the same request object this is), so a sampled answer does not depend on the
+        other requests or the split across processes; else seed + its index in the call."""
+        from ..config import seed_for
+
+        if not self.seed_per_request:
+            return seed_for(self.seed, index)
+        import hashlib
+        import json
+
+        repeat = seen[id(request)] = seen.get(id(request), -1) + 1
+        text = json.dumps([request.args[0], request.args[1] or {}, repeat], sort_keys=True, default=str,
+                          ensure_ascii=False)
+        digest = hashlib.blake2b(f"{self.seed}\0{text}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % 2**63
+
+    def _progress(self, disable_tqdm: bool) -> bool:
+        """Whether to show a progress bar: not asked off (disable_tqdm), on rank 0 only, and lm-eval's
+        log level (--verbosity / LMEVAL_LOG_LEVEL) at INFO or below."""
+        if disable_tqdm or self._rank != 0:
+            return False
+        level = logging.getLogger("lm_eval").level
+        env = os.environ.get("LMEVAL_LOG_LEVEL", "").upper()
+        if isinstance(logging.getLevelName(env), int):
+            level = max(level, logging.getLevelName(env))
+        return level <= logging.INFO
+
+    def _greedy(self, pairs: list[Scored], disable_tqdm: bool = True) -> list[bool]:
         """The harness's greedy check for every pair, on the engine: the continuation masked, one block,
         one token per step (the most confident argmax), compared with the continuation."""
         from ..config import SamplingParams
@@ -262,8 +340,93 @@ class DiffutronLM(LM):
         # shifting the noise of every later likelihood estimate (the harness's check draws nothing)
         params = [SamplingParams(max_new_tokens=len(p.target), steps=len(p.target), block_size=None, seed=0,
                                  temperature=0.0, remasking="low_confidence", early_stop=False) for p in pairs]
-        outs = self.engine.infill(seqs, params)
+        with _Progress(len(seqs), "diffutron greedy check (requests)", self._progress(disable_tqdm)) as bar:
+            outs = self.engine.infill(seqs, params, on_step=bar.on_step)
         return [list(o.tokens[len(p.context):]) == p.target for p, o in zip(pairs, outs)]
+
+
+class _Progress:
+    """A tqdm bar over finished engine requests (the engine's on_step), on stderr; nothing when off."""
+
+    def __init__(self, total: int, desc: str, show: bool):
+        self.bar = None
+        if show and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
+
+    def on_step(self, outputs) -> None:
+        if self.bar is not None:
+            done = sum(1 for o in outputs if o.finished)
+            if done:
+                self.bar.update(done)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------- data parallel
+def _launch() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment (torchrun and accelerate launch
+    set RANK, WORLD_SIZE, LOCAL_RANK), or from a process group the caller already started."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    except ImportError:  # pragma: no cover - torch without distributed
+        pass
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    local = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
+    if world > 1 and not 0 <= rank < world:
+        raise DiffutronError(f"RANK={rank} is not below WORLD_SIZE={world}: a broken launcher environment")
+    return rank, world, local
+
+
+def _device_for(device: str, world: int, local_rank: int) -> str:
+    """The device of this process: under a launcher with more than one process, a CUDA device (auto on
+    a GPU machine, cuda, cuda:N) is cuda:LOCAL_RANK, one GPU per process; CPU stays CPU."""
+    if world <= 1:
+        return device
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if device not in ("cuda", f"cuda:{local_rank}"):
+            log.warning("diffutron: %d processes: process %d runs on cuda:%d, not %s (one GPU per process, "
+                        "by LOCAL_RANK)", world, local_rank, local_rank, device)
+        return f"cuda:{local_rank}"
+    return device
+
+
+def _init_process_group(device: str, rank: int, world: int) -> None:
+    """torch.distributed's process group for lm-eval's gathers: nccl between GPUs, gloo on CPU; started
+    here unless the caller did, and ended at exit."""
+    import atexit
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise DiffutronError(f"WORLD_SIZE={world} but {var} is not set: start the processes with torchrun "
+                                 "(torchrun --nproc_per_node N -m diffutron_engine eval lm-eval ...) or accelerate launch")
+    if cuda:
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -288,6 +451,11 @@ def cli_main(argv: list[str]) -> int:
                 argv += ["--device", "auto"]
             if not flags & {"--batch_size", "-b"}:
                 argv += ["--batch_size", str(_model_arg(argv, "batch_size") or DEFAULTS["batch_size"])]
+    # lm-eval applies --verbosity only after the evaluation; its LMEVAL_LOG_LEVEL is read at the start,
+    # so the flag becomes the variable (an explicit variable wins): ERROR also silences the progress bars
+    verbosity = _flag_value(argv, "--verbosity") or _flag_value(argv, "-v")
+    if verbosity and not os.environ.get("LMEVAL_LOG_LEVEL"):
+        os.environ["LMEVAL_LOG_LEVEL"] = verbosity.upper()
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:

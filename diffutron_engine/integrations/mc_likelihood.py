@@ -19,10 +19,22 @@ moves to the front of the continuation, the tokenizer encodes context + continua
 alone (each with its default special tokens), and the continuation is the first's tokens after the
 second's length.
 
+Noise: two ways to draw it, the same distribution either way.
+- stream (seed=None; the lm-eval model's `seed_per_request=False`): drawn from torch's default
+  generators, request after request in the order given, exactly as the one-request-at-a-time harness
+  draws it. These are the numbers that equal dllm's harness's (to float rounding) for the same torch
+  seed, the same requests in the same order and the same device; any change in what comes before a
+  request (other tasks, --limit, another split across processes) changes its noise.
+- per request (seed=int; the lm-eval model's default): each request's draws come from its own CPU
+  generator seeded by a hash of (seed, context ids, continuation ids) (request_seed). A request scores
+  the same number whatever the other requests, their order, the number of processes or the device
+  (up to float rounding of the forwards); these numbers are not dllm's (other masks), only equal in
+  distribution.
+
 Why this file computes the same numbers faster:
-- the noise is drawn first, for every request in the order given, consuming torch's generators exactly
-  as the one-request-at-a-time harness does (same seed and request order: same masks); the forwards
-  then run in any order;
+- the noise is drawn first, for every request, as above (the stream consuming torch's generators
+  exactly as the one-request-at-a-time harness does: same seed and request order, same masks); the
+  forwards then run in any order;
 - copies of many requests share a forward: rows sorted by length and packed up to a token budget,
   right-padded with the padding masked out of attention (positions start at 0 in every row, so a row's
   result does not depend on its neighbours);
@@ -36,6 +48,8 @@ reference for tests and `diffutron-engine bench eval`.
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -90,16 +104,33 @@ def check_mc(mc_num, batch_size) -> tuple[int, int]:
     return mc_num, batch_size
 
 
-def draw_masks(length: int, copies: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_masks(length: int, copies: int, device, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One stratified draw for a continuation of `length` tokens: masks [copies, length] (bool, CPU) and
-    the masking ratios p [copies] (float32), consuming torch's generators as the harness does."""
-    k = torch.randint(1, length + 1, (), device=device)
+    the masking ratios p [copies] (float32). generator None: torch's default generators, consumed as the
+    harness consumes them (k on `device`); else every number comes from that CPU generator (`device`
+    unused), so the draw depends on nothing else."""
+    if generator is not None:
+        device = "cpu"
+    k = torch.randint(1, length + 1, (), device=device, generator=generator)
     # float32 arithmetic as in the harness (k is an integer tensor, length / copies a Python float)
     end = k + (copies - 1) * (length / copies)
     counts = torch.round(torch.linspace(float(k), float(end), steps=copies, device=device)).long()
     counts = ((counts - 1) % length + 1).cpu()
-    masks = torch.stack([torch.randperm(length) < counts[i] for i in range(copies)])
+    masks = torch.stack([torch.randperm(length, generator=generator) < counts[i] for i in range(copies)])
     return masks, counts / length
+
+
+def request_seed(seed: int, pair: Scored) -> int:
+    """The seed of one request's noise: a hash of (seed, its context ids, its continuation ids), so that
+    the draw depends on what is scored and nothing else (not on the other requests, their order, how
+    they are split across processes, or the device)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(int(seed).to_bytes(16, "little", signed=True))
+    for part in (pair.context, pair.target):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(b"".join(int(t).to_bytes(8, "little", signed=True) for t in part))
+    return int.from_bytes(h.digest(), "little") % 2**63
 
 
 class _Rows:
@@ -111,11 +142,16 @@ class _Rows:
         self.ratios: list[float] = []
 
 
-def draw_all(pairs: list[Scored], mc_num: int, batch_size: int, device) -> _Rows:
+def draw_all(pairs: list[Scored], mc_num: int, batch_size: int, device, seed: int | None = None) -> _Rows:
+    """The noise of every request: seed None, one stream of torch's generators in request order (the
+    harness's); else each request from its own generator seeded by request_seed(seed, pair)."""
     rows = _Rows()
     for r, p in enumerate(pairs):
+        gen = None
+        if seed is not None:
+            gen = torch.Generator().manual_seed(request_seed(seed, p))
         for _ in range(mc_num // batch_size):
-            masks, ratios = draw_masks(len(p.target), batch_size, device)
+            masks, ratios = draw_masks(len(p.target), batch_size, device, gen)
             rows.request.extend([r] * batch_size)
             rows.masks.extend(masks)
             rows.ratios.extend(ratios.tolist())
@@ -143,16 +179,18 @@ def pack(lengths: list[int], token_budget: int) -> list[tuple[int, int]]:
 
 
 def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int, mc_num: int, batch_size: int,
-                          token_budget: int = TOKEN_BUDGET["cpu"], ops=None, progress: bool = False
-                          ) -> list[float]:
+                          token_budget: int = TOKEN_BUDGET["cpu"], ops=None, progress: bool = False,
+                          seed: int | None = None) -> list[float]:
     """The estimate for every pair (module docstring), batched; runner: a ModernBert. ops: the backends
     (backends.Ops) of the fused cross-entropy (None: selected for the runner's device). progress: a
-    tqdm bar over the scored copies (lm-eval runs can be long)."""
+    tqdm bar over the scored copies on stderr, with its ETA (lm-eval runs can be long). seed: None draws
+    the noise from torch's generators in request order (the harness's stream); an int seeds each
+    request's draws from (seed, its tokens) (module docstring, "Noise")."""
     check_mc(mc_num, batch_size)
     if not pairs:
         return []
     device = runner.device
-    rows = draw_all(pairs, mc_num, batch_size, device)
+    rows = draw_all(pairs, mc_num, batch_size, device, seed)
     if ops is None:
         from ..backends import Ops
 
@@ -165,7 +203,8 @@ def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(order), desc="diffutron likelihood (copies)", unit="copy")
+        bar = tqdm(total=len(order), desc="diffutron likelihood (copies)", unit="copy", file=sys.stderr,
+                   dynamic_ncols=True)
     for start, n in pack([pairs[rows.request[i]].length for i in order], token_budget):
         chunk = order[start:start + n]
         width = pairs[rows.request[chunk[0]]].length
@@ -199,10 +238,12 @@ def loglikelihood_batched(runner, pairs: list[Scored], mask_id: int, pad_id: int
 
 # ------------------------------------------------------------------------------------------ reference
 @torch.no_grad()
-def loglikelihood_plain(model, pairs: list[Scored], mask_id: int, mc_num: int, batch_size: int) -> list[float]:
+def loglikelihood_plain(model, pairs: list[Scored], mask_id: int, mc_num: int, batch_size: int,
+                        seed: int | None = None) -> list[float]:
     """The plain implementation, as the one-request-at-a-time harness computes it: for each request and
     draw, a full forward of the B copies, full [B, T, V] logits, cross-entropy over the masked
-    continuation positions divided by the ratio. model: a transformers masked LM."""
+    continuation positions divided by the ratio. model: a transformers masked LM. seed: the noise as
+    in loglikelihood_batched (None: torch's generators in request order, the harness's)."""
     check_mc(mc_num, batch_size)
     device = next(model.parameters()).device
     out = []
@@ -210,8 +251,9 @@ def loglikelihood_plain(model, pairs: list[Scored], mask_id: int, mc_num: int, b
         seq = torch.tensor(p.context + p.target, device=device)[None, :].repeat(batch_size, 1)
         c, L = len(p.context), len(p.target)
         per_draw = []
+        gen = None if seed is None else torch.Generator().manual_seed(request_seed(seed, p))
         for _ in range(mc_num // batch_size):
-            masks, ratios = draw_masks(L, batch_size, device)
+            masks, ratios = draw_masks(L, batch_size, device, gen)
             masked = torch.cat([torch.zeros(batch_size, c, dtype=torch.bool), masks], dim=1).to(device)
             noisy = torch.where(masked, mask_id, seq)
             logits = model(input_ids=noisy).logits

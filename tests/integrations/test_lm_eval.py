@@ -1,10 +1,12 @@
 """The lm-evaluation-harness model `diffutron` and the Monte-Carlo likelihood behind it.
 
 The batched estimator is checked against the plain one-request-at-a-time implementation (same seed,
-same requests: same numbers within 1e-4 relative in float32), the noise draw by its definition, the
+same requests: same numbers within 1e-4 relative in float32), the noise draw by its definition (per
+request: independent of order and split; the stream: the harness's), the
 greedy check against a plain loop, generation against the engine's contract, bad input by its
 messages; end to end through lm-eval's evaluator and `diffutron-engine eval lm-eval` on the task YAMLs
-in tests/data/lm_eval (the CLI run in the slow tier: lm-eval's CLI indexes all its task folders).
+in tests/data/lm_eval (the CLI run in the slow tier: lm-eval's CLI indexes all its task folders), and with
+two processes under torchrun (slow tier: the same samples and aggregates as one).
 """
 
 import json
@@ -137,8 +139,8 @@ def test_loglikelihood_through_the_lm_class(lm, tiny):
     torch.manual_seed(5)
     got = lm.loglikelihood(reqs)
     pairs = [mc.encode_pair(tiny.tokenizer, c, x) for c, x in PAIRS_TEXT]
-    torch.manual_seed(5)
-    plain = mc.loglikelihood_plain(tiny.model, pairs, tiny.tokenizer.mask_token_id, 8, 4)
+    # the default noise: each request's own, from the model's seed (0) and its tokens
+    plain = mc.loglikelihood_plain(tiny.model, pairs, tiny.tokenizer.mask_token_id, 8, 4, seed=0)
     assert _rel([g for g, _ in got], plain) <= 1e-4
     assert all(flag is False for _, flag in got)  # no greedy check unless asked
 
@@ -186,9 +188,9 @@ def test_generate_until_cuts_at_until_and_honours_max_gen_toks(lm):
     engine, seen = lm.engine, []
     real = engine.generate
 
-    def spy(prompts, params):
+    def spy(prompts, params, **kw):
         seen.append(params)
-        outs = real(prompts, params)
+        outs = real(prompts, params, **kw)
         seen.append(outs)
         return outs
 
@@ -221,8 +223,7 @@ def test_loglikelihood_rolling_sums_windows(lm, tiny):
         lm.max_length = saved
     windows = [mc.Scored(ids[max(0, lo - 20):lo], ids[lo:lo + 20]) for lo in range(0, len(ids), 20)]
     assert len(windows) >= 3
-    torch.manual_seed(2)
-    plain = mc.loglikelihood_plain(tiny.model, windows, tiny.tokenizer.mask_token_id, 8, 4)
+    plain = mc.loglikelihood_plain(tiny.model, windows, tiny.tokenizer.mask_token_id, 8, 4, seed=0)
     assert got[1] == 0.0 and abs(got[0] - sum(plain)) <= 1e-4 * abs(sum(plain))
 
 
@@ -363,3 +364,123 @@ def test_bench_eval_small_run_reports_identical_numbers():
     assert report["results"][0]["forwards"] == 4 * 2 and report["results"][1]["forwards"] == 1
     assert report["speedup"] > 0 and "speed-up" in format_table(report)
     json.dumps(report)
+
+
+# ------------------------------------------------------------------------------------ noise per request
+def test_per_request_noise_does_not_depend_on_order_or_split(tiny):
+    """seed given: each request's noise comes from (seed, its tokens), so its number is the same in any
+    order, alone or with others, whatever torch's generator holds (up to float rounding of the forwards,
+    whose rows are packed differently)."""
+    pairs = [mc.encode_pair(tiny.tokenizer, c, x) for c, x in PAIRS_TEXT]
+    runner, mask, pad = ModernBert(tiny.model), tiny.tokenizer.mask_token_id, tiny.tokenizer.pad_token_id
+
+    def score(ps, torch_seed):
+        torch.manual_seed(torch_seed)
+        return mc.loglikelihood_batched(runner, ps, mask, pad, 8, 4, token_budget=64, seed=7)
+
+    whole = score(pairs, 0)
+    order = [3, 0, 4, 2, 1]
+    shuffled = score([pairs[i] for i in order], 1)
+    split = score(pairs[:2], 2) + score(pairs[2:], 3)
+    assert _rel(whole, [shuffled[order.index(i)] for i in range(len(pairs))]) <= 1e-6
+    assert _rel(whole, split) <= 1e-6
+    for i, p in enumerate(pairs):  # one at a time: the same noise (a request's own generator)
+        assert _rel([whole[i]], score([p], 100 + i)) <= 1e-6
+    # the noise really is the request's draw: the plain implementation from the same seeds agrees
+    assert _rel(whole, mc.loglikelihood_plain(tiny.model, pairs, mask, 8, 4, seed=7)) <= 1e-4
+    assert score(pairs, 0) == whole  # same packing: bit for bit
+    assert mc.loglikelihood_batched(runner, pairs, mask, pad, 8, 4, token_budget=64, seed=8) != whole
+
+
+def test_request_seed_is_a_function_of_seed_and_tokens():
+    a, b = mc.Scored([5, 6], [7]), mc.Scored([5], [6, 7])
+    assert mc.request_seed(0, a) == mc.request_seed(0, mc.Scored([5, 6], [7]))
+    assert len({mc.request_seed(0, a), mc.request_seed(0, b), mc.request_seed(1, a)}) == 3  # the split counts
+    assert 0 <= mc.request_seed(2**62, a) < 2**63
+
+
+@pytest.mark.needs("lm_eval")
+def test_lm_default_noise_is_per_request_and_stream_mode_is_the_harnesss(tiny_checkpoint, tiny):
+    """Default (seed_per_request): a request's number depends on the model's seed and the request, not on
+    torch's generator or the others; seed_per_request=false: torch's stream in request order, the numbers
+    of the one-request-at-a-time harness for the same torch seed and order."""
+    from diffutron_engine.integrations.lm_eval import DiffutronLM
+
+    pairs = [mc.encode_pair(tiny.tokenizer, c, x) for c, x in PAIRS_TEXT]
+    reqs = [_Req(c, x) for c, x in PAIRS_TEXT]
+    mask = tiny.tokenizer.mask_token_id
+    per = DiffutronLM(pretrained=tiny_checkpoint, mc_num=8, batch_size=4, device="cpu", dtype="float32", seed=3)
+    torch.manual_seed(0)
+    got = [ll for ll, _ in per.loglikelihood(reqs)]
+    torch.manual_seed(1)
+    backwards = [ll for ll, _ in per.loglikelihood(reqs[::-1])][::-1]
+    assert _rel(got, backwards) <= 1e-6
+    assert _rel(got, mc.loglikelihood_plain(tiny.model, pairs, mask, 8, 4, seed=3)) <= 1e-4
+    stream = DiffutronLM(pretrained=tiny_checkpoint, mc_num=8, batch_size=4, device="cpu", dtype="float32",
+                         seed_per_request="false")
+    torch.manual_seed(4)
+    got = [ll for ll, _ in stream.loglikelihood(reqs)]
+    torch.manual_seed(4)
+    assert _rel(got, mc.loglikelihood_plain(tiny.model, pairs, mask, 8, 4)) <= 1e-4
+
+
+@pytest.mark.needs("lm_eval")
+def test_sampled_generation_seeds_follow_the_request_not_its_place(lm):
+    """seed_per_request: a sampled request's seed is a function of (seed, its context and arguments,
+    which repeat of the request object it is): the same in any order; repeats differ."""
+    a = _Req("Hava bugün", {"max_gen_toks": 4, "do_sample": True})
+    b = _Req("Bir dil modeli", {"max_gen_toks": 4, "do_sample": True})
+    seeds = [lm._generation_seed(r, i, seen := {}) for i, r in enumerate([a, b])]
+    seen = {}
+    assert [lm._generation_seed(r, i, seen) for i, r in enumerate([b, a])] == seeds[::-1]
+    seen = {}
+    first, second = lm._generation_seed(a, 0, seen), lm._generation_seed(a, 1, seen)
+    assert first == seeds[0] and second != first
+
+
+# --------------------------------------------------------------------------------------- data parallel
+@pytest.mark.slow
+@pytest.mark.needs("lm_eval")
+def test_two_processes_score_what_one_does(tiny_checkpoint, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each scores its share of the offline tasks, and lm-eval's
+    logged samples and aggregates on rank 0 are those of one process (same seed)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_dp_run.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "ds"),
+               OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    r = subprocess.run([sys.executable, script, tiny_checkpoint, TASKS, str(one)], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        script, tiny_checkpoint, TASKS, str(two)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert a["results"] == b["results"]  # the aggregates
+    # each process scored its share: the two shares are the whole (lm-eval pads a shorter share with a
+    # repeat of its last request, so a share may hold one request more)
+    alone = json.loads(open(f"{one}.rank0").read())
+    shares = [json.loads(open(f"{two}.rank{k}").read()) for k in (0, 1)]
+    for kind, n in alone.items():
+        assert all(0 < s[kind] < n for s in shares) and n <= shares[0][kind] + shares[1][kind] <= n + 2
+    for task, rows in a["samples"].items():
+        other = b["samples"][task]
+        assert [s["doc_id"] for s in rows] == [s["doc_id"] for s in other]
+        for x, y in zip(rows, other):
+            assert x["filtered_resps"] == y["filtered_resps"] or _close(x["filtered_resps"], y["filtered_resps"])
+            # the first response of each request (a padded repeat adds a second on its rank)
+            assert _close([r[0] for r in x["resps"]], [r[0] for r in y["resps"]])
+            assert {k: v for k, v in x.items() if k not in ("resps", "filtered_resps")} == \
+                   {k: v for k, v in y.items() if k not in ("resps", "filtered_resps")}
+
+
+def _close(x, y) -> bool:
+    """Equal, numbers within 1e-6 relative (the forwards are packed differently across processes)."""
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_close(u, v) for u, v in zip(x, y))
+    if isinstance(x, float) and isinstance(y, float):
+        return abs(x - y) <= 1e-6 * max(abs(x), abs(y), 1e-12)
+    return x == y
