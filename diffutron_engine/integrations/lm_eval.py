@@ -7,10 +7,10 @@
     lm = DiffutronLM(pretrained=..., mc_num=128, batch_size=32, device="cuda", dtype="bfloat16")
     lm_eval.simple_evaluate(model=lm, tasks=[...])
 
-- `loglikelihood`: the masked-diffusion Monte-Carlo estimate (mc_likelihood.py says how and why it is
-  the same number as dllm's one-request-at-a-time harness for the same seed and request order), with
-  the copies of all requests batched by length up to `token_budget` tokens per forward and the LM head
-  only at scored positions. `batch_size` keeps the estimator's meaning: copies per stratified draw.
+- `loglikelihood`: the masked-diffusion Monte-Carlo estimate (mc_likelihood.py says how, and when it is
+  the same number as dllm's one-request-at-a-time harness: seed_per_request=false, same torch seed and
+  request order), with the copies of all requests batched by length up to `token_budget` tokens per
+  forward and the LM head only at scored positions. `batch_size` keeps the estimator's meaning: copies per stratified draw.
   `is_check_greedy=True` also runs the harness's greedy check (the masked continuation filled one most
   confident token per step, on the engine, all requests batched); otherwise the flag is False.
 - `generate_until`: the engine in exact mode (cache "none"): lm-eval's `until` strings stop and cut the
@@ -19,6 +19,19 @@
 - `loglikelihood_rolling`: the same estimator over windows: the text's tokens cut into windows of half
   the model's context, window i scored as the continuation of the up to half-context tokens before it
   (none for the first); the sum over windows (an ELBO, like every number here: a lower bound).
+- `peft=PATH`: a LoRA adapter folder applied to `pretrained` (loading.load_model's adapter: merged
+  in memory, so it scores what its merged checkpoint scores).
+- data parallel: under torchrun or accelerate launch (RANK, WORLD_SIZE, LOCAL_RANK) each process scores
+  its share of the requests (lm-eval's evaluator splits them by rank and gathers the results on rank 0
+  through the rank/world_size/all_gather/gather_object/barrier below, over torch.distributed: gloo on
+  CPU, nccl between GPUs, one GPU per LOCAL_RANK).
+- noise: by default each request's Monte-Carlo draws come from (seed, its tokens), so its number does
+  not depend on the other requests, their order or the number of processes; `seed_per_request=false`
+  draws them from torch's generators in request order instead, dllm's harness's numbers
+  (mc_likelihood.py, "Noise").
+- progress: one tqdm bar per phase (likelihood copies, generation requests, the greedy check) on
+  stderr with its ETA, on rank 0; none with disable_tqdm or lm-eval's log level above INFO
+  (--verbosity WARNING/ERROR, LMEVAL_LOG_LEVEL).
 - chat: `apply_chat_template` renders Diffutron-Instruct's template (loading.render_chat) when lm-eval
   is run with --apply_chat_template.
 
@@ -55,6 +68,7 @@ DEFAULTS = dict(
     pretrained=DEFAULT_MODEL, mc_num=128, batch_size=32, device="auto", dtype="auto", is_check_greedy=False,
     max_new_tokens=128, steps=128, block_size=32, temperature=0.0, remasking="low_confidence", seed=0,
     token_budget=None, max_batch=16, max_batch_size=None, trust_remote_code=False, seed_per_request=True,
+    peft=None,
 )
 # accepted and unused: lm-eval passes them to every model (max_batch_size: the engine sizes its own
 # forwards; trust_remote_code: Diffutron checkpoints are plain ModernBERT, loaded without remote code)
@@ -125,7 +139,9 @@ class DiffutronLM(LM):
         self.pretrained = str(a["pretrained"])
         self._rank, self._world_size, local_rank = _launch()
         device = _device_for(str(a["device"]), self._world_size, local_rank)
-        lm = load_model(self.pretrained, dtype=dtype, device=device)
+        self.peft = None if a["peft"] in (None, "") else str(a["peft"])
+        # a LoRA adapter on `pretrained`, merged in memory by the loader (its merged checkpoint's numbers)
+        lm = load_model(self.pretrained, dtype=dtype, device=device, **({"adapter": self.peft} if self.peft else {}))
         if lm.model.config.model_type != "modernbert":
             raise DiffutronError(f"{self.pretrained!r} is a {lm.model.config.model_type!r} model; the diffutron "
                                  "evaluator runs ModernBERT checkpoints (the Diffutron family)")

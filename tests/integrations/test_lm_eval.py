@@ -484,3 +484,74 @@ def _close(x, y) -> bool:
     if isinstance(x, float) and isinstance(y, float):
         return abs(x - y) <= 1e-6 * max(abs(x), abs(y), 1e-12)
     return x == y
+
+
+# ------------------------------------------------------------------------------------------- progress
+@pytest.mark.needs("lm_eval")
+def test_progress_bars_per_phase_and_quiet_when_asked(lm, capfd, monkeypatch):
+    """One bar per phase on stderr (likelihood copies, generation requests), with an ETA; none with
+    disable_tqdm or lm-eval's log level at WARNING/ERROR."""
+    import logging
+
+    reqs = [_Req(c, x) for c, x in PAIRS_TEXT[:2]]
+    gen = [_Req("Hava bugün", {"max_gen_toks": 4})]
+    monkeypatch.delenv("LMEVAL_LOG_LEVEL", raising=False)
+    monkeypatch.setattr(logging.getLogger("lm_eval"), "level", logging.INFO)
+    capfd.readouterr()
+    lm.loglikelihood(reqs)
+    lm.generate_until(gen)
+    out, err = capfd.readouterr()
+    assert not out
+    assert "diffutron likelihood (copies)" in err and "16/16" in err  # 2 requests x mc_num 8
+    assert "diffutron generation (requests)" in err and "1/1" in err and "<" in err  # elapsed<remaining
+    lm.loglikelihood(reqs, disable_tqdm=True)
+    lm.generate_until(gen, disable_tqdm=True)
+    assert "diffutron" not in capfd.readouterr().err
+    for quiet in ("WARNING", "ERROR"):
+        monkeypatch.setattr(logging.getLogger("lm_eval"), "level", logging.getLevelName(quiet))
+        lm.loglikelihood(reqs)
+        assert "diffutron" not in capfd.readouterr().err
+    monkeypatch.setattr(logging.getLogger("lm_eval"), "level", logging.INFO)
+    monkeypatch.setenv("LMEVAL_LOG_LEVEL", "ERROR")  # what `eval lm-eval --verbosity ERROR` sets
+    lm.generate_until(gen)
+    assert "diffutron" not in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- peft
+@pytest.fixture(scope="module")
+def adapter_and_merged(tiny_checkpoint, tmp_path_factory):
+    """A LoRA adapter on the tiny checkpoint (random, non-zero B: it changes the model) and the
+    checkpoint `train merge` makes of it."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForMaskedLM
+
+    from diffutron_engine.training.merge import merge_lora
+
+    out = tmp_path_factory.mktemp("peft")
+    torch.manual_seed(0)
+    base = AutoModelForMaskedLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["Wqkv", "Wo", "Wi"],
+                                            init_lora_weights=False))
+    adapter = str(out / "adapter")
+    model.save_pretrained(adapter)
+    return adapter, merge_lora(adapter, str(out / "merged"))
+
+
+@pytest.mark.needs("lm_eval", "peft")
+def test_peft_adapter_scores_what_its_merged_checkpoint_scores(tiny_checkpoint, adapter_and_merged):
+    from diffutron_engine.integrations.lm_eval import DiffutronLM
+
+    adapter, merged = adapter_and_merged
+    kw = dict(mc_num=8, batch_size=4, device="cpu", dtype="float32", max_new_tokens=8, steps=8, block_size=8)
+    reqs = [_Req(c, x) for c, x in PAIRS_TEXT]
+    gen = [_Req("Soru: Türkiye'nin başkenti neresidir?\nCevap:", {"until": ["\n"], "max_gen_toks": 6})]
+    with_adapter = DiffutronLM(pretrained=tiny_checkpoint, peft=adapter, **kw)
+    want = DiffutronLM(pretrained=merged, **kw)
+    base = DiffutronLM(pretrained=tiny_checkpoint, **kw)
+    got = with_adapter.loglikelihood(reqs)
+    assert got == want.loglikelihood(reqs)  # bit for bit: the same float32 weights
+    assert got != base.loglikelihood(reqs)  # and the adapter is applied
+    assert with_adapter.generate_until(gen) == want.generate_until(gen)
+    with pytest.raises(DiffutronError, match="does not exist"):
+        DiffutronLM(pretrained=tiny_checkpoint, peft=str(os.path.dirname(adapter) + "/missing"), **kw)
