@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import torch
 
@@ -23,27 +24,32 @@ def merge_lora(adapter: str, out: str, base: str | None = None, force: bool = Fa
     hub id, a local folder or a bundled name) and its vocabulary, and `out` (new, empty, an earlier
     merge's output, or anything else but the inputs with `force`)."""
     try:
-        from peft import PeftModel
+        import peft  # noqa: F401
     except ImportError:
         raise DiffutronError("merging needs peft: pip install 'diffutron-engine[train]'") from None
     from ..loading import resolve_model_path
 
-    recorded = _adapter_base(adapter)
+    recorded = adapter_base(adapter)
     base_name = base or recorded
     if not base_name:
         raise DiffutronError(f"the adapter {adapter} names no base model (base_model_name_or_path); give --base")
     base_path = resolve_model_path(base_name)
     inputs = (adapter, base_path if os.path.isdir(base_path) else None)
     target = check_folder_output(out, "--out", MERGE_MARKER, force=force, inputs=inputs)
-    _check_vocabulary(adapter, recorded, base_name, base_path)
-    merged, tok = _merged(PeftModel, adapter, base_name, base_path)
+    check_vocabulary(adapter, recorded, base_name, base_path)
+    merged, tok = _merged(adapter, base_name, base_path)
     stamp = {"adapter": os.path.abspath(adapter), "base": base_name,
              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     replace_folder(target, lambda tmp: (merged.save_pretrained(tmp), tok.save_pretrained(tmp)), MERGE_MARKER, stamp)
     return out
 
 
-def _adapter_base(adapter: str) -> str | None:
+def is_adapter(path: str) -> bool:
+    """Whether `path` is a folder holding an adapter_config.json (a peft adapter, e.g. `train`'s final/)."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def adapter_base(adapter: str) -> str | None:
     """The base model an adapter folder names (None when it names none), after checking it is one."""
     path = os.path.join(adapter, "adapter_config.json")
     if not os.path.isfile(path):
@@ -72,9 +78,9 @@ def _vocab_size(path: str) -> int | None:
     return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
-def _check_vocabulary(adapter: str, recorded: str | None, base_name: str, base_path: str) -> None:
-    """A --base other than the adapter's own must have its vocabulary: else the merge would pair the
-    adapter's tokenizer with embeddings of other tokens, and nothing downstream would say so."""
+def check_vocabulary(adapter: str, recorded: str | None, base_name: str, base_path: str, flag: str = "--base") -> None:
+    """A base other than the adapter's own (given with `flag`) must have its vocabulary: else the merge
+    would pair the adapter's tokenizer with embeddings of other tokens, and nothing downstream would say so."""
     from ..loading import load_tokenizer, resolve_model_path
 
     theirs = _vocab_size(base_path)
@@ -91,11 +97,41 @@ def _check_vocabulary(adapter: str, recorded: str | None, base_name: str, base_p
         if ours <= theirs:  # a tokenizer may be shorter than its model's (padded) vocabulary
             return
     if ours is not None and ours != theirs:
-        raise DiffutronError(f"--base {base_name!r} has a vocabulary of {theirs:,} tokens, {what} one of {ours:,}: "
-                             "the adapter was trained on another model; give its own base (or leave --base out)")
+        raise DiffutronError(f"{flag} {base_name!r} has a vocabulary of {theirs:,} tokens, {what} one of {ours:,}: "
+                             f"the adapter {adapter} was trained on another model; give its own base "
+                             f"(or leave {flag} out)")
 
 
-def _merged(peft_model, adapter: str, base_name: str, base_path: str):
+def adapter_tokenizer(adapter: str, base_path: str) -> str:
+    """Where the tokenizer of base + adapter comes from: the adapter's folder when it holds one (`train`
+    saves it there), else the base's."""
+    return adapter if os.path.isfile(os.path.join(adapter, "tokenizer.json")) else base_path
+
+
+def apply_adapter(model, adapter: str, base_name: str):
+    """`model` (the base, loaded) with the LoRA adapter folded into its weights (peft's merge_and_unload):
+    a plain model again. An adapter that does not fit the base (target modules it lacks, tensors of other
+    shapes, adapter tensors that load nowhere or are missing) is one DiffutronError naming both."""
+    try:
+        from peft import PeftConfig, PeftModel
+    except ImportError:
+        raise DiffutronError("a LoRA adapter needs peft: pip install 'diffutron-engine[train]'") from None
+    try:
+        # PeftModel.from_pretrained's two steps, to see the load's result (it only warns of missing keys)
+        with warnings.catch_warnings():  # transformers' deprecation chatter, raised by peft's calls
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = PeftModel(model, PeftConfig.from_pretrained(adapter))
+            result = peft_model.load_adapter(adapter, "default")
+        bad = [k for k in result.missing_keys if "lora_" in k] + list(result.unexpected_keys)
+        if bad:
+            raise ValueError(f"{len(bad)} adapter tensor(s) do not load: {', '.join(sorted(bad)[:3])}")
+        return peft_model.merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:  # another model's shapes or names
+        raise DiffutronError(f"the adapter {adapter} does not fit the base model {base_name!r}: "
+                             f"{first_line(exc)}") from None
+
+
+def _merged(adapter: str, base_name: str, base_path: str):
     """(the merged model, the tokenizer to save with it)."""
     from transformers import AutoModelForMaskedLM
 
@@ -107,10 +143,5 @@ def _merged(peft_model, adapter: str, base_name: str, base_path: str):
         raise DiffutronError(f"cannot load base model {base_name!r}: {first_line(exc)}") from None
     check_loading_info(info, base_name)
     check_weights(model, base_name)
-    try:
-        merged = peft_model.from_pretrained(model, adapter).merge_and_unload()
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # shapes of another model, a broken adapter
-        raise DiffutronError(f"the adapter {adapter} does not fit the base model {base_name!r}: "
-                             f"{first_line(exc)}") from None
-    tok = load_tokenizer(adapter if os.path.isfile(os.path.join(adapter, "tokenizer.json")) else base_path)
-    return merged, tok
+    merged = apply_adapter(model, adapter, base_name)
+    return merged, load_tokenizer(adapter_tokenizer(adapter, base_path))

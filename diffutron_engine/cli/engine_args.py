@@ -7,6 +7,38 @@ from __future__ import annotations
 import argparse
 
 from ..config import CACHE_MODES, DEVICES, DTYPES, FAST, EngineConfig, Preset
+from ..loading import DEFAULT_MODEL
+
+
+def add_model_arguments(group) -> None:
+    """--model and --adapter on an argparse (group); model_arguments() reads them."""
+    group.add_argument("--model", help=f"hub id, local directory or bundled name (default: the one --adapter "
+                       f"names, else {DEFAULT_MODEL})")
+    group.add_argument("--adapter", metavar="PATH",
+                       help="a LoRA adapter folder (`train cpt|sft` writes one) applied to --model, merged in "
+                       "memory; without --model, on the base its adapter_config.json names")
+
+
+def model_arguments(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(the base model, the adapter folder or None) of --model/--adapter, checked before any model loads:
+    --adapter must be an adapter folder, and name its base when --model is not given. args.model is set
+    to the base."""
+    from ..errors import DiffutronError
+    from ..loading import check_adapter_path
+
+    adapter = getattr(args, "adapter", None)
+    if adapter is None:
+        args.model = args.model or DEFAULT_MODEL
+        return args.model, None
+    adapter = check_adapter_path(adapter, "--adapter")
+    if args.model is None:
+        from ..training.merge import adapter_base
+
+        args.model = adapter_base(adapter)
+        if args.model is None:
+            raise DiffutronError(f"--adapter {adapter} names no base model (base_model_name_or_path in its "
+                                 "adapter_config.json); give --model")
+    return args.model, adapter
 
 
 def add_engine_arguments(group) -> None:

@@ -25,9 +25,9 @@ from ..config import (DIFFUTRON_STOP_STRINGS, PRESETS, REMASKING, EngineConfig, 
 from ..errors import ContextTooLong, DiffutronError, PromptError, check_utf8
 from ..inputs import ChatPrompt, TextPrompt
 from ..jsonio import parse_json
-from ..loading import DEFAULT_MODEL, render_chat, resolve_model_path
+from ..loading import render_chat, resolve_model_path
 from ..outputs import check_file_output, write_file
-from .engine_args import add_engine_arguments, engine_config, request_defaults
+from .engine_args import add_engine_arguments, add_model_arguments, engine_config, model_arguments, request_defaults
 from .stdout import write_stdout
 
 # Rows sampled together. The engine allocates each row's state up front (three vocabulary-wide bitmaps:
@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
     p.add_argument("--input", metavar="FILE.jsonl", help="read prompts from a JSONL file")
     p.add_argument("--output", metavar="FILE", help="write the results here (only if the whole run succeeds)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of plain text")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default: {DEFAULT_MODEL})")
+    add_model_arguments(p)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a published Diffutron setting; flags override it")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--steps", type=int, help="total denoising steps, shared by the blocks")
@@ -223,6 +223,7 @@ def run(args) -> int:
         raise DiffutronError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.batch_size > MAX_BATCH_SIZE:
         raise DiffutronError(f"--batch-size must be <= {MAX_BATCH_SIZE:,}, got {args.batch_size:,}")
+    base, adapter = model_arguments(args)
     params, engine_cfg = settings(args)
     # before the prompts are read: the output must not be one of them (a file read through standard input
     # counts: `--output f < f` would replace the prompts with the answers)
@@ -230,12 +231,13 @@ def run(args) -> int:
     target = check_file_output(args.output, "--output", inputs=(args.input, "/dev/stdin" if reads_stdin else None))
     prompts = read_prompts(args)
     # a missing model folder or a DIFFUTRON_BACKEND that names no backend fail before torch is imported
-    model = resolve_model_path(args.model)
+    model = resolve_model_path(base)
     check_backend_env()
 
     from ..loading import load_model
 
-    lm = load_model(model, dtype=engine_cfg.dtype, device=engine_cfg.device)
+    lm = load_model(model if adapter is None else base, dtype=engine_cfg.dtype, device=engine_cfg.device,
+                    adapter=adapter)
     for p in prompts:
         p.given = ChatPrompt(messages=p.source) if isinstance(p.source, list) else \
             TextPrompt(prompt=p.source, chat_template=not args.no_chat)

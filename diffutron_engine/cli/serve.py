@@ -15,9 +15,8 @@ import sys
 import warnings
 
 from ..errors import DiffutronError, DiffutronWarning
-from ..loading import DEFAULT_MODEL
 from ..server.config import ServerConfig
-from .engine_args import add_engine_arguments, engine_config, request_defaults
+from .engine_args import add_engine_arguments, add_model_arguments, engine_config, model_arguments, request_defaults
 
 KEY_ENV = "DIFFUTRON_API_KEY"
 _D = ServerConfig()  # the defaults, shown in --help
@@ -39,8 +38,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve completions and chat completions (with streaming) over HTTP, the "
                        "OpenAI way. Needs the `serve` extra: pip install 'diffutron-engine[serve]'.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default: {DEFAULT_MODEL})")
-    p.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
+    add_model_arguments(p)
+    p.add_argument("--served-model-name", help="the model's name in the API (default: --adapter, else --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
     eng = p.add_argument_group("engine (fast modes change outputs; exact mode is the default)")
@@ -112,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
         raise DiffutronError(f"--port must be in 0..65535 (0: a free one), got {args.port}")
     if isinstance(args.max_batch, bool) or args.max_batch < 1:
         raise DiffutronError(f"--max-batch must be >= 1, got {args.max_batch}")
+    _, adapter = model_arguments(args)  # --adapter checked, args.model the base, before anything loads
+    if adapter is not None and args.served_model_name is None:
+        args.served_model_name = args.adapter  # the API names what it serves: the adapted model, not its base
     config = server_config(args)
     engine_cfg = engine_config(args, max_batch=args.max_batch)
     try:
@@ -142,7 +144,7 @@ def _serve(args, engine_cfg, config: ServerConfig, sock, max_connections: int) -
     from ..server.http import make_server
     from ..server.loop import EngineLoop
 
-    engine = Engine.from_pretrained(args.model, engine_cfg)
+    engine = Engine.from_pretrained(args.model, engine_cfg, adapter=args.adapter)
     loop = EngineLoop(engine)
     app = create_app(loop, config)
     server = make_server(app, loop, config, max_connections)

@@ -156,12 +156,14 @@ class Engine:
         self._id_prefix = f"req-{uuid.uuid4().hex[:8]}"
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, config: EngineConfig | None = None,
-                        **settings) -> "Engine":
-        """Load a checkpoint (a bundled name, a folder or a hub id) as `config` says (dtype, device) and
-        build the engine on it; keyword `settings` replace some of config's."""
+    def from_pretrained(cls, name_or_path: str | None = None, config: EngineConfig | None = None, *,
+                        adapter: str | None = None, **settings) -> "Engine":
+        """Load a checkpoint (a bundled name, a folder or a hub id; None: DEFAULT_MODEL) as `config` says
+        (dtype, device) and build the engine on it; keyword `settings` replace some of config's.
+        `adapter`: a LoRA adapter folder merged into it in memory (load_model; with name_or_path None, on
+        the base the adapter names)."""
         config = _engine_config(config, settings)
-        lm = load_model(name_or_path, dtype=config.dtype, device=config.device)
+        lm = load_model(name_or_path, dtype=config.dtype, device=config.device, adapter=adapter)
         return cls(lm.model, lm.tokenizer, config)
 
     # ------------------------------------------------------------------ the loop
