@@ -228,8 +228,8 @@ def load_model(
         if name_or_path is None and recorded is None:
             raise DiffutronError(f"the adapter {adapter} names no base model (base_model_name_or_path in its "
                                  "adapter_config.json); give the base model with it")
-        name_or_path = name_or_path or recorded
-    given = name_or_path = name_or_path or DEFAULT_MODEL
+        name_or_path = recorded if name_or_path is None else name_or_path
+    given = name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path
     name_or_path = resolve_model_path(name_or_path)
     if adapter is not None:
         check_vocabulary(adapter, recorded, given, name_or_path, flag="the base")

@@ -28,7 +28,7 @@ def model_arguments(args: argparse.Namespace) -> tuple[str, str | None]:
 
     adapter = getattr(args, "adapter", None)
     if adapter is None:
-        args.model = args.model or DEFAULT_MODEL
+        args.model = DEFAULT_MODEL if args.model is None else args.model
         return args.model, None
     adapter = check_adapter_path(adapter, "--adapter")
     if args.model is None:
