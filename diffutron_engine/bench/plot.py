@@ -182,39 +182,68 @@ def plot_serve(reports):
 
 # ------------------------------------------------------------------------------------------ eval
 def plot_eval(report: dict):
-    """The Monte-Carlo likelihood, plain vs batched: requests/s (with the speed-up) and peak memory."""
+    """lm-eval's work, plain vs the engine's way: the likelihood's requests/s (with the speed-up) and peak
+    memory, and generate_until's requests/s, one request at a time vs the engine's batch (with the
+    speed-up); a report holds either phase or both (reports from before the generation phase: the
+    likelihood alone)."""
     plt = _pyplot()
-    cfg, rows = report.get("config", {}), report["results"]
-    names = [r["name"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.9))
-    colors = ["tab:gray", "tab:blue"] + ["tab:green"] * max(len(rows) - 2, 0)
+    cfg, rows = report.get("config", {}), report.get("results") or []
+    gen = report.get("generation")
+    if not rows and not gen:
+        raise ValueError("the report holds neither phase")
+    panels = (2 if rows else 0) + (1 if gen else 0)
+    width = {1: 6.0, 2: 8.5, 3: 11.5}[panels]
+    fig, axes = plt.subplots(1, panels, figsize=(width, 3.9), squeeze=False)
+    axes = list(axes[0])
+    lines = []
 
-    ax = axes[0]
-    bars = ax.bar(names, [_num(r["requests_per_s"]) for r in rows], color=colors[:len(rows)])
-    base = rows[0].get("seconds") if rows else None  # the report's speed-up: the ratio of the times
-    _bar_labels(ax, bars, [f"{base / r['seconds']:.2f}x" if base and r.get("seconds") else "" for r in rows])
-    ax.set_ylabel("scored requests/s")
-    ax.set_title("speed (label: x plain)", fontsize=9)
-    ax.margins(y=0.15)
+    if rows:
+        names = [r["name"] for r in rows]
+        colors = ["tab:gray", "tab:blue"] + ["tab:green"] * max(len(rows) - 2, 0)
+        ax = axes.pop(0)
+        bars = ax.bar(names, [_num(r["requests_per_s"]) for r in rows], color=colors[:len(rows)])
+        base = rows[0].get("seconds")  # the report's speed-up: the ratio of the times
+        _bar_labels(ax, bars, [f"{base / r['seconds']:.2f}x" if base and r.get("seconds") else "" for r in rows])
+        ax.set_ylabel("scored requests/s")
+        ax.set_title("likelihood: speed (label: x plain)", fontsize=9)
+        ax.margins(y=0.15)
 
-    ax = axes[1]
-    peaks = [r.get("peak_mem_mb") for r in rows]
-    bars = ax.bar(names, [_num(p) for p in peaks], color=colors[:len(rows)])
-    _bar_labels(ax, bars, ["n/a" if p is None else f"{p:,.0f}" for p in peaks])
-    ax.set_ylabel("peak working memory (MiB)")
-    ax.set_title("memory above the loaded weights", fontsize=9)
-    ax.margins(y=0.15)
-    for ax in axes:
-        ax.set_xlabel("implementation", fontsize=9)
+        ax = axes.pop(0)
+        peaks = [r.get("peak_mem_mb") for r in rows]
+        bars = ax.bar(names, [_num(p) for p in peaks], color=colors[:len(rows)])
+        _bar_labels(ax, bars, ["n/a" if p is None else f"{p:,.0f}" for p in peaks])
+        ax.set_ylabel("peak working memory (MiB)")
+        ax.set_title("likelihood: memory above the weights", fontsize=9)
+        ax.margins(y=0.15)
+        lines.append(f"likelihood: {cfg.get('requests', '?')} requests, mc_num {cfg.get('mc_num', '?')}, batch "
+                     f"{cfg.get('batch_size', '?')}, token budget {cfg.get('token_budget', '?')}; largest "
+                     f"difference {report.get('max_abs_diff', float('nan')):.2g}")
+
+    if gen:
+        gcfg, grows = gen.get("config", {}), gen["results"]
+        ax = axes.pop(0)
+        labels = [f"{r['name']}\n{'one at a time' if r['name'] == 'plain' else 'batched'}" for r in grows]
+        bars = ax.bar(labels, [_num(r["requests_per_s"]) for r in grows],
+                      color=["tab:gray", "tab:purple"][:len(grows)])
+        base = grows[0].get("requests_per_s") if grows else None
+        _bar_labels(ax, bars, [f"{r['requests_per_s'] / base:.2f}x" if base and r.get("requests_per_s") else ""
+                               for r in grows])
+        ax.set_ylabel("generated requests/s")
+        ax.set_title("generate_until: speed (label: x plain)", fontsize=9)
+        ax.margins(y=0.15)
+        agree = gen.get("agreement")
+        lines.append(f"generation: {gcfg.get('requests', '?')} requests, {gcfg.get('new_tokens', '?')} new tokens, "
+                     f"steps {gcfg.get('steps', '?')}, block {gcfg.get('block_size', '?')}, greedy, max_batch "
+                     f"{gcfg.get('max_batch', '?')}; tokens equal to the oracle's "
+                     + ("n/a" if agree is None else f"{agree:g}%"))
+    for ax in fig.axes:
         ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", labelsize=8)
     vocab = cfg.get("vocab")
-    title = (f"bench eval (likelihood): mmBERT, {cfg.get('layers', '?')} layers, random weights, "
-             f"vocab {vocab:,}" if isinstance(vocab, int) else f"bench eval (likelihood): {cfg.get('layers', '?')} layers")
+    title = (f"bench eval: mmBERT, {cfg.get('layers', '?')} layers, random weights, vocab {vocab:,}"
+             if isinstance(vocab, int) else f"bench eval: {cfg.get('layers', '?')} layers")
     title += f"; {cfg.get('dtype', '?')} on {cfg.get('device', '?')}"
-    subtitle = (f"{cfg.get('requests', '?')} requests, mc_num {cfg.get('mc_num', '?')}, batch "
-                f"{cfg.get('batch_size', '?')}, token budget {cfg.get('token_budget', '?')}; largest difference "
-                f"{report.get('max_abs_diff', float('nan')):.2g}")
-    _finish(fig, title, subtitle, report.get("machine"))
+    _finish(fig, title, "\n".join(lines), report.get("machine"))
     return fig
 
 
@@ -224,6 +253,9 @@ def report_kind(report) -> str | None:
     if not isinstance(report, dict):
         return None
     if report.get("bench") == "eval-likelihood" and isinstance(report.get("results"), list):
+        return "eval"  # a report from before the generation phase
+    if report.get("bench") == "eval" and (isinstance(report.get("results"), list)
+                                          or isinstance(report.get("generation"), dict)):
         return "eval"
     if isinstance(report.get("modes"), dict) and isinstance(report.get("config"), dict):
         return "throughput"

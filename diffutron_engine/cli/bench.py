@@ -2,7 +2,8 @@
 
     bench throughput   the oracle and each engine mode on the same prompts (random mmBERT weights)
     bench overhead     the engine's own cost beside transformers' bare forward (a 1-layer model)
-    bench eval         the Monte-Carlo likelihood, the plain implementation vs the batched one
+    bench eval         lm-eval's work: the Monte-Carlo likelihood (plain vs batched) and generate_until
+                       (one request at a time through the oracle vs the engine's batch)
     bench serve        load on a running server
     bench plot         a PNG of saved reports (throughput, eval, or serve reports: one per concurrency)
 
@@ -33,8 +34,9 @@ def add_parser(sub) -> None:
              add_throughput_arguments, run_throughput),
             ("overhead", "the engine's own cost: its step beside transformers' bare forward on a 1-layer model, "
              "at batch 1, 8, 32, 64", add_overhead_arguments, run_overhead),
-            ("eval", "Monte-Carlo likelihood of masked diffusion LMs: the plain implementation vs the batched one "
-             "of the lm-eval model, same requests and seed", add_eval_arguments, run_eval),
+            ("eval", "lm-eval's work on a masked diffusion LM: the Monte-Carlo likelihood (the plain implementation "
+             "vs the batched one of the lm-eval model) and generate_until (per-request sampling through the "
+             "oracle vs the engine's continuous batch), same requests and seed", add_eval_arguments, run_eval),
             ("serve", "load benchmark of a running server: requests/s, output tokens/s, time to first chunk, "
              "latency percentiles", add_serve_arguments, run_serve),
             ("plot", "a PNG of saved JSON reports, without measuring: one throughput or eval report, or serve "
@@ -211,7 +213,19 @@ def run_overhead(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ eval
+def _phases(text: str) -> tuple[str, ...]:
+    from ..bench.likelihood import check_phases  # torch is imported only inside its functions
+
+    try:
+        return check_phases(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_eval_arguments(p) -> None:
+    p.add_argument("--phases", type=_phases, default=("likelihood", "generation"),
+                   help="comma-separated, from: likelihood, generation (default: both; the defaults take about "
+                        "10 minutes on 2 CPU threads, the generation phase about 7 of them)")
     p.add_argument("--layers", type=_at_least(1), default=2,
                    help="transformer layers of the random mmBERT (default: 2)")
     p.add_argument("--requests", type=_at_least(1), default=16, help="(context, continuation) pairs (default: 16)")
@@ -225,6 +239,17 @@ def add_eval_arguments(p) -> None:
                    "(default: 8192 on CPU, 65536 on CUDA)")
     p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads")
+    p.add_argument("--gen-requests", type=_at_least(1), default=32,
+                   help="generation: requests, all sent to the engine at once (default: 32)")
+    p.add_argument("--gen-new-tokens", type=_at_least(1), default=32,
+                   help="generation: max_new_tokens of each request; steps the same, blocks of up to 32 "
+                        "(default: 32)")
+    p.add_argument("--gen-max-batch", type=_at_least(1), default=32,
+                   help="generation: the engine's max_batch, rows decoded together (default: 32)")
+    p.add_argument("--gen-plain-requests", type=_at_least(1), default=None,
+                   help="generation: how many of the requests (evenly spaced) the one-at-a-time oracle answers; "
+                        "its requests/s does not depend on how many wait (default: 8, or all when fewer; at most "
+                        "--gen-requests)")
     _add_report_arguments(p, "default: eval-<device>-l<layers>")
     _add_plot_argument(p)
 
@@ -234,6 +259,11 @@ def run_eval(args) -> int:
     from ..bench.plot import plot_eval
     from ..loading import resolve_device
 
+    if args.gen_plain_requests is None:
+        args.gen_plain_requests = min(8, args.gen_requests)
+    if "generation" in args.phases and args.gen_plain_requests > args.gen_requests:
+        raise DiffutronError(f"--gen-plain-requests {args.gen_plain_requests} is more than --gen-requests "
+                             f"{args.gen_requests}")
     if args.threads:
         import torch
 
@@ -242,7 +272,9 @@ def run_eval(args) -> int:
     _check_save(args, tag)
     plot = _check_plot(args, tag)
     report = run(args.layers, args.requests, args.mc_num, args.batch_size, args.vocab, args.device, args.dtype,
-                 args.seed, args.token_budget, log=_log)
+                 args.seed, args.token_budget, log=_log, phases=args.phases, gen_requests=args.gen_requests,
+                 gen_new_tokens=args.gen_new_tokens, gen_max_batch=args.gen_max_batch,
+                 gen_plain_requests=args.gen_plain_requests)
     _print_report(args, tag, report, format_table(report), plot=plot, draw=plot_eval)
     return 0
 

@@ -179,11 +179,11 @@ def test_bench_throughput_plot_of_a_real_run(tmp_path, capsys):
 @pytest.mark.needs("matplotlib")
 def test_bench_eval_plot_of_a_real_run(tmp_path, capsys):
     png = tmp_path / "eval.png"
-    code = main(["bench", "eval", "--layers", "1", "--requests", "4", "--mc-num", "4", "--batch-size", "4",
-                 "--vocab", "1000", "--plot", str(png)])
+    code = main(["bench", "eval", "--phases", "likelihood", "--layers", "1", "--requests", "4", "--mc-num", "4",
+                 "--batch-size", "4", "--vocab", "1000", "--plot", str(png)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert json.loads(captured.out.strip().splitlines()[-1])["bench"] == "eval-likelihood"
+    assert json.loads(captured.out.strip().splitlines()[-1])["phases"] == ["likelihood"]
     assert_png(png, width=850, height=390)
 
 
