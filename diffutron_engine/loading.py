@@ -207,7 +207,9 @@ def load_model(
     head, the fused sampler, the runner's embedding lookup), so a LoRA on those would be silently
     ignored; and unmerged LoRA costs two extra matmuls per adapted linear each step. Measured per engine
     step (CPU, float32, 2 threads on a shared machine, batch 1, 64 new tokens in 64 steps, r=8 on
-    Wqkv/Wo/Wi, the same tokens either way): tiny-tr, merged 5.2 ms vs LoRA 7.1 ms. Merging costs one
+    Wqkv/Wo/Wi, the same tokens either way): tiny-tr, merged 5.2 / 5.9 ms vs LoRA 7.1 / 8.3 ms (two
+    runs); a random 4-layer mmBERT is dominated by its 256k-row LM head, which LoRA does not touch, and
+    its runs were too noisy under load to rank (110 to 1,390 ms a step either way). Merging costs one
     pass over the adapted weights at load, once.
 
     Raises DiffutronError for a missing path, a config.json with a field of the wrong type, a checkpoint
